@@ -1,0 +1,63 @@
+"""Argument checks run before tracing: bad input raises an error that names the argument."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def positive_int(name: str, value) -> int:
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    raise TypeError(f"{name}: expected a positive int, got {value!r} ({type(value).__name__})")
+  if value <= 0:
+    raise ValueError(f"{name}: expected a positive int, got {value!r}")
+  return int(value)
+
+
+def non_negative_int(name: str, value) -> int:
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    raise TypeError(f"{name}: expected a non-negative int, got {value!r} ({type(value).__name__})")
+  if value < 0:
+    raise ValueError(f"{name}: expected a non-negative int, got {value!r}")
+  return int(value)
+
+
+def finite_float(name: str, value, *, min_value: float | None = None,
+                 max_value: float | None = None) -> float:
+  if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    raise TypeError(f"{name}: expected a float, got {value!r} ({type(value).__name__})")
+  if not math.isfinite(value):
+    raise ValueError(f"{name}: expected a finite float, got {value!r}")
+  if min_value is not None and value < min_value:
+    raise ValueError(f"{name}: expected >= {min_value}, got {value!r}")
+  if max_value is not None and value > max_value:
+    raise ValueError(f"{name}: expected <= {max_value}, got {value!r}")
+  return float(value)
+
+
+def integer_array(name: str, value) -> None:
+  dtype = jnp.result_type(value)
+  if not (jnp.issubdtype(dtype, jnp.integer) or dtype == jnp.bool_):
+    raise TypeError(f"{name}: expected an integer array, got dtype {dtype}")
+
+
+def float_array(name: str, value, allowed=(jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64)) -> None:
+  dtype = jnp.result_type(value)
+  if dtype not in [jnp.dtype(a) for a in allowed]:
+    raise TypeError(f"{name}: expected a floating array ({', '.join(str(jnp.dtype(a)) for a in allowed)}), got dtype {dtype}")
+
+
+def is_concrete(value) -> bool:
+  return not isinstance(value, jax.core.Tracer)
+
+
+def concrete_all_finite(name: str, value) -> None:
+  """Raise if a concrete (non-traced) array holds NaN or inf."""
+  if is_concrete(value):
+    arr = np.asarray(value)
+    if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+      raise ValueError(f"{name}: holds non-finite values")
