@@ -258,7 +258,7 @@ def make_commands(num_seeds: int, *, op=None, target=None, blueprint=None,
     else:
       arr = jnp.asarray(value)
       _checks.integer_array(name, arr)
-      fields[name] = jnp.broadcast_to(arr.astype(jnp.int32), (num_seeds,))
+      fields[name] = _broadcast_seeds(name, arr.astype(jnp.int32), num_seeds)
   return Commands(**fields)
 
 
@@ -449,11 +449,12 @@ def update_readiness(state: SeedState, *, delta: jax.Array | None = None,
   """
   _check_state(state)
   k = state.num_seeds
-  delta = state.delta if delta is None else jnp.broadcast_to(jnp.asarray(delta, jnp.float32), (k,))
+  delta = (state.delta if delta is None
+           else _broadcast_seeds("delta", jnp.asarray(delta, jnp.float32), k))
   recon = (state.recon_ratio if recon_ratio is None
-           else jnp.broadcast_to(jnp.asarray(recon_ratio, jnp.float32), (k,)))
+           else _broadcast_seeds("recon_ratio", jnp.asarray(recon_ratio, jnp.float32), k))
   repl = (jnp.zeros((k,), bool) if is_replacement is None
-          else jnp.broadcast_to(jnp.asarray(is_replacement, bool), (k,)))
+          else _broadcast_seeds("is_replacement", jnp.asarray(is_replacement, bool), k))
   delta_ok = jnp.isfinite(delta)
   improves = delta_ok & (delta > config.improvement_margin)
   recon_ok = jnp.isfinite(recon) & (recon <= config.recon_tolerance)
@@ -492,6 +493,13 @@ def is_reachable(stage: int) -> bool:
         seen.add(int(t))
         frontier.append(int(t))
   return int(stage) in seen
+
+
+def _broadcast_seeds(name: str, arr: jax.Array, num_seeds: int) -> jax.Array:
+  """`arr` broadcast to (num_seeds,); a shape that does not fit raises naming `name`."""
+  if jnp.shape(arr) not in ((), (1,), (num_seeds,)):
+    raise ValueError(f"{name}: expected shape () or ({num_seeds},), got {jnp.shape(arr)}")
+  return jnp.broadcast_to(arr, (num_seeds,))
 
 
 def _check_state(state: SeedState) -> None:

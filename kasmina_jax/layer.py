@@ -1,0 +1,450 @@
+"""The chunked Kasmina layer: the pure-`jnp` reference forward.
+
+`x` of shape `(..., D)` is split into `num_seeds` chunks along its last axis
+(`numpy.array_split` sizes), each chunk is processed by its seed according to its stage, and
+the chunks are concatenated back. The stage rules (DESIGN.md's table):
+
+  stage                      value of the chunk      written as
+  DORMANT/GERMINATED/...     x                       x
+  TRAINING (residual/par.)   x                       x + (f(sg x) - sg f(sg x))    (STE)
+  TRAINING (replacement)     x                       x
+  GRAFTING                   (1-a) x + a g(x)        x + a (g(sg x) - sg x)
+  STABILIZATION/EVALUATING   g(x)                    g(x), child frozen
+  FINE_TUNING                g(x)                    g(x), child learns
+  FOSSILIZED                 g(x)                    g(x), child frozen
+
+A child whose output is non-finite on a step contributes identity for that step: its output
+is masked by a `where` and its cotangents are zeroed in the backward, so no NaN reaches any
+gradient, and `aux.nonfinite` reports it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from kasmina_jax import _checks
+from kasmina_jax import blueprints as bp_lib
+from kasmina_jax import telemetry as tel_lib
+from kasmina_jax.lifecycle import Stage
+
+IMPLS = ("auto", "reference", "pallas", "triton")
+
+
+@dataclasses.dataclass(frozen=True)
+class KasminaSpec:
+  """Static description of one Kasmina layer (hashable; pass it as a static argument).
+
+  dim: width `D` of the activations; num_seeds: number of chunks (1..D, `D` = per-node mode);
+  blueprints: the catalog of children; input_dim: width of the wrapped host layer's input
+  (needed by parallel-wired blueprints); corr_rows: rows a step used for the correlation Gram
+  matrix (0 disables it); dead_eps: |a| at or below which a node counts as inactive on a row;
+  trust_penalty: lambda of the TRAINING objective of residual / parallel children.
+  """
+
+  dim: int
+  num_seeds: int
+  blueprints: tuple[bp_lib.Blueprint, ...] = dataclasses.field(
+      default_factory=bp_lib.default_blueprints)
+  input_dim: int | None = None
+  corr_rows: int = 256
+  dead_eps: float = tel_lib.DEAD_EPS
+  trust_penalty: float = 1.0
+
+  def __post_init__(self):
+    _checks.positive_int("dim", self.dim)
+    _checks.positive_int("num_seeds", self.num_seeds)
+    if self.num_seeds > self.dim:
+      raise ValueError(f"num_seeds: must be <= dim ({self.dim}), got {self.num_seeds}")
+    if self.input_dim is not None:
+      _checks.positive_int("input_dim", self.input_dim)
+    _checks.non_negative_int("corr_rows", self.corr_rows)
+    _checks.finite_float("dead_eps", self.dead_eps, min_value=0.0)
+    _checks.finite_float("trust_penalty", self.trust_penalty, min_value=0.0)
+    object.__setattr__(self, "blueprints", tuple(self.blueprints))
+    self.catalog  # validates the blueprints
+
+  # -- chunk geometry (all static) --
+  @property
+  def chunk_sizes(self) -> tuple[int, ...]:
+    q, r = divmod(self.dim, self.num_seeds)
+    return tuple([q + 1] * r + [q] * (self.num_seeds - r))
+
+  @property
+  def chunk_width(self) -> int:
+    return -(-self.dim // self.num_seeds)
+
+  @property
+  def chunk_offsets(self) -> tuple[int, ...]:
+    return tuple(int(o) for o in np.cumsum((0,) + self.chunk_sizes[:-1]))
+
+  @property
+  def node_mask(self) -> np.ndarray:
+    """(K, c) bool: which padded node slots are real nodes."""
+    c = self.chunk_width
+    return np.arange(c)[None, :] < np.asarray(self.chunk_sizes)[:, None]
+
+  @functools.cached_property
+  def catalog(self) -> bp_lib.Catalog:
+    return bp_lib.build_catalog(self.blueprints, self.chunk_width, self.input_dim)
+
+  @property
+  def num_blueprints(self) -> int:
+    return len(self.blueprints)
+
+  @property
+  def correlation(self) -> bool:
+    return self.corr_rows > 0
+
+  def blueprint_id(self, name: str) -> int:
+    try:
+      return self.catalog.names.index(name)
+    except ValueError:
+      raise ValueError(f"blueprint: unknown name {name!r}; known: {self.catalog.names}") from None
+
+
+def to_blocks(spec: KasminaSpec, x: jax.Array) -> jax.Array:
+  """(..., D) -> (..., K, c): chunks, the narrower ones zero-padded to the widest."""
+  q, r = divmod(spec.dim, spec.num_seeds)
+  lead = x.shape[:-1]
+  if r == 0:
+    return x.reshape(lead + (spec.num_seeds, q))
+  wide = x[..., : r * (q + 1)].reshape(lead + (r, q + 1))
+  narrow = x[..., r * (q + 1):].reshape(lead + (spec.num_seeds - r, q))
+  narrow = jnp.pad(narrow, [(0, 0)] * len(lead) + [(0, 0), (0, 1)])
+  return jnp.concatenate([wide, narrow], axis=-2)
+
+
+def from_blocks(spec: KasminaSpec, blocks: jax.Array) -> jax.Array:
+  """Inverse of `to_blocks`."""
+  q, r = divmod(spec.dim, spec.num_seeds)
+  lead = blocks.shape[:-2]
+  if r == 0:
+    return blocks.reshape(lead + (spec.dim,))
+  wide = blocks[..., :r, :].reshape(lead + (r * (q + 1),))
+  narrow = blocks[..., r:, :q].reshape(lead + ((spec.num_seeds - r) * q,))
+  return jnp.concatenate([wide, narrow], axis=-1)
+
+
+@struct.dataclass
+class StepAux:
+  """What one forward pass reports besides its output (per seed unless said otherwise)."""
+
+  child_loss: jax.Array  # scalar, differentiable: the TRAINING seeds' objectives, summed
+  objective: jax.Array  # (K,) the child's own objective (NaN where no live child)
+  recon_ratio: jax.Array  # (K,) ||g(x)-x||^2 / ||x||^2 (NaN where no live child)
+  nonfinite: jax.Array  # (K,) bool: the child's output was non-finite this step
+  telemetry: Any  # the updated TelemetryState, or None on evaluation passes
+
+
+def init_children(spec: KasminaSpec, dtype=jnp.float32) -> bp_lib.ChildParams:
+  """Every seed's child parameters, zero (no seed holds a child yet)."""
+  return bp_lib.zeros_like_layout(spec.catalog, spec.num_seeds, dtype)
+
+
+def init_telemetry(spec: KasminaSpec) -> tel_lib.TelemetryState:
+  return tel_lib.init_telemetry(spec.num_seeds, spec.chunk_width, correlation=spec.correlation)
+
+
+def germinate_children(spec: KasminaSpec, params: bp_lib.ChildParams, mask, blueprint,
+                       key: jax.Array) -> bp_lib.ChildParams:
+  """Fresh, function-preserving children for the seeds in `mask`; others unchanged."""
+  mask = jnp.broadcast_to(jnp.asarray(mask, bool), (spec.num_seeds,))
+  blueprint = jnp.broadcast_to(jnp.asarray(blueprint, jnp.int32), (spec.num_seeds,))
+  return bp_lib.germinate_children(spec.catalog, params, mask, blueprint, key,
+                                   jnp.asarray(spec.node_mask))
+
+
+def reinit_children(spec: KasminaSpec, params: bp_lib.ChildParams, old_stage: jax.Array,
+                    new_seeds, key: jax.Array) -> bp_lib.ChildParams:
+  """After `apply_commands`: germinated seeds get a fresh child, culled / cancelled /
+  rolled-back / dormant ones a zero child (DESIGN.md, "Who decides what")."""
+  new_stage = new_seeds.stage
+  changed = old_stage != new_stage
+  germ = changed & (new_stage == Stage.GERMINATED)
+  dead = changed & ((new_stage == Stage.CULLED) | (new_stage == Stage.CANCELLED)
+                    | (new_stage == Stage.ROLLED_BACK) | (new_stage == Stage.DORMANT))
+  params = bp_lib.zero_children(params, dead)
+  return germinate_children(spec, params, germ, new_seeds.blueprint, key)
+
+
+def changed_children(old_stage: jax.Array, new_stage: jax.Array) -> jax.Array:
+  """(K,) bool: seeds whose child was (re)initialised or discarded (reset their optimizer)."""
+  changed = old_stage != new_stage
+  return changed & ((new_stage == Stage.GERMINATED) | (new_stage == Stage.CULLED)
+                    | (new_stage == Stage.CANCELLED) | (new_stage == Stage.ROLLED_BACK)
+                    | (new_stage == Stage.DORMANT))
+
+
+# ----------------------------------------------------------------------------- per-seed tables
+
+
+@struct.dataclass
+class SeedTables:
+  """Per-seed float32 lookups of the seed's blueprint and stage, computed once a pass."""
+
+  act: jax.Array  # (K, 4) one-hot activation
+  glu: jax.Array  # (K,)
+  diagonal: jax.Array  # (K,)
+  residual: jax.Array  # (K,)
+  parallel: jax.Array  # (K,)
+  hidden_mask: jax.Array  # (K, H)
+
+
+def seed_tables(catalog: bp_lib.Catalog, blueprint: jax.Array) -> SeedTables:
+  b = jnp.clip(blueprint, 0, len(catalog.blueprints) - 1)
+  f = lambda a: jnp.asarray(a, jnp.float32)[b]
+  return SeedTables(
+      act=jax.nn.one_hot(jnp.asarray(catalog.act_id)[b], len(bp_lib.ACTIVATIONS)),
+      glu=f(catalog.glu), diagonal=f(catalog.diagonal), residual=f(catalog.residual),
+      parallel=f(catalog.parallel), hidden_mask=f(catalog.hidden_mask))
+
+
+def _activate(pre: jax.Array, act: jax.Array) -> jax.Array:
+  """Per-seed activation: `pre` (N, K, H), `act` (K, 4) one-hot over ACTIVATIONS."""
+  outs = (pre, jax.nn.relu(pre), jax.nn.gelu(pre, approximate=True), jnp.tanh(pre))
+  return sum(a[None, :, None] * o for a, o in zip(jnp.moveaxis(act, -1, 0), outs))
+
+
+def child_branch(params: bp_lib.ChildParams, tables: SeedTables, xb: jax.Array,
+                 pre_u: jax.Array | None) -> jax.Array:
+  """f of every seed: `xb` (N, K, c) float32, `pre_u` (N, K, H) or None -> (N, K, c).
+
+  `g(x) = x + f` for residual children and `g(x) = f` for replacement children.
+  """
+  hp = jax.lax.Precision.HIGHEST
+  pre = jnp.einsum("nkc,kch->nkh", xb, params.w1, precision=hp) + params.b1[None]
+  if pre_u is not None:
+    pre = pre + pre_u
+  a = _activate(pre, tables.act)
+  if params.wg.shape[-1]:
+    gate = jax.nn.sigmoid(jnp.einsum("nkc,kch->nkh", xb, params.wg, precision=hp) + params.bg[None])
+    a = a * jnp.where(tables.glu[None, :, None] > 0, gate, 1.0)
+  a = a * tables.hidden_mask[None]
+  f = jnp.einsum("nkh,khc->nkc", a, params.w2, precision=hp) + params.b2[None]
+  if params.s.shape[-1]:
+    f = f + tables.diagonal[None, :, None] * params.s[None] * xb
+  return f
+
+
+@jax.custom_vjp
+def _masked_input_matmul(u: jax.Array, w: jax.Array, host_grad: jax.Array) -> jax.Array:
+  """`u (N, Din) @ w (K, Din, H) -> (N, K, H)`; the gradient reaches `u` only through the
+  seeds where `host_grad` (K,) is set (one GEMM, no per-seed stop_gradient copies)."""
+  return jnp.einsum("nd,kdh->nkh", u, w, precision=jax.lax.Precision.HIGHEST)
+
+
+def _mim_fwd(u, w, host_grad):
+  return _masked_input_matmul(u, w, host_grad), (u, w, host_grad)
+
+
+def _mim_bwd(res, ct):
+  u, w, host_grad = res
+  hp = jax.lax.Precision.HIGHEST
+  du = jnp.einsum("nkh,kdh->nd", ct * host_grad[None, :, None].astype(ct.dtype), w, precision=hp)
+  dw = jnp.einsum("nd,nkh->kdh", u, ct, precision=hp)
+  return du, dw, jnp.zeros_like(host_grad)
+
+
+_masked_input_matmul.defvjp(_mim_fwd, _mim_bwd)
+
+
+@jax.custom_vjp
+def _guarded_child(params, tables, xb, pre_u):
+  """`child_branch` with the non-finite guard: returns `(f, ok)`, `f` zero for bad seeds;
+  the backward zeroes every cotangent of a bad seed, so NaN reaches no gradient."""
+  f = child_branch(params, tables, xb, pre_u)
+  ok = jnp.all(jnp.isfinite(f), axis=(0, 2))
+  return jnp.where(ok[None, :, None], f, 0.0), ok
+
+
+def _gc_fwd(params, tables, xb, pre_u):
+  out = _guarded_child(params, tables, xb, pre_u)
+  return out, (params, tables, xb, pre_u, out[1])
+
+
+def _gc_bwd(res, cts):
+  params, tables, xb, pre_u, ok = res
+  ct_f, _ = cts
+  ct_f = jnp.where(ok[None, :, None], ct_f, 0.0)
+  _, vjp = jax.vjp(lambda p, x, pu: child_branch(p, tables, x, pu), params, xb, pre_u)
+  dp, dx, dpu = vjp(ct_f)
+  k_axis_zero = lambda g: jnp.where(ok.reshape((-1,) + (1,) * (g.ndim - 1)), g, 0.0)
+  dp = jax.tree.map(k_axis_zero, dp)
+  dx = jnp.where(ok[None, :, None], dx, 0.0)
+  dpu = None if pre_u is None else jnp.where(ok[None, :, None], dpu, 0.0)
+  return dp, jax.tree.map(jnp.zeros_like, tables), dx, dpu
+
+
+_guarded_child.defvjp(_gc_fwd, _gc_bwd)
+
+
+def _stage_masks(stage: jax.Array):
+  s = stage
+  training = s == Stage.TRAINING
+  grafting = s == Stage.GRAFTING
+  full_on = (s >= Stage.STABILIZATION) & (s <= Stage.FOSSILIZED)
+  live = training | grafting | full_on
+  learning = training | grafting | (s == Stage.FINE_TUNING)
+  return training, grafting, full_on, live, learning
+
+
+def check_inputs(spec: KasminaSpec, params: bp_lib.ChildParams, seeds, x, u=None,
+                 eval_alpha=None) -> None:
+  """Shape and dtype checks, before tracing; errors name the bad argument."""
+  if not isinstance(spec, KasminaSpec):
+    raise TypeError(f"spec: expected a KasminaSpec, got {type(spec).__name__}")
+  if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+    raise TypeError(f"x: expected an array, got {type(x).__name__}")
+  _checks.float_array("x", x, allowed=(jnp.float32, jnp.bfloat16, jnp.float16))
+  if x.ndim < 1 or x.shape[-1] != spec.dim:
+    raise ValueError(f"x: expected shape (..., {spec.dim}), got {tuple(x.shape)}")
+  if jnp.shape(seeds.stage) != (spec.num_seeds,):
+    raise ValueError(f"seeds.stage: expected shape ({spec.num_seeds},), got {jnp.shape(seeds.stage)}")
+  expected = jax.eval_shape(lambda: init_children(spec))
+  for name in ("w1", "w1u", "b1", "wg", "bg", "w2", "b2", "s"):
+    got = jnp.shape(getattr(params, name))
+    want = getattr(expected, name).shape
+    if got != want:
+      raise ValueError(f"params.{name}: expected shape {want} for this spec, got {got}")
+  if spec.catalog.any_parallel:
+    if u is None:
+      raise ValueError("u: this layer has parallel-wired blueprints; pass the wrapped host "
+                       "layer's input u")
+    if u.shape[:-1] != x.shape[:-1] or u.shape[-1] != spec.input_dim:
+      raise ValueError(f"u: expected shape {tuple(x.shape[:-1]) + (spec.input_dim,)}, got {tuple(u.shape)}")
+  if eval_alpha is not None and jnp.shape(eval_alpha) not in ((), (spec.num_seeds,)):
+    raise ValueError(f"eval_alpha: expected shape () or ({spec.num_seeds},), got {jnp.shape(eval_alpha)}")
+
+
+def forward(spec: KasminaSpec, params: bp_lib.ChildParams, seeds, x: jax.Array, *,
+            u: jax.Array | None = None, telemetry: tel_lib.TelemetryState | None = None,
+            eval_alpha: jax.Array | None = None, impl: str = "reference"):
+  """The chunked layer. Returns `(out, aux)`; `out` has `x`'s shape and dtype.
+
+  Training pass: pass `telemetry` (the epoch accumulators) and get it back updated in
+  `aux.telemetry`; add `aux.child_loss` to the task loss (the TRAINING seeds' objective).
+  Evaluation pass: pass `eval_alpha` (scalar or per seed; 0 = seed off, 1 = fully on, also
+  for a seed still in TRAINING): every live seed blends `x + eval_alpha (g(x) - x)`, and no
+  telemetry is taken.
+  """
+  check_inputs(spec, params, seeds, x, u, eval_alpha)
+  if impl not in IMPLS:
+    raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
+  if impl != "reference":
+    from kasmina_jax import kernels  # pylint: disable=g-import-not-at-top
+    resolved = kernels.resolve_impl(impl)
+    if resolved != "reference":
+      return kernels.forward(spec, params, seeds, x, u=u, telemetry=telemetry,
+                             eval_alpha=eval_alpha, impl=resolved)
+  return forward_reference(spec, params, seeds, x, u=u, telemetry=telemetry,
+                           eval_alpha=eval_alpha)
+
+
+def forward_reference(spec: KasminaSpec, params: bp_lib.ChildParams, seeds, x: jax.Array, *,
+                      u=None, telemetry=None, eval_alpha=None):
+  """Pure-`jnp` forward (see `forward`); the contract every kernel matches."""
+  catalog = spec.catalog
+  lead = x.shape[:-1]
+  rows = int(np.prod(lead)) if lead else 1
+  xb_in = to_blocks(spec, x.reshape((rows, spec.dim)))  # (N, K, c) in x.dtype
+  xb = xb_in.astype(jnp.float32)
+  node_mask = jnp.asarray(spec.node_mask)
+  tables = seed_tables(catalog, seeds.blueprint)
+  training, grafting, full_on, live, learning = _stage_masks(seeds.stage)
+  evaluating = eval_alpha is not None
+
+  # Child parameters learn only in learning stages; the host's gradient goes through the
+  # child only once it is fully on (STABILIZATION on).
+  host_grad = full_on & ~jnp.asarray(evaluating)
+  params32 = jax.tree.map(lambda p: p.astype(jnp.float32), params)
+  p_eff = jax.tree.map(
+      lambda p: jnp.where(learning.reshape((-1,) + (1,) * (p.ndim - 1)), p,
+                          jax.lax.stop_gradient(p)), params32)
+  x_child = jnp.where(host_grad[None, :, None], xb, jax.lax.stop_gradient(xb))
+  pre_u = None
+  if catalog.any_parallel:
+    u2 = u.reshape((rows, spec.input_dim)).astype(jnp.float32)
+    pre_u = _masked_input_matmul(u2, p_eff.w1u, host_grad.astype(jnp.float32))
+  f, ok = _guarded_child(p_eff, tables, x_child, pre_u)
+  ok = ok | ~live
+  f = f * (node_mask[None] & live[None, :, None])
+  is_res = tables.residual[None, :, None] > 0
+  # g(x) - x, computed so that a residual child's is exactly f.
+  delta_g = jnp.where(is_res, f, f - x_child)
+  if evaluating:
+    ea = jnp.broadcast_to(jnp.asarray(eval_alpha, jnp.float32), (spec.num_seeds,))
+    w = jnp.where(live & ok, ea, 0.0)[None, :, None]
+    out = jnp.where(w > 0, xb + w * delta_g, xb)
+  else:
+    alpha = jax.lax.stop_gradient(seeds.alpha.astype(jnp.float32))
+    full_val = jnp.where(is_res, xb + f, f)
+    ste = jnp.where((training[None, :, None] & is_res), f - jax.lax.stop_gradient(f), 0.0)
+    out = jnp.select(
+        [(full_on & ok)[None, :, None], (grafting & ok)[None, :, None]],
+        [full_val, xb + alpha[None, :, None] * delta_g],
+        default=xb) + ste
+  out = jnp.where(node_mask[None], out, 0.0)
+
+  # The child's own objective (on stopped inputs: gradients only reach the child).
+  f_obj = f if not evaluating else jax.lax.stop_gradient(f)
+  x_sg = jax.lax.stop_gradient(xb)
+  sq_x = jnp.sum(x_sg * x_sg, axis=(0, 2))
+  recon_err = jnp.sum(jnp.where(is_res, f_obj, f_obj - x_sg) ** 2, axis=(0, 2))
+  recon_ratio = recon_err / jnp.maximum(sq_x, 1e-30)
+  res_seed = tables.residual > 0
+  # Residual / parallel children: trust-region penalty lambda * mean_rows ||f||^2 (the linear
+  # part <dL/dout, f> comes through the straight-through estimator). Replacement children:
+  # reconstruction mean_rows ||g(x) - x||^2.
+  objective = jnp.where(res_seed, spec.trust_penalty * recon_err, recon_err) / rows
+  child_loss = jnp.sum(jnp.where(training & ok, objective, 0.0))
+  nan = jnp.full_like(objective, jnp.nan)
+  aux_objective = jnp.where(live, jax.lax.stop_gradient(objective), nan)
+  aux_ratio = jnp.where(live, jax.lax.stop_gradient(recon_ratio), nan)
+
+  new_tel = None
+  if telemetry is not None and not evaluating:
+    tel = tel_lib.with_shift(telemetry, jax.lax.stop_gradient(xb[0]))
+    partials = tel_lib.partials_reference(jax.lax.stop_gradient(xb), tel.shift,
+                                          corr_rows=spec.corr_rows, correlation=spec.correlation,
+                                          dead_eps=spec.dead_eps)
+    new_tel = tel_lib.merge(tel, partials)
+    new_tel = new_tel.replace(nonfinite=new_tel.nonfinite | (live & ~ok))
+
+  out_x = from_blocks(spec, out.astype(x.dtype)).reshape(x.shape)
+  aux = StepAux(child_loss=child_loss, objective=aux_objective, recon_ratio=aux_ratio,
+                nonfinite=live & ~ok, telemetry=new_tel)
+  return out_x, aux
+
+
+def health_report(spec: KasminaSpec, telemetry: tel_lib.TelemetryState, seeds,
+                  aux_objective: jax.Array | None = None,
+                  aux_recon_ratio: jax.Array | None = None) -> tel_lib.HealthReport:
+  """End-of-epoch `HealthReport` of one layer from its accumulators and seed state."""
+  var, dead, corr = tel_lib.node_statistics(telemetry, jnp.asarray(spec.node_mask))
+  from kasmina_jax.lifecycle import ACTIVE_STAGES, stage_in  # pylint: disable=g-import-not-at-top
+  active = stage_in(seeds.stage, ACTIVE_STAGES)
+  b = jnp.clip(seeds.blueprint, 0, spec.num_blueprints - 1)
+  cat = spec.catalog
+  pc = jnp.where(active, jnp.asarray(cat.param_count)[b], 0)
+  n = jnp.maximum(telemetry.grad_steps, 1.0)
+  gm = telemetry.grad_norm_sum / n
+  gvar = jnp.maximum(telemetry.grad_norm_sumsq / n - gm * gm, 0.0)
+  nan = jnp.full((spec.num_seeds,), jnp.nan, jnp.float32)
+  objective = seeds.objective if aux_objective is None else aux_objective
+  recon = seeds.recon_ratio if aux_recon_ratio is None else aux_recon_ratio
+  return tel_lib.HealthReport(
+      chunk_variance=var, dead_node_ratio=dead, avg_inter_node_correlation=corr,
+      alpha=jnp.where(active, seeds.alpha, 0.0),
+      objective=jnp.where(active, objective, nan),
+      recon_ratio=jnp.where(active, recon, nan),
+      gradient_variance=jnp.where(active, gvar, 0.0),
+      param_count=pc.astype(jnp.int32), param_bytes=(pc * 4).astype(jnp.int32),
+      flops_per_row=jnp.where(active, jnp.asarray(cat.flops_per_row)[b], 0).astype(jnp.int32),
+      nonfinite=telemetry.nonfinite | seeds.nonfinite)
