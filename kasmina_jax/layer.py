@@ -247,7 +247,10 @@ def _mim_fwd(u, w, host_grad):
 def _mim_bwd(res, ct):
   u, w, host_grad = res
   hp = jax.lax.Precision.HIGHEST
-  du = jnp.einsum("nkh,kdh->nd", ct * host_grad[None, :, None].astype(ct.dtype), w, precision=hp)
+  # Zero the weights of seeds without host gradient (and non-finite ones, whose cotangent the
+  # non-finite guard has zeroed): 0 * NaN would otherwise reach `u`'s gradient.
+  w_host = jnp.where((host_grad[:, None, None] > 0) & jnp.isfinite(w), w, 0.0)
+  du = jnp.einsum("nkh,kdh->nd", ct, w_host, precision=hp)
   dw = jnp.einsum("nd,nkh->kdh", u, ct, precision=hp)
   return du, dw, jnp.zeros_like(host_grad)
 
@@ -367,6 +370,10 @@ def forward_reference(spec: KasminaSpec, params: bp_lib.ChildParams, seeds, x: j
   p_eff = jax.tree.map(
       lambda p: jnp.where(learning.reshape((-1,) + (1,) * (p.ndim - 1)), p,
                           jax.lax.stop_gradient(p)), params32)
+  # A chunk-wired child reads only its chunk (W1), a parallel-wired one only `u` (W1u): the
+  # other input weights take no part in its function and get no gradient.
+  par = tables.parallel[:, None, None] > 0
+  p_eff = p_eff.replace(w1=jnp.where(par, 0.0, p_eff.w1), w1u=jnp.where(par, p_eff.w1u, 0.0))
   x_child = jnp.where(host_grad[None, :, None], xb, jax.lax.stop_gradient(xb))
   pre_u = None
   if catalog.any_parallel:
