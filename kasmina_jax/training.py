@@ -93,7 +93,7 @@ class TrainState:
   rng: jax.Array
   host_snapshot: Any  # the params at the last drift window start (children included)
   stats: EpochStats
-  apply_fn: Callable = struct.field(pytree_node=False)
+  model: Any = struct.field(pytree_node=False)  # the Linen module (hashable)
   tx: optax.GradientTransformationExtraArgs = struct.field(pytree_node=False)
   config: TrainConfig = struct.field(pytree_node=False)
 
@@ -118,6 +118,13 @@ def _with_seeds(kasmina, seeds: dict[str, lifecycle.SeedState]):
   return out
 
 
+@functools.lru_cache(maxsize=64)
+def _wrapped_optimizer(optimizer, max_grad_norm):
+  # One wrapped transformation per optimizer object, so that states built from the same
+  # optimizer share the jit cache of `train_step` (the transformation is a static field).
+  return optim.kasmina_optimizer(optimizer, max_grad_norm=max_grad_norm)
+
+
 def create_train_state(model, optimizer: optax.GradientTransformation, sample_x: jax.Array,
                        key: jax.Array, config: TrainConfig = TrainConfig(), *,
                        max_grad_norm: float | None = None,
@@ -129,14 +136,14 @@ def create_train_state(model, optimizer: optax.GradientTransformation, sample_x:
   kasmina = variables.get(knn.KASMINA, {})
   if not knn.find_layers(kasmina):
     raise ValueError("model: found no Kasmina layer (kasmina_jax.nn.KasminaLayer) in it")
-  tx = optim.kasmina_optimizer(optimizer, max_grad_norm=max_grad_norm)
+  tx = _wrapped_optimizer(optimizer, max_grad_norm)
   seeds = seeds_tree(kasmina)
   nb = {layer_name(p): v.spec.num_blueprints for p, v in knn.find_layers(kasmina).items()}
   return TrainState(
       step=jnp.zeros((), jnp.int32), epoch=jnp.zeros((), jnp.int32), params=params,
       opt_state=tx.init(params), kasmina=kasmina,
       ctrl=tamiyo.init_controller(seeds, nb, config.tamiyo), rng=rng,
-      host_snapshot=params, stats=_zero_stats(metric_names), apply_fn=model.apply, tx=tx,
+      host_snapshot=params, stats=_zero_stats(metric_names), model=model, tx=tx,
       config=config)
 
 
@@ -187,7 +194,7 @@ def train_step(state: TrainState, batch: dict, loss_fn: LossFn) -> tuple[TrainSt
   kasmina = state.kasmina
 
   def objective(params):
-    out, mutated = state.apply_fn({"params": params, knn.KASMINA: kasmina}, batch["x"],
+    out, mutated = state.model.apply({"params": params, knn.KASMINA: kasmina}, batch["x"],
                                   train=True, mutable=[knn.KASMINA, knn.KASMINA_AUX])
     task, metrics = loss_fn(out, batch)
     summaries = mutated[knn.KASMINA_AUX]
@@ -267,7 +274,7 @@ def evaluate(state: TrainState, batch: dict, loss_fn: LossFn, eval_alpha=None):
   variables = {"params": state.params, knn.KASMINA: state.kasmina}
   if eval_alpha is not None:
     variables[knn.KASMINA_EVAL] = eval_alpha
-  out, mutated = state.apply_fn(variables, batch["x"], train=False, mutable=[knn.KASMINA_AUX])
+  out, mutated = state.model.apply(variables, batch["x"], train=False, mutable=[knn.KASMINA_AUX])
   loss, metrics = loss_fn(out, batch)
   return loss, metrics, mutated[knn.KASMINA_AUX]
 
