@@ -1,0 +1,108 @@
+"""Runs `kasmina_jax.kernels.triton` on the CPU through Triton's interpreter (a debugging aid).
+
+`install()` puts a stand-in `jax_triton` module in `sys.modules` whose `triton_call` runs the
+kernel with `TRITON_INTERPRET=1` inside a `jax.pure_callback`, so the whole primitive (jit,
+custom_vjp, vmap) runs unchanged on numpy buffers. Outputs are poisoned with NaN before each
+call (an aliased output starts as its input), so an element a kernel fails to write shows up.
+Needs `triton` and `numpy` (no GPU, no torch): `pip install triton numpy`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import types
+
+import numpy as np
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+
+class _D:
+  def __init__(self, name):
+    self.name = name
+
+  def __str__(self):
+    return "torch." + self.name
+
+
+class _Storage:
+  def __init__(self, arr):
+    self.arr = arr
+
+  def data_ptr(self):
+    return self.arr.ctypes.data
+
+  def cpu(self):
+    return self
+
+  def copy_(self, other):
+    del other
+
+
+class NpTensor:
+  """The few torch.Tensor methods the Triton interpreter calls, over a numpy array."""
+
+  def __init__(self, arr):
+    self.arr = arr
+    self.dtype = _D(str(arr.dtype))
+
+  def data_ptr(self):
+    return self.arr.ctypes.data
+
+  def untyped_storage(self):
+    return _Storage(self.arr)
+
+  def new_empty(self, *a, **k):
+    return self
+
+  def set_(self, *a):
+    return self
+
+  def storage_offset(self):
+    return 0
+
+  def size(self):
+    return self.arr.shape
+
+  def stride(self):
+    return tuple(s // self.arr.itemsize for s in self.arr.strides)
+
+
+def triton_call(*args, kernel, out_shape, grid, num_warps=None, num_stages=None,
+                input_output_aliases=None, zeroed_outputs=(), **metaparams):
+  import jax  # pylint: disable=g-import-not-at-top
+  del num_warps, num_stages
+  aliases = dict(input_output_aliases or {})
+  single = not isinstance(out_shape, (list, tuple))
+  shapes = [out_shape] if single else list(out_shape)
+  shapes = [jax.ShapeDtypeStruct(s.shape, s.dtype) for s in shapes]
+
+  def host(*arrays):
+    ins = [np.array(a, copy=True) for a in arrays]
+    outs = []
+    for i, s in enumerate(shapes):
+      src = [j for j, o in aliases.items() if o == i]
+      if src:
+        outs.append(np.array(ins[src[0]], copy=True))
+      elif i in zeroed_outputs:
+        outs.append(np.zeros(s.shape, s.dtype))
+      else:
+        o = np.empty(s.shape, s.dtype)
+        o[...] = np.nan if np.issubdtype(np.dtype(s.dtype), np.floating) or "float" in str(s.dtype) else 0
+        outs.append(o)
+    g = grid(metaparams) if callable(grid) else grid
+    g = (g,) if isinstance(g, int) else tuple(g)
+    kernel[g](*[NpTensor(a) for a in ins], *[NpTensor(o) for o in outs], **metaparams)
+    return outs
+
+  res = jax.pure_callback(host, shapes, *args)
+  return res[0] if single else res
+
+
+def install():
+  mod = types.ModuleType("jax_triton")
+  mod.triton_call = triton_call
+  sys.modules["jax_triton"] = mod
+  # The kernels module checks for a CUDA device in `available()`; callers of this helper call
+  # the primitive directly, so nothing else needs patching.

@@ -1,0 +1,459 @@
+"""The `@triton.jit` kernels of `kasmina_jax.kernels.triton` (imports triton: load lazily).
+
+See that module for the tiling and the contract (`kernels.common`)."""
+
+# pylint: disable=invalid-name
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _tanh(v):
+  return 2.0 * tl.sigmoid(2.0 * v) - 1.0
+
+@triton.jit
+def _act(pre, a0, a1, a2, a3, ACTS: tl.constexpr):
+  """sum_i a_i * act_i(pre): the seed's one-hot over ACTIVATIONS (identity, relu, gelu,
+  tanh); only the activations present in the catalog (bit mask ACTS) are computed."""
+  y = pre * 0.0
+  if ACTS & 1:
+    y += a0 * pre
+  if ACTS & 2:
+    y += a1 * tl.maximum(pre, 0.0)
+  if ACTS & 4:
+    t = _tanh(0.7978845608028654 * (pre + 0.044715 * pre * pre * pre))
+    y += a2 * (0.5 * pre * (1.0 + t))
+  if ACTS & 8:
+    y += a3 * _tanh(pre)
+  return y
+
+@triton.jit
+def _act_grad(pre, a0, a1, a2, a3, ACTS: tl.constexpr):
+  g = pre * 0.0
+  if ACTS & 1:
+    g += a0
+  if ACTS & 2:
+    g += a1 * tl.where(pre > 0.0, 1.0, 0.0)
+  if ACTS & 4:
+    k0 = 0.7978845608028654
+    t = _tanh(k0 * (pre + 0.044715 * pre * pre * pre))
+    g += a2 * (0.5 * (1.0 + t) + 0.5 * pre * (1.0 - t * t) * k0 * (1.0 + 3 * 0.044715 * pre * pre))
+  if ACTS & 8:
+    th = _tanh(pre)
+    g += a3 * (1.0 - th * th)
+  return g
+
+# -------------------------------------------------------------- coarse forward
+@triton.jit
+def fwd_coarse(x_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2_ptr, s_ptr, preu_ptr,
+               shift_ptr, live_ptr, blend_ptr, act_ptr, glu_ptr, diag_ptr, res_ptr, hmask_ptr,
+               out_ptr, tsum_ptr, tsq_ptr, tdead_ptr, r2_ptr, x2_ptr, bad_ptr,
+               N: tl.constexpr, D: tl.constexpr, K: tl.constexpr, Q: tl.constexpr,
+               R: tl.constexpr, C: tl.constexpr, H: tl.constexpr, CP: tl.constexpr,
+               HP: tl.constexpr, BR: tl.constexpr, TILES: tl.constexpr, ACTS: tl.constexpr,
+               HAS_GLU: tl.constexpr, HAS_DIAG: tl.constexpr, HAS_PREU: tl.constexpr,
+               TELEMETRY: tl.constexpr, PREC: tl.constexpr, DEAD_EPS: tl.constexpr):
+  strip = tl.program_id(0)
+  k = tl.program_id(1)
+  ck = Q + (k < R).to(tl.int32)
+  off = k * Q + tl.minimum(k, R)
+  cols = tl.arange(0, CP)
+  colm = cols < ck
+  hs = tl.arange(0, HP)
+  hm = hs < H
+  live = tl.load(live_ptr + k) > 0.0
+  blend = tl.load(blend_ptr + k)
+  res = tl.load(res_ptr + k) > 0.0
+  wm = colm[:, None] & hm[None, :]
+  w1 = tl.load(w1_ptr + k * C * H + cols[:, None] * H + hs[None, :], mask=wm, other=0.0)
+  w2 = tl.load(w2_ptr + k * H * C + hs[:, None] * C + cols[None, :], mask=hm[:, None] & colm[None, :], other=0.0)
+  b1 = tl.load(b1_ptr + k * H + hs, mask=hm, other=0.0)
+  b2 = tl.load(b2_ptr + k * C + cols, mask=colm, other=0.0)
+  hmask = tl.load(hmask_ptr + k * H + hs, mask=hm, other=0.0)
+  a0 = tl.load(act_ptr + k * 4 + 0)
+  a1 = tl.load(act_ptr + k * 4 + 1)
+  a2 = tl.load(act_ptr + k * 4 + 2)
+  a3 = tl.load(act_ptr + k * 4 + 3)
+  if HAS_GLU:
+    glu = tl.load(glu_ptr + k)
+    wg = tl.load(wg_ptr + k * C * H + cols[:, None] * H + hs[None, :], mask=wm, other=0.0)
+    bg = tl.load(bg_ptr + k * H + hs, mask=hm, other=0.0)
+  if HAS_DIAG:
+    sd = tl.load(s_ptr + k * C + cols, mask=colm, other=0.0) * tl.load(diag_ptr + k)
+  if TELEMETRY:
+    shift = tl.load(shift_ptr + k * C + cols, mask=colm, other=0.0)
+  acc_s = tl.zeros([CP], tl.float32)
+  acc_q = tl.zeros([CP], tl.float32)
+  acc_d = tl.zeros([CP], tl.float32)
+  acc_x2 = tl.zeros([CP], tl.float32)
+  acc_r2 = tl.zeros([CP], tl.float32)
+  acc_bad = tl.zeros([CP], tl.float32)
+  for t in range(TILES):
+    rows = (strip * TILES + t) * BR + tl.arange(0, BR)
+    rm = rows < N
+    m2 = rm[:, None] & colm[None, :]
+    xo = rows[:, None] * D + off + cols[None, :]
+    x = tl.load(x_ptr + xo, mask=m2, other=0.0).to(tl.float32)
+    if TELEMETRY:
+      dlt = tl.where(m2, x - shift[None, :], 0.0)
+      acc_s += tl.sum(dlt, 0)
+      acc_q += tl.sum(dlt * dlt, 0)
+      acc_d += tl.sum(tl.where(m2 & (tl.abs(x) <= DEAD_EPS), 1.0, 0.0), 0)
+    acc_x2 += tl.sum(x * x, 0)
+    if live:
+      pre = tl.dot(x, w1, input_precision=PREC) + b1[None, :]
+      if HAS_PREU:
+        pre += tl.load(preu_ptr + rows[:, None] * (K * H) + k * H + hs[None, :],
+                       mask=rm[:, None] & hm[None, :], other=0.0)
+      a = _act(pre, a0, a1, a2, a3, ACTS)
+      if HAS_GLU:
+        gate = tl.sigmoid(tl.dot(x, wg, input_precision=PREC) + bg[None, :])
+        a = a * tl.where(glu > 0.0, gate, 1.0)
+      a = a * hmask[None, :]
+      f = tl.dot(a, w2, input_precision=PREC) + b2[None, :]
+      if HAS_DIAG:
+        f += sd[None, :] * x
+      acc_bad += tl.sum(tl.where(m2 & ~(tl.abs(f) < 3.0e38), 1.0, 0.0), 0)
+      r = tl.where(m2, tl.where(res, f, f - x), 0.0)
+      acc_r2 += tl.sum(r * r, 0)
+      out = x + blend * r
+    else:
+      out = x
+    tl.store(out_ptr + xo, out.to(out_ptr.dtype.element_ty), mask=m2)
+  pc = cols < C
+  if TELEMETRY:
+    po = (strip * K + k) * C + cols
+    tl.store(tsum_ptr + po, acc_s, mask=pc)
+    tl.store(tsq_ptr + po, acc_q, mask=pc)
+    tl.store(tdead_ptr + po, acc_d, mask=pc)
+  tl.store(r2_ptr + strip * K + k, tl.sum(acc_r2, 0))
+  tl.store(x2_ptr + strip * K + k, tl.sum(acc_x2, 0))
+  tl.store(bad_ptr + strip * K + k, tl.sum(acc_bad, 0))
+
+# -------------------------------------------------------------- coarse backward
+@triton.jit
+def bwd_coarse(x_ptr, ct_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2_ptr, s_ptr, preu_ptr,
+               live_ptr, blend_ptr, gblend_ptr, hgrad_ptr, ok_ptr, ctr2_ptr, act_ptr, glu_ptr,
+               diag_ptr, res_ptr, hmask_ptr,
+               dx_ptr, dw1_ptr, db1_ptr, dwg_ptr, dbg_ptr, dw2_ptr, db2_ptr, ds_ptr, dpreu_ptr,
+               N: tl.constexpr, D: tl.constexpr, K: tl.constexpr, Q: tl.constexpr,
+               R: tl.constexpr, C: tl.constexpr, H: tl.constexpr, CP: tl.constexpr,
+               HP: tl.constexpr, BR: tl.constexpr, TILES: tl.constexpr, ACTS: tl.constexpr,
+               HAS_GLU: tl.constexpr, HAS_DIAG: tl.constexpr, HAS_PREU: tl.constexpr,
+               PREC: tl.constexpr):
+  strip = tl.program_id(0)
+  k = tl.program_id(1)
+  ck = Q + (k < R).to(tl.int32)
+  off = k * Q + tl.minimum(k, R)
+  cols = tl.arange(0, CP)
+  colm = cols < ck
+  hs = tl.arange(0, HP)
+  hm = hs < H
+  on = (tl.load(live_ptr + k) > 0.0) & (tl.load(ok_ptr + k) > 0.0)
+  blend = tl.load(blend_ptr + k)
+  gb = tl.load(gblend_ptr + k)
+  hg = tl.load(hgrad_ptr + k)
+  ctr2 = tl.load(ctr2_ptr + k)
+  res = tl.load(res_ptr + k) > 0.0
+  repl = tl.where(res, 0.0, 1.0)
+  write_dx = on & (hg > 0.0)
+  wm = colm[:, None] & hm[None, :]
+  w1 = tl.load(w1_ptr + k * C * H + cols[:, None] * H + hs[None, :], mask=wm, other=0.0)
+  w2 = tl.load(w2_ptr + k * H * C + hs[:, None] * C + cols[None, :], mask=hm[:, None] & colm[None, :], other=0.0)
+  b1 = tl.load(b1_ptr + k * H + hs, mask=hm, other=0.0)
+  b2 = tl.load(b2_ptr + k * C + cols, mask=colm, other=0.0)
+  hmask = tl.load(hmask_ptr + k * H + hs, mask=hm, other=0.0)
+  a0 = tl.load(act_ptr + k * 4 + 0)
+  a1 = tl.load(act_ptr + k * 4 + 1)
+  a2 = tl.load(act_ptr + k * 4 + 2)
+  a3 = tl.load(act_ptr + k * 4 + 3)
+  if HAS_GLU:
+    glu = tl.load(glu_ptr + k) > 0.0
+    wg = tl.load(wg_ptr + k * C * H + cols[:, None] * H + hs[None, :], mask=wm, other=0.0)
+    bg = tl.load(bg_ptr + k * H + hs, mask=hm, other=0.0)
+    acc_wg = tl.zeros([CP, HP], tl.float32)
+    acc_bg = tl.zeros([HP], tl.float32)
+  if HAS_DIAG:
+    diag = tl.load(diag_ptr + k)
+    sd = tl.load(s_ptr + k * C + cols, mask=colm, other=0.0) * diag
+    acc_s = tl.zeros([CP], tl.float32)
+  acc_w1 = tl.zeros([CP, HP], tl.float32)
+  acc_b1 = tl.zeros([HP], tl.float32)
+  acc_w2 = tl.zeros([HP, CP], tl.float32)
+  acc_b2 = tl.zeros([CP], tl.float32)
+  if on:
+    for t in range(TILES):
+      rows = (strip * TILES + t) * BR + tl.arange(0, BR)
+      rm = rows < N
+      m2 = rm[:, None] & colm[None, :]
+      xo = rows[:, None] * D + off + cols[None, :]
+      x = tl.load(x_ptr + xo, mask=m2, other=0.0).to(tl.float32)
+      ct = tl.load(ct_ptr + xo, mask=m2, other=0.0).to(tl.float32)
+      pre = tl.dot(x, w1, input_precision=PREC) + b1[None, :]
+      if HAS_PREU:
+        pre += tl.load(preu_ptr + rows[:, None] * (K * H) + k * H + hs[None, :],
+                       mask=rm[:, None] & hm[None, :], other=0.0)
+      av = _act(pre, a0, a1, a2, a3, ACTS)
+      a = av
+      if HAS_GLU:
+        gate = tl.sigmoid(tl.dot(x, wg, input_precision=PREC) + bg[None, :])
+        gate = tl.where(glu, gate, 1.0)
+        a = av * gate
+      a = a * hmask[None, :]
+      f = tl.dot(a, w2, input_precision=PREC) + b2[None, :]
+      if HAS_DIAG:
+        f += sd[None, :] * x
+      r = tl.where(m2, tl.where(res, f, f - x), 0.0)
+      ctf = tl.where(m2, gb * ct + 2.0 * r * ctr2, 0.0)
+      acc_w2 += tl.dot(tl.trans(a), ctf, input_precision=PREC)
+      acc_b2 += tl.sum(ctf, 0)
+      da = tl.dot(ctf, tl.trans(w2), input_precision=PREC) * hmask[None, :]
+      if HAS_GLU:
+        dgp = tl.where(glu, da * av * gate * (1.0 - gate), 0.0)
+        da = da * gate
+        acc_wg += tl.dot(tl.trans(x), dgp, input_precision=PREC)
+        acc_bg += tl.sum(tl.where(rm[:, None], dgp, 0.0), 0)
+      dpre = da * _act_grad(pre, a0, a1, a2, a3, ACTS)
+      dpre = tl.where(rm[:, None] & hm[None, :], dpre, 0.0)
+      acc_w1 += tl.dot(tl.trans(x), dpre, input_precision=PREC)
+      acc_b1 += tl.sum(dpre, 0)
+      if HAS_DIAG:
+        acc_s += tl.sum(ctf * x, 0) * diag
+      if HAS_PREU:
+        tl.store(dpreu_ptr + rows[:, None] * (K * H) + k * H + hs[None, :], dpre,
+                 mask=rm[:, None] & hm[None, :])
+      if write_dx:
+        dxc = tl.dot(dpre, tl.trans(w1), input_precision=PREC)
+        if HAS_GLU:
+          dxc += tl.dot(dgp, tl.trans(wg), input_precision=PREC)
+        if HAS_DIAG:
+          dxc += ctf * sd[None, :]
+        dx = ct + hg * (dxc - repl * blend * ct)
+        tl.store(dx_ptr + xo, dx.to(dx_ptr.dtype.element_ty), mask=m2)
+  else:
+    if HAS_PREU:
+      for t in range(TILES):
+        rows = (strip * TILES + t) * BR + tl.arange(0, BR)
+        rm = rows < N
+        tl.store(dpreu_ptr + rows[:, None] * (K * H) + k * H + hs[None, :],
+                 tl.zeros([BR, HP], tl.float32), mask=rm[:, None] & hm[None, :])
+  pc = cols < C
+  base = strip * K + k
+  tl.store(dw1_ptr + base * C * H + cols[:, None] * H + hs[None, :], acc_w1,
+           mask=pc[:, None] & hm[None, :])
+  tl.store(dw2_ptr + base * H * C + hs[:, None] * C + cols[None, :], acc_w2,
+           mask=hm[:, None] & pc[None, :])
+  tl.store(db1_ptr + base * H + hs, acc_b1, mask=hm)
+  tl.store(db2_ptr + base * C + cols, acc_b2, mask=pc)
+  if HAS_GLU:
+    tl.store(dwg_ptr + base * C * H + cols[:, None] * H + hs[None, :], acc_wg,
+             mask=pc[:, None] & hm[None, :])
+    tl.store(dbg_ptr + base * H + hs, acc_bg, mask=hm)
+  if HAS_DIAG:
+    tl.store(ds_ptr + base * C + cols, acc_s, mask=pc)
+
+# -------------------------------------------------------------- per-node forward
+@triton.jit
+def fwd_node(x_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2_ptr, s_ptr, preu_ptr,
+             shift_ptr, live_ptr, blend_ptr, act_ptr, glu_ptr, diag_ptr, res_ptr, hmask_ptr,
+             out_ptr, tsum_ptr, tsq_ptr, tdead_ptr, r2_ptr, x2_ptr, bad_ptr,
+             N: tl.constexpr, D: tl.constexpr, H: tl.constexpr, HP: tl.constexpr,
+             BR: tl.constexpr, BN: tl.constexpr, TILES: tl.constexpr, ACTS: tl.constexpr,
+             HAS_GLU: tl.constexpr, HAS_DIAG: tl.constexpr, HAS_PREU: tl.constexpr,
+             TELEMETRY: tl.constexpr, DEAD_EPS: tl.constexpr):
+  strip = tl.program_id(0)
+  nb = tl.program_id(1)
+  nodes = nb * BN + tl.arange(0, BN)
+  nm = nodes < D
+  hs = tl.arange(0, HP)
+  hm = hs < H
+  livef = tl.load(live_ptr + nodes, mask=nm, other=0.0)
+  live = livef > 0.0
+  any_live = tl.max(livef, 0) > 0.0
+  blend = tl.load(blend_ptr + nodes, mask=nm, other=0.0)
+  res = tl.load(res_ptr + nodes, mask=nm, other=1.0) > 0.0
+  pm = nm[:, None] & hm[None, :] & live[:, None]
+  po = nodes[:, None] * H + hs[None, :]
+  w1 = tl.load(w1_ptr + po, mask=pm, other=0.0)
+  b1 = tl.load(b1_ptr + po, mask=pm, other=0.0)
+  w2 = tl.load(w2_ptr + po, mask=pm, other=0.0)
+  hmask = tl.load(hmask_ptr + po, mask=pm, other=0.0)
+  b2 = tl.load(b2_ptr + nodes, mask=nm, other=0.0)
+  a0 = tl.load(act_ptr + nodes * 4 + 0, mask=nm, other=0.0)[None, :, None]
+  a1 = tl.load(act_ptr + nodes * 4 + 1, mask=nm, other=0.0)[None, :, None]
+  a2 = tl.load(act_ptr + nodes * 4 + 2, mask=nm, other=0.0)[None, :, None]
+  a3 = tl.load(act_ptr + nodes * 4 + 3, mask=nm, other=0.0)[None, :, None]
+  if HAS_GLU:
+    glu = tl.load(glu_ptr + nodes, mask=nm, other=0.0) > 0.0
+    wg = tl.load(wg_ptr + po, mask=pm, other=0.0)
+    bg = tl.load(bg_ptr + po, mask=pm, other=0.0)
+  if HAS_DIAG:
+    sd = tl.load(s_ptr + nodes, mask=nm, other=0.0) * tl.load(diag_ptr + nodes, mask=nm, other=0.0)
+  if TELEMETRY:
+    shift = tl.load(shift_ptr + nodes, mask=nm, other=0.0)
+  acc_s = tl.zeros([BN], tl.float32)
+  acc_q = tl.zeros([BN], tl.float32)
+  acc_d = tl.zeros([BN], tl.float32)
+  acc_x2 = tl.zeros([BN], tl.float32)
+  acc_r2 = tl.zeros([BN], tl.float32)
+  acc_bad = tl.zeros([BN], tl.float32)
+  for t in range(TILES):
+    rows = (strip * TILES + t) * BR + tl.arange(0, BR)
+    rm = rows < N
+    m2 = rm[:, None] & nm[None, :]
+    xo = rows[:, None] * D + nodes[None, :]
+    x = tl.load(x_ptr + xo, mask=m2, other=0.0).to(tl.float32)
+    if TELEMETRY:
+      dlt = tl.where(m2, x - shift[None, :], 0.0)
+      acc_s += tl.sum(dlt, 0)
+      acc_q += tl.sum(dlt * dlt, 0)
+      acc_d += tl.sum(tl.where(m2 & (tl.abs(x) <= DEAD_EPS), 1.0, 0.0), 0)
+    acc_x2 += tl.sum(x * x, 0)
+    if any_live:
+      pre = x[:, :, None] * w1[None, :, :] + b1[None, :, :]
+      if HAS_PREU:
+        pre += tl.load(preu_ptr + rows[:, None, None] * (D * H) + po[None, :, :],
+                       mask=rm[:, None, None] & pm[None, :, :], other=0.0)
+      a = _act(pre, a0, a1, a2, a3, ACTS)
+      if HAS_GLU:
+        gate = tl.sigmoid(x[:, :, None] * wg[None, :, :] + bg[None, :, :])
+        a = a * tl.where(glu[None, :, None], gate, 1.0)
+      f = tl.sum(a * (hmask * w2)[None, :, :], 2) + b2[None, :]
+      if HAS_DIAG:
+        f += sd[None, :] * x
+      lm = m2 & live[None, :]
+      acc_bad += tl.sum(tl.where(lm & ~(tl.abs(f) < 3.0e38), 1.0, 0.0), 0)
+      r = tl.where(lm, tl.where(res[None, :], f, f - x), 0.0)
+      acc_r2 += tl.sum(r * r, 0)
+      out = x + blend[None, :] * r
+    else:
+      out = x
+    tl.store(out_ptr + xo, out.to(out_ptr.dtype.element_ty), mask=m2)
+  if TELEMETRY:
+    tl.store(tsum_ptr + strip * D + nodes, acc_s, mask=nm)
+    tl.store(tsq_ptr + strip * D + nodes, acc_q, mask=nm)
+    tl.store(tdead_ptr + strip * D + nodes, acc_d, mask=nm)
+  tl.store(r2_ptr + strip * D + nodes, acc_r2, mask=nm)
+  tl.store(x2_ptr + strip * D + nodes, acc_x2, mask=nm)
+  tl.store(bad_ptr + strip * D + nodes, acc_bad, mask=nm)
+
+# -------------------------------------------------------------- per-node backward
+@triton.jit
+def bwd_node(x_ptr, ct_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2_ptr, s_ptr, preu_ptr,
+             live_ptr, blend_ptr, gblend_ptr, hgrad_ptr, ok_ptr, ctr2_ptr, act_ptr, glu_ptr,
+             diag_ptr, res_ptr, hmask_ptr,
+             dx_ptr, dw1_ptr, db1_ptr, dwg_ptr, dbg_ptr, dw2_ptr, db2_ptr, ds_ptr, dpreu_ptr,
+             N: tl.constexpr, D: tl.constexpr, H: tl.constexpr, HP: tl.constexpr,
+             BR: tl.constexpr, BN: tl.constexpr, TILES: tl.constexpr, ACTS: tl.constexpr,
+             HAS_GLU: tl.constexpr, HAS_DIAG: tl.constexpr, HAS_PREU: tl.constexpr):
+  strip = tl.program_id(0)
+  nb = tl.program_id(1)
+  nodes = nb * BN + tl.arange(0, BN)
+  nm = nodes < D
+  hs = tl.arange(0, HP)
+  hm = hs < H
+  onf = tl.where((tl.load(live_ptr + nodes, mask=nm, other=0.0) > 0.0)
+                 & (tl.load(ok_ptr + nodes, mask=nm, other=0.0) > 0.0), 1.0, 0.0)
+  on = onf > 0.0
+  any_on = tl.max(onf, 0) > 0.0
+  blend = tl.load(blend_ptr + nodes, mask=nm, other=0.0)
+  gb = tl.load(gblend_ptr + nodes, mask=nm, other=0.0)
+  hg = tl.load(hgrad_ptr + nodes, mask=nm, other=0.0) * onf
+  any_dx = tl.max(hg, 0) > 0.0
+  ctr2 = tl.load(ctr2_ptr + nodes, mask=nm, other=0.0)
+  res = tl.load(res_ptr + nodes, mask=nm, other=1.0) > 0.0
+  repl = tl.where(res, 0.0, 1.0)
+  pm = nm[:, None] & hm[None, :] & on[:, None]
+  po = nodes[:, None] * H + hs[None, :]
+  w1 = tl.load(w1_ptr + po, mask=pm, other=0.0)
+  b1 = tl.load(b1_ptr + po, mask=pm, other=0.0)
+  w2 = tl.load(w2_ptr + po, mask=pm, other=0.0)
+  hmask = tl.load(hmask_ptr + po, mask=pm, other=0.0)
+  b2 = tl.load(b2_ptr + nodes, mask=nm, other=0.0)
+  a0 = tl.load(act_ptr + nodes * 4 + 0, mask=nm, other=0.0)[None, :, None]
+  a1 = tl.load(act_ptr + nodes * 4 + 1, mask=nm, other=0.0)[None, :, None]
+  a2 = tl.load(act_ptr + nodes * 4 + 2, mask=nm, other=0.0)[None, :, None]
+  a3 = tl.load(act_ptr + nodes * 4 + 3, mask=nm, other=0.0)[None, :, None]
+  if HAS_GLU:
+    glu = tl.load(glu_ptr + nodes, mask=nm, other=0.0) > 0.0
+    wg = tl.load(wg_ptr + po, mask=pm, other=0.0)
+    bg = tl.load(bg_ptr + po, mask=pm, other=0.0)
+    acc_wg = tl.zeros([BN, HP], tl.float32)
+    acc_bg = tl.zeros([BN, HP], tl.float32)
+  if HAS_DIAG:
+    diag = tl.load(diag_ptr + nodes, mask=nm, other=0.0)
+    sd = tl.load(s_ptr + nodes, mask=nm, other=0.0) * diag
+    acc_s = tl.zeros([BN], tl.float32)
+  acc_w1 = tl.zeros([BN, HP], tl.float32)
+  acc_b1 = tl.zeros([BN, HP], tl.float32)
+  acc_w2 = tl.zeros([BN, HP], tl.float32)
+  acc_b2 = tl.zeros([BN], tl.float32)
+  if any_on:
+    for t in range(TILES):
+      rows = (strip * TILES + t) * BR + tl.arange(0, BR)
+      rm = rows < N
+      m2 = rm[:, None] & nm[None, :]
+      lm = m2 & on[None, :]
+      xo = rows[:, None] * D + nodes[None, :]
+      x = tl.load(x_ptr + xo, mask=m2, other=0.0).to(tl.float32)
+      ct = tl.load(ct_ptr + xo, mask=m2, other=0.0).to(tl.float32)
+      pre = x[:, :, None] * w1[None, :, :] + b1[None, :, :]
+      if HAS_PREU:
+        pre += tl.load(preu_ptr + rows[:, None, None] * (D * H) + po[None, :, :],
+                       mask=rm[:, None, None] & pm[None, :, :], other=0.0)
+      av = _act(pre, a0, a1, a2, a3, ACTS)
+      a = av
+      if HAS_GLU:
+        gate = tl.sigmoid(x[:, :, None] * wg[None, :, :] + bg[None, :, :])
+        gate = tl.where(glu[None, :, None], gate, 1.0)
+        a = av * gate
+      a = a * hmask[None, :, :]
+      f = tl.sum(a * w2[None, :, :], 2) + b2[None, :]
+      if HAS_DIAG:
+        f += sd[None, :] * x
+      r = tl.where(lm, tl.where(res[None, :], f, f - x), 0.0)
+      ctf = tl.where(lm, gb[None, :] * ct + 2.0 * r * ctr2[None, :], 0.0)
+      acc_w2 += tl.sum(a * ctf[:, :, None], 0)
+      acc_b2 += tl.sum(ctf, 0)
+      da = ctf[:, :, None] * (w2 * hmask)[None, :, :]
+      if HAS_GLU:
+        dgp = tl.where(glu[None, :, None], da * av * gate * (1.0 - gate), 0.0)
+        da = da * gate
+        acc_wg += tl.sum(x[:, :, None] * dgp, 0)
+        acc_bg += tl.sum(dgp, 0)
+      dpre = da * _act_grad(pre, a0, a1, a2, a3, ACTS)
+      acc_w1 += tl.sum(x[:, :, None] * dpre, 0)
+      acc_b1 += tl.sum(dpre, 0)
+      if HAS_DIAG:
+        acc_s += tl.sum(ctf * x, 0) * diag
+      if HAS_PREU:
+        tl.store(dpreu_ptr + rows[:, None, None] * (D * H) + po[None, :, :], dpre,
+                 mask=rm[:, None, None] & nm[None, :, None] & hm[None, None, :])
+      if any_dx:
+        dxc = tl.sum(dpre * w1[None, :, :], 2)
+        if HAS_GLU:
+          dxc += tl.sum(dgp * wg[None, :, :], 2)
+        if HAS_DIAG:
+          dxc += ctf * sd[None, :]
+        dx = ct + hg[None, :] * (dxc - repl[None, :] * blend[None, :] * ct)
+        tl.store(dx_ptr + xo, dx.to(dx_ptr.dtype.element_ty), mask=m2 & (hg > 0.0)[None, :])
+  else:
+    if HAS_PREU:
+      for t in range(TILES):
+        rows = (strip * TILES + t) * BR + tl.arange(0, BR)
+        rm = rows < N
+        tl.store(dpreu_ptr + rows[:, None, None] * (D * H) + po[None, :, :],
+                 tl.zeros([BR, BN, HP], tl.float32),
+                 mask=rm[:, None, None] & nm[None, :, None] & hm[None, None, :])
+  pmask = nm[:, None] & hm[None, :]
+  base = strip * D * H
+  tl.store(dw1_ptr + base + po, acc_w1, mask=pmask)
+  tl.store(db1_ptr + base + po, acc_b1, mask=pmask)
+  tl.store(dw2_ptr + base + po, acc_w2, mask=pmask)
+  tl.store(db2_ptr + strip * D + nodes, acc_b2, mask=nm)
+  if HAS_GLU:
+    tl.store(dwg_ptr + base + po, acc_wg, mask=pmask)
+    tl.store(dbg_ptr + base + po, acc_bg, mask=pmask)
+  if HAS_DIAG:
+    tl.store(ds_ptr + strip * D + nodes, acc_s, mask=nm)

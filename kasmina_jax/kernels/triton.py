@@ -1,0 +1,329 @@
+"""The fused primitive as hand-written Triton kernels, called through `jax_triton.triton_call`.
+
+Implements `common.fused_blend_reference` (forward, with the telemetry sums in the same pass)
+and `common.fused_blend_backward_reference` (input, child-parameter and `pre_u` cotangents)
+on NVIDIA GPUs. jax-triton and triton are imported lazily: importing this module never needs
+them (`available()` says whether they are there); calling `fused_blend` does.
+
+Kernels (one program = one strip of rows x one seed, or a block of nodes in per-node mode):
+
+* coarse (`chunk_width >= 2`, chunk padded to a power of two `CP >= 16` in registers): the
+  program loops over `TILES` row tiles of `BR` rows, loads its chunk once, runs the child with
+  `tl.dot` (float32 operands; `tf32x3` for float32 activations, `tf32` for 16-bit ones, both
+  accumulating in float32), blends, writes the output and keeps the telemetry sums in
+  registers, written once per strip (XLA adds the strips). A seed that is not live does no
+  child work (a uniform branch), so a dormant chunk costs its read and its write.
+* per-node (`chunk_width == 1`): a program owns `BR` rows x `BN` nodes (one node = one seed)
+  and evaluates every node's child element-wise on `(BR, BN, H)` tensors.
+* backward: the same tiling; it recomputes the child (no residual but `x`), accumulates the
+  parameter gradients per strip, and writes the input gradient only for chunks whose child
+  is in the gradient path (STABILIZATION on): the input gradient is aliased to the output
+  cotangent, which *is* the input gradient of every other chunk (no write: DESIGN.md's
+  four-pass floor while seeds only blend).
+
+Chunks wider than `MAX_INLINE_CHUNK` nodes do not fit one program's registers; for those the
+primitive falls back to the `jnp` contract under XLA (correct, not fused).
+
+`triton_call` has no batching or differentiation rules: the implementations are wrapped in
+`jax.custom_batching.custom_vmap` (sequential over the batch) and `common.make_fused_blend`
+adds the `jax.custom_vjp`.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kasmina_jax import blueprints as bp_lib
+from kasmina_jax import layer as layer_lib
+from kasmina_jax import telemetry as tel_lib
+from kasmina_jax.kernels import common
+
+MAX_INLINE_CHUNK = 1024
+
+# Tiling per shape class (see `_config`); `CONFIG_OVERRIDES[(kind, class)]` (kind "fwd" or
+# "bwd") replaces an entry, for tuning runs.
+CONFIG_OVERRIDES: dict[tuple[str, str], dict[str, int]] = {}
+
+
+def available() -> bool:
+  """jax-triton and triton are importable and the default backend is an NVIDIA GPU."""
+  if importlib.util.find_spec("jax_triton") is None or importlib.util.find_spec("triton") is None:
+    return False
+  from kasmina_jax import kernels  # pylint: disable=g-import-not-at-top
+  return kernels.cuda_device_kind() is not None
+
+
+# ----------------------------------------------------------------------------- the kernels
+
+
+@functools.cache
+def _kernels():
+  """The `@triton.jit` kernels, imported on first use (triton is needed only then)."""
+  from kasmina_jax.kernels import _triton_kernels as tk  # pylint: disable=g-import-not-at-top
+  return dict(fwd_coarse=tk.fwd_coarse, bwd_coarse=tk.bwd_coarse, fwd_node=tk.fwd_node,
+              bwd_node=tk.bwd_node)
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+def _pow2(n: int) -> int:
+  return 1 << max(0, int(n) - 1).bit_length()
+
+
+def shape_class(spec) -> str:
+  c = spec.chunk_width
+  if c == 1:
+    return "node"
+  cp = max(16, _pow2(c))
+  if cp <= 64:
+    return "small"
+  if cp <= 256:
+    return "medium"
+  return "large"
+
+
+# Measured on an H100 (benchmarks/tune_triton.py; see benchmarks/RESULTS.md).
+_DEFAULT_CONFIGS = {
+    ("fwd", "node"): dict(BR=16, BN=64, TILES=8, num_warps=8, num_stages=2),
+    ("fwd", "small"): dict(BR=64, TILES=8, num_warps=4, num_stages=2),
+    ("fwd", "medium"): dict(BR=32, TILES=8, num_warps=8, num_stages=2),
+    ("fwd", "large"): dict(BR=16, TILES=8, num_warps=8, num_stages=1),
+    ("bwd", "node"): dict(BR=16, BN=32, TILES=32, num_warps=8, num_stages=2),
+    ("bwd", "small"): dict(BR=64, TILES=16, num_warps=4, num_stages=2),
+    ("bwd", "medium"): dict(BR=32, TILES=16, num_warps=8, num_stages=2),
+    ("bwd", "large"): dict(BR=16, TILES=32, num_warps=8, num_stages=1),
+}
+
+
+def _config(kind: str, spec) -> dict[str, int]:
+  cls = shape_class(spec)
+  cfg = dict(_DEFAULT_CONFIGS[(kind, cls)])
+  cfg.update(CONFIG_OVERRIDES.get((kind, cls), {}))
+  return cfg
+
+
+def _statics(spec, dtype) -> dict[str, Any]:
+  cat = spec.catalog
+  acts = 0
+  for i in set(int(a) for a in cat.act_id):
+    acts |= 1 << i
+  h = cat.hidden
+  return dict(ACTS=acts, HAS_GLU=bool(cat.any_glu), HAS_DIAG=bool(cat.any_diagonal),
+              H=h, HP=max(16, _pow2(h)),
+              PREC="tf32x3" if jnp.dtype(dtype) == jnp.float32 else "tf32")
+
+
+def _seed_arrays(seed_in: common.SeedInputs):
+  t = seed_in.tables
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  return (f32(t.act), f32(t.glu), f32(t.diagonal), f32(t.residual), f32(t.hidden_mask))
+
+
+def _param_arrays(spec, params: bp_lib.ChildParams):
+  """Child parameters as float32 arrays the kernels can index (absent parts as 1-element
+  dummies: a kernel never reads them)."""
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  dummy = jnp.zeros((1,), jnp.float32)
+  wg = f32(params.wg) if params.wg.shape[-1] else dummy
+  bg = f32(params.bg) if params.bg.shape[-1] else dummy
+  s = f32(params.s) if params.s.shape[-1] else dummy
+  return f32(params.w1), f32(params.b1), wg, bg, f32(params.w2), f32(params.b2), s
+
+
+def _inline(spec) -> bool:
+  return spec.chunk_width <= MAX_INLINE_CHUNK
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+def _forward_impl(spec, telemetry: bool, x2d, params, seed_in, pre_u, shift):
+  if not _inline(spec):
+    return common.fused_blend_reference(spec, telemetry, x2d, params, seed_in, pre_u, shift)
+  import jax_triton as jt  # pylint: disable=g-import-not-at-top
+  kern = _kernels()
+  n, d = x2d.shape
+  k, c = spec.num_seeds, spec.chunk_width
+  st = _statics(spec, x2d.dtype)
+  node = c == 1
+  cfg = _config("fwd", spec)
+  rows_per_strip = cfg["BR"] * cfg["TILES"]
+  strips = -(-n // rows_per_strip)
+  w1, b1, wg, bg, w2, b2, s = _param_arrays(spec, params)
+  act, glu, diag, res, hmask = _seed_arrays(seed_in)
+  has_preu = pre_u is not None
+  preu = pre_u.astype(jnp.float32) if has_preu else jnp.zeros((1,), jnp.float32)
+  shift_arr = shift.astype(jnp.float32) if telemetry else jnp.zeros((k, c), jnp.float32)
+  f32 = jax.ShapeDtypeStruct
+  tel_shape = (strips, k, c) if telemetry else (1,)
+  out_shape = [f32((n, d), x2d.dtype), f32(tel_shape, jnp.float32), f32(tel_shape, jnp.float32),
+               f32(tel_shape, jnp.float32), f32((strips, k), jnp.float32),
+               f32((strips, k), jnp.float32), f32((strips, k), jnp.float32)]
+  common_kw = dict(N=n, D=d, H=st["H"], HP=st["HP"], BR=cfg["BR"], TILES=cfg["TILES"],
+                   ACTS=st["ACTS"], HAS_GLU=st["HAS_GLU"], HAS_DIAG=st["HAS_DIAG"],
+                   HAS_PREU=has_preu, TELEMETRY=bool(telemetry),
+                   DEAD_EPS=float(spec.dead_eps))
+  args = (x2d, w1, b1, wg, bg, w2, b2, s, preu, shift_arr, seed_in.live.astype(jnp.float32),
+          seed_in.blend.astype(jnp.float32), act, glu, diag, res, hmask)
+  if node:
+    grid = (strips, -(-d // cfg["BN"]))
+    outs = jt.triton_call(*args, kernel=kern["fwd_node"], out_shape=out_shape, grid=grid,
+                          num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                          BN=cfg["BN"], **common_kw)
+  else:
+    q, r = divmod(d, k)
+    grid = (strips, k)
+    outs = jt.triton_call(*args, kernel=kern["fwd_coarse"], out_shape=out_shape, grid=grid,
+                          num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                          K=k, Q=q, R=r, C=c, CP=max(16, _pow2(c)), PREC=st["PREC"],
+                          **common_kw)
+  out, tsum, tsq, tdead, r2, x2, bad = outs
+  ok = jnp.sum(bad, axis=0) == 0
+  out = common.apply_guard(spec, x2d, out, ok)
+  partials = None
+  if telemetry:
+    partials = _partials(spec, x2d, shift_arr, tsum.sum(0), tsq.sum(0), tdead.sum(0))
+  return common.FusedOutputs(out=out, sum_r2=r2.sum(0), sum_x2=x2.sum(0), ok=ok,
+                             partials=partials)
+
+
+def _partials(spec, x2d, shift, s1, s2, dead) -> tel_lib.TelemetryPartials:
+  """The kernel's per-node sums plus the correlation Gram matrix, which XLA takes on the
+  first `corr_rows` rows (a small GEMM; the kernel does not carry it)."""
+  n = x2d.shape[0]
+  k, c = spec.num_seeds, spec.chunk_width
+  if spec.correlation:
+    m = min(spec.corr_rows, n)
+    node = jnp.asarray(spec.node_mask, jnp.float32)[None]
+    dm = (layer_lib.to_blocks(spec, x2d[:m]).astype(jnp.float32) - shift[None]) * node
+    gram = jnp.einsum("nki,nkj->kij", dm, dm, precision=jax.lax.Precision.HIGHEST)
+    corr_sum, corr_count = dm.sum(0), jnp.asarray(m, jnp.float32)
+  else:
+    gram = jnp.zeros((k, 0, 0), jnp.float32)
+    corr_sum, corr_count = jnp.zeros((k, c), jnp.float32), jnp.zeros((), jnp.float32)
+  return tel_lib.TelemetryPartials(
+      count=jnp.asarray(n, jnp.float32), sum=s1.reshape(k, c), sumsq=s2.reshape(k, c),
+      dead=dead.reshape(k, c), corr_count=corr_count, corr_sum=corr_sum, gram=gram)
+
+
+# ----------------------------------------------------------------------------- backward
+
+
+def _backward_impl(spec, x2d, params, seed_in, pre_u, ok, ct_out, ct_sum_r2):
+  if not _inline(spec):
+    return common.fused_blend_backward_reference(spec, x2d, params, seed_in, pre_u, ok, ct_out,
+                                                 ct_sum_r2)
+  import jax_triton as jt  # pylint: disable=g-import-not-at-top
+  kern = _kernels()
+  n, d = x2d.shape
+  k, c = spec.num_seeds, spec.chunk_width
+  st = _statics(spec, x2d.dtype)
+  h = st["H"]
+  node = c == 1
+  cfg = _config("bwd", spec)
+  strips = -(-n // (cfg["BR"] * cfg["TILES"]))
+  w1, b1, wg, bg, w2, b2, s = _param_arrays(spec, params)
+  act, glu, diag, res, hmask = _seed_arrays(seed_in)
+  has_preu = pre_u is not None
+  preu = pre_u.astype(jnp.float32) if has_preu else jnp.zeros((1,), jnp.float32)
+  ct_out = ct_out.astype(x2d.dtype)
+  sds = jax.ShapeDtypeStruct
+  g = h if st["HAS_GLU"] else 0
+  one = sds((1,), jnp.float32)
+  if node:
+    gshapes = [sds((strips, k, h), jnp.float32), sds((strips, k, h), jnp.float32),
+               sds((strips, k, h), jnp.float32) if g else one,
+               sds((strips, k, h), jnp.float32) if g else one,
+               sds((strips, k, h), jnp.float32), sds((strips, k), jnp.float32),
+               sds((strips, k), jnp.float32) if st["HAS_DIAG"] else one]
+  else:
+    gshapes = [sds((strips, k, c, h), jnp.float32), sds((strips, k, h), jnp.float32),
+               sds((strips, k, c, h), jnp.float32) if g else one,
+               sds((strips, k, h), jnp.float32) if g else one,
+               sds((strips, k, h, c), jnp.float32), sds((strips, k, c), jnp.float32),
+               sds((strips, k, c), jnp.float32) if st["HAS_DIAG"] else one]
+  out_shape = ([sds((n, d), x2d.dtype)] + gshapes
+               + [sds((n, k, h), jnp.float32) if has_preu else one])
+  args = (x2d, ct_out, w1, b1, wg, bg, w2, b2, s, preu, seed_in.live.astype(jnp.float32),
+          seed_in.blend.astype(jnp.float32), seed_in.grad_blend.astype(jnp.float32),
+          seed_in.host_grad.astype(jnp.float32), ok.astype(jnp.float32),
+          ct_sum_r2.astype(jnp.float32), act, glu, diag, res, hmask)
+  common_kw = dict(N=n, D=d, H=h, HP=st["HP"], BR=cfg["BR"], TILES=cfg["TILES"],
+                   ACTS=st["ACTS"], HAS_GLU=st["HAS_GLU"], HAS_DIAG=st["HAS_DIAG"],
+                   HAS_PREU=has_preu)
+  # The input gradient is the output cotangent except where a child is in the gradient path:
+  # alias the two buffers and write only those chunks.
+  aliases = {1: 0}
+  if node:
+    grid = (strips, -(-d // cfg["BN"]))
+    outs = jt.triton_call(*args, kernel=kern["bwd_node"], out_shape=out_shape, grid=grid,
+                          num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                          input_output_aliases=aliases, BN=cfg["BN"], **common_kw)
+  else:
+    q, r = divmod(d, k)
+    outs = jt.triton_call(*args, kernel=kern["bwd_coarse"], out_shape=out_shape,
+                          grid=(strips, k), num_warps=cfg["num_warps"],
+                          num_stages=cfg["num_stages"], input_output_aliases=aliases,
+                          K=k, Q=q, R=r, C=c, CP=max(16, _pow2(c)), PREC=st["PREC"],
+                          **common_kw)
+  dx, dw1, db1, dwg, dbg, dw2, db2, ds, dpreu = outs
+  if node:
+    dw1 = dw1.sum(0).reshape(k, 1, h)
+    dw2 = dw2.sum(0).reshape(k, h, 1)
+    db1 = db1.sum(0)
+    db2 = db2.sum(0).reshape(k, 1)
+    dwg = dwg.sum(0).reshape(k, 1, h) if g else jnp.zeros(params.wg.shape, jnp.float32)
+    dbg = dbg.sum(0) if g else jnp.zeros(params.bg.shape, jnp.float32)
+    ds = ds.sum(0).reshape(k, 1) if st["HAS_DIAG"] else jnp.zeros(params.s.shape, jnp.float32)
+  else:
+    dw1, db1, dw2, db2 = dw1.sum(0), db1.sum(0), dw2.sum(0), db2.sum(0)
+    dwg = dwg.sum(0) if g else jnp.zeros(params.wg.shape, jnp.float32)
+    dbg = dbg.sum(0) if g else jnp.zeros(params.bg.shape, jnp.float32)
+    ds = ds.sum(0) if st["HAS_DIAG"] else jnp.zeros(params.s.shape, jnp.float32)
+  dparams = bp_lib.ChildParams(
+      w1=dw1.astype(params.w1.dtype), w1u=jnp.zeros_like(params.w1u), b1=db1.astype(params.b1.dtype),
+      wg=dwg.astype(params.wg.dtype), bg=dbg.astype(params.bg.dtype),
+      w2=dw2.astype(params.w2.dtype), b2=db2.astype(params.b2.dtype), s=ds.astype(params.s.dtype))
+  return dx, dparams, (dpreu if has_preu else None)
+
+
+# ----------------------------------------------------------------------------- the primitive
+
+
+@functools.lru_cache(maxsize=None)
+def _batched_forward(spec, telemetry):
+  return jax.custom_batching.sequential_vmap(
+      lambda x2d, params, seed_in, pre_u, shift: _forward_impl(spec, telemetry, x2d, params,
+                                                               seed_in, pre_u, shift))
+
+
+@functools.lru_cache(maxsize=None)
+def _batched_backward(spec):
+  return jax.custom_batching.sequential_vmap(
+      lambda *a: _backward_impl(spec, *a))
+
+
+def forward_impl(spec, telemetry, x2d, params, seed_in, pre_u, shift):
+  """`common.fused_blend_reference` in Triton (vmap: sequential over the batch axis)."""
+  return _batched_forward(spec, bool(telemetry))(x2d, params, seed_in, pre_u, shift)
+
+
+def backward_impl(spec, x2d, params, seed_in, pre_u, ok, ct_out, ct_sum_r2):
+  """`common.fused_blend_backward_reference` in Triton (vmap: sequential over the batch)."""
+  return _batched_backward(spec)(x2d, params, seed_in, pre_u, ok, ct_out, ct_sum_r2)
+
+
+fused_blend = common.make_fused_blend(forward_impl, backward_impl)
+"""The differentiable fused primitive (see `common.make_fused_blend`)."""
+
+
+__all__ = ["CONFIG_OVERRIDES", "MAX_INLINE_CHUNK", "available", "backward_impl", "forward_impl",
+           "fused_blend", "shape_class"]
