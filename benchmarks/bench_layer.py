@@ -22,7 +22,9 @@ per node) is on in every implementation; the correlation Gram matrix only with
 Bytes counted: forward `2 * bytes(x)` (read x, write out). Forward + backward
 `4 * bytes(x)` (forward: read x, write out; backward: read the output gradient and x; while
 seeds only blend, the input gradient *is* the output gradient and need not be written:
-DESIGN.md's four-pass floor). GB/s are those bytes over the measured time; `%copy` is that
+DESIGN.md's four-pass floor). Forward + backward takes the output itself as its cotangent
+(the gradient of `0.5 * sum(out^2)`), an intermediate that dies in the backward, as in a
+training step; it returns the telemetry, the input gradient and the child gradients. GB/s are those bytes over the measured time; `%copy` is that
 rate over the copy's.
 
 Every implementation is checked against the reference at the benchmarked shape (relative
@@ -138,7 +140,6 @@ class Problem:
   dtype: str
   active: np.ndarray  # (K,) bool
   x_np: np.ndarray  # float32 values (exactly representable in dtype)
-  ct_np: np.ndarray  # the output cotangent, same
   params: bp_lib.ChildParams  # float32, on device
   seeds: lifecycle.SeedState
   telemetry: object
@@ -157,8 +158,6 @@ def make_problem(rows, dim, num_seeds, frac, dtype, hidden, corr_rows, seed=0):
   jdt = DTYPES[dtype]
   x_np = np.asarray(jnp.asarray(rng.standard_normal((rows, dim), np.float32), jdt)
                     .astype(jnp.float32))
-  ct_np = np.asarray(jnp.asarray(rng.standard_normal((rows, dim), np.float32), jdt)
-                     .astype(jnp.float32))
   c, h = spec.chunk_width, spec.catalog.hidden
   nm = spec.node_mask.astype(np.float32)
   # Random children (a fresh residual child has f = 0, which would hide every error).
@@ -174,7 +173,7 @@ def make_problem(rows, dim, num_seeds, frac, dtype, hidden, corr_rows, seed=0):
       blueprint=jnp.asarray(np.where(active, 0, -1), jnp.int32),
       strategy=jnp.asarray(np.where(active, 0, -1), jnp.int32),
       alpha=jnp.asarray(np.where(active, 0.5, 0.0), jnp.float32))
-  return Problem(spec=spec, dtype=dtype, active=active, x_np=x_np, ct_np=ct_np,
+  return Problem(spec=spec, dtype=dtype, active=active, x_np=x_np,
                  params=params, seeds=seeds, telemetry=layer_lib.init_telemetry(spec))
 
 
@@ -188,13 +187,16 @@ def jax_layer_fns(spec, impl):
     out, aux = layer_lib.forward(spec, params, seeds, x, telemetry=tel, impl=impl)
     return out, aux.telemetry
 
-  def fwdbwd(params, seeds, x, tel, ct):
+  def fwdbwd(params, seeds, x, tel):
     def f(x_, p_):
       out, aux = layer_lib.forward(spec, p_, seeds, x_, telemetry=tel, impl=impl)
       return out, aux.telemetry
     out, vjp, new_tel = jax.vjp(f, x, params, has_aux=True)
-    dx, dp = vjp(ct)
-    return out, new_tel, dx, dp
+    # The cotangent is the output itself (the gradient of 0.5 * sum(out^2)): like a real
+    # training step's, it is an intermediate that dies in the backward, so a backend may
+    # reuse its buffer for the input gradient.
+    dx, dp = vjp(out)
+    return new_tel, dx, dp
 
   return jax.jit(fwd), jax.jit(fwdbwd)
 
@@ -227,7 +229,6 @@ class TorchImpls:
     self.p = p
     dev = device
     self.x = torch.tensor(prob.x_np, device=dev).to(self.dt)
-    self.ct = torch.tensor(prob.ct_np, device=dev).to(self.dt)
     self.shift = self.x[0].float().clone()  # the reference's shift: the first row seen
     # the loop's modules, one per seed (built for every seed; only active ones are run)
     self.children = None
@@ -320,11 +321,14 @@ def run_torch_cell(prob, impl, mode, args, ref, log):
 
     def call():
       out, tel = fwd(xg)
-      grads = torch.autograd.grad(out, [xg] + live, ti.ct, allow_unused=True)
+      # the cotangent is the output (as in the JAX cells: the gradient of 0.5 * sum(out^2))
+      grads = torch.autograd.grad(out, [xg] + live, out.detach(), allow_unused=True)
       return out, tel, grads
   res = call()
   torch.cuda.synchronize()
-  errs = {"out": rel_err(res[0].float().cpu().numpy(), ref["out"])}
+  errs = {}
+  if mode == "fwd":
+    errs["out"] = rel_err(res[0].float().cpu().numpy(), ref["out"])
   if impl != "torch_loop":
     tel = res[1]
     k = prob.spec.num_seeds
@@ -433,7 +437,6 @@ def main(argv=None):
           nbytes = args.rows * dim * (4 if dtype == "f32" else 2)
           c_ms = copy_ms.get((dim, dtype), float("nan"))
           x = jnp.asarray(prob.x_np, DTYPES[dtype])
-          ct = jnp.asarray(prob.ct_np, DTYPES[dtype])
           for mode in modes:
             passes = 2 if mode == "fwd" else 4
             base = dict(dtype=dtype, dim=dim, rows=args.rows, num_seeds=k, active=frac,
@@ -446,12 +449,12 @@ def main(argv=None):
                   f_fwd, f_fb = jax_layer_fns(prob.spec, impl)
                   if mode == "fwd":
                     fn, fargs = f_fwd, (prob.params, prob.seeds, x, prob.telemetry)
+                    res = jax.block_until_ready(fn(*fargs))
+                    got = {"out": res[0], **tel_arrays(res[1])}
                   else:
-                    fn, fargs = f_fb, (prob.params, prob.seeds, x, prob.telemetry, ct)
-                  res = jax.block_until_ready(fn(*fargs))
-                  got = {"out": res[0], **tel_arrays(res[1])}
-                  if mode == "fwdbwd":
-                    got.update({"dx": res[2], **grad_arrays(res[3])})
+                    fn, fargs = f_fb, (prob.params, prob.seeds, x, prob.telemetry)
+                    res = jax.block_until_ready(fn(*fargs))
+                    got = {**tel_arrays(res[0]), "dx": res[1], **grad_arrays(res[2])}
                   got = {kk: np.asarray(jnp.asarray(v, jnp.float32)) for kk, v in got.items()}
                   del res
                   if impl == "reference":
@@ -483,7 +486,7 @@ def main(argv=None):
                   traceback.print_exc()
               emit(rec)
             del ref
-          del x, ct, prob
+          del x, prob
           print(f"  (cell {time.time() - cell_t0:.1f}s, total {time.time() - t_start:.0f}s)",
                 flush=True)
 

@@ -1,0 +1,144 @@
+"""Sweeps the Triton kernels' tiling (rows a tile, tiles a strip, nodes a block, warps,
+stages) per shape class on the GPU, in one run, and prints the best configuration of each.
+
+Times the fused primitive alone (`kernels.triton.forward_impl` / `backward_impl`, telemetry
+on, every seed GRAFTING so every child runs), device-side (CUPTI, median), on
+`--rows` x D activations. The winners go into `_DEFAULT_CONFIGS` in `kernels/triton.py`.
+
+  python benchmarks/tune_triton.py --dtypes f32,bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from kasmina_jax import blueprints as bp_lib  # noqa: E402
+from kasmina_jax import layer as layer_lib  # noqa: E402
+from kasmina_jax import lifecycle  # noqa: E402
+from kasmina_jax.kernels import common  # noqa: E402
+from kasmina_jax.kernels import triton as kt  # noqa: E402
+
+# class -> (D, K) used to tune it
+CLASSES = {"small": (4096, 64), "medium": (4096, 16), "large": (4096, 4), "node": (4096, 4096)}
+SWEEP = {
+    ("fwd", "small"): [dict(BR=br, TILES=t, num_warps=w, num_stages=s)
+                       for br, t, w, s in [(64, 8, 4, 2), (32, 8, 4, 2), (64, 4, 4, 3),
+                                           (128, 4, 8, 2), (64, 16, 4, 2), (32, 16, 2, 2)]],
+    ("fwd", "medium"): [dict(BR=br, TILES=t, num_warps=w, num_stages=s)
+                        for br, t, w, s in [(32, 8, 8, 2), (16, 8, 4, 2), (32, 4, 4, 2),
+                                            (64, 4, 8, 2), (16, 16, 4, 3)]],
+    ("fwd", "large"): [dict(BR=br, TILES=t, num_warps=w, num_stages=s)
+                       for br, t, w, s in [(16, 8, 8, 1), (16, 8, 16, 1), (16, 16, 8, 2),
+                                           (32, 4, 16, 1)]],
+    ("fwd", "node"): [dict(BR=br, BN=bn, TILES=t, num_warps=w, num_stages=s)
+                      for br, bn, t, w, s in [(16, 64, 8, 8, 2), (8, 64, 8, 4, 2),
+                                              (16, 32, 8, 4, 2), (32, 64, 4, 8, 2),
+                                              (8, 128, 8, 8, 2), (16, 128, 8, 16, 2)]],
+    ("bwd", "small"): [dict(BR=br, TILES=t, num_warps=w, num_stages=s)
+                       for br, t, w, s in [(64, 16, 4, 2), (32, 16, 4, 2), (64, 32, 4, 2),
+                                           (128, 8, 8, 2), (32, 32, 4, 3)]],
+    ("bwd", "medium"): [dict(BR=br, TILES=t, num_warps=w, num_stages=s)
+                        for br, t, w, s in [(32, 16, 8, 2), (16, 32, 4, 2), (32, 32, 8, 2),
+                                            (64, 8, 8, 2)]],
+    ("bwd", "large"): [dict(BR=br, TILES=t, num_warps=w, num_stages=s)
+                       for br, t, w, s in [(16, 32, 8, 1), (16, 32, 16, 1), (32, 16, 16, 1)]],
+    ("bwd", "node"): [dict(BR=br, BN=bn, TILES=t, num_warps=w, num_stages=s)
+                      for br, bn, t, w, s in [(16, 32, 32, 8, 2), (8, 32, 32, 4, 2),
+                                              (16, 64, 16, 8, 2), (8, 64, 32, 8, 2),
+                                              (32, 32, 16, 8, 2)]],
+}
+
+
+def problem(rows, dim, k, dtype):
+  rng = np.random.default_rng(0)
+  bp = bp_lib.Blueprint("residual_mlp", hidden=16, activation="relu")
+  spec = layer_lib.KasminaSpec(dim=dim, num_seeds=k, blueprints=(bp,), corr_rows=0)
+  params = jax.tree.map(lambda p: jnp.asarray(0.1 * rng.standard_normal(p.shape), jnp.float32),
+                        layer_lib.init_children(spec))
+  seeds = lifecycle.init_seed_state(k).replace(
+      stage=jnp.full((k,), int(lifecycle.Stage.GRAFTING), jnp.int32),
+      blueprint=jnp.zeros((k,), jnp.int32), alpha=jnp.full((k,), 0.5, jnp.float32))
+  seed_in = common.seed_inputs(spec, seeds)
+  x = jnp.asarray(rng.standard_normal((rows, dim)), dtype)
+  ct = jnp.asarray(rng.standard_normal((rows, dim)), dtype)
+  shift = jnp.zeros((k, spec.chunk_width), jnp.float32)
+  return spec, params, seed_in, x, ct, shift
+
+
+def measure(fn, args, iterations=10, repeats=3):
+  from jax.experimental.mosaic.gpu import profiler  # pylint: disable=g-import-not-at-top
+  samples = []
+  for _ in range(repeats):
+    _, t = profiler.measure(fn, aggregate=True, iterations=iterations)(*args)
+    samples.extend(t)
+  return float(np.median(samples))
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--rows", type=int, default=16384)
+  p.add_argument("--dtypes", default="f32,bf16")
+  p.add_argument("--classes", default="small,medium,large,node")
+  p.add_argument("--kinds", default="fwd,bwd")
+  p.add_argument("--out", default=os.environ.get("OUT") or "")
+  a = p.parse_args()
+  results = []
+  t0 = time.time()
+  for dname in a.dtypes.split(","):
+    dtype = {"f32": jnp.float32, "bf16": jnp.bfloat16}[dname]
+    for cls in a.classes.split(","):
+      dim, k = CLASSES[cls]
+      spec, params, seed_in, x, ct, shift = problem(a.rows, dim, k, dtype)
+      assert kt.shape_class(spec) == cls, (cls, kt.shape_class(spec))
+      nbytes = x.size * x.dtype.itemsize
+      for kind in a.kinds.split(","):
+        best = None
+        for cfg in SWEEP[(kind, cls)]:
+          kt.CONFIG_OVERRIDES.clear()
+          kt.CONFIG_OVERRIDES[(kind, cls)] = cfg
+          try:
+            if kind == "fwd":
+              fn = jax.jit(lambda x_, p_: kt._forward_impl(spec, True, x_, p_, seed_in, None, shift))  # pylint: disable=protected-access
+              args = (x, params)
+              passes = 2
+            else:
+              ok = jnp.ones((k,), bool)
+              r2 = jnp.full((k,), 0.01, jnp.float32)
+              fn = jax.jit(lambda x_, p_, c_: kt._backward_impl(spec, x_, p_, seed_in, None, ok, c_, r2))  # pylint: disable=protected-access
+              args = (x, params, ct)
+              passes = 3  # read x, read ct; no dx write (blending seeds)
+            ms = measure(fn, args)
+            gbps = passes * nbytes / ms / 1e6
+            msg = f"{ms:.4f} ms {gbps:.0f} GB/s"
+          except Exception as e:  # pylint: disable=broad-except
+            ms, gbps, msg = None, None, f"FAILED {type(e).__name__}: {str(e)[:200]}"
+          rec = dict(dtype=dname, cls=cls, kind=kind, cfg=cfg, ms=ms, gbps=gbps)
+          results.append(rec)
+          print(f"{dname} {cls:<6} {kind} {json.dumps(cfg)} {msg}  [{time.time() - t0:.0f}s]",
+                flush=True)
+          if ms is not None and (best is None or ms < best["ms"]):
+            best = rec
+        if best:
+          print(f"BEST {dname} {cls} {kind}: {json.dumps(best['cfg'])} {best['ms']:.4f} ms "
+                f"{best['gbps']:.0f} GB/s", flush=True)
+  kt.CONFIG_OVERRIDES.clear()
+  if a.out:
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, "tune_triton.json"), "w") as fh:
+      json.dump(results, fh, indent=1)
+
+
+if __name__ == "__main__":
+  main()
