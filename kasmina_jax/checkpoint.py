@@ -32,7 +32,6 @@ import os
 import re
 import warnings
 import zlib
-from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -8,6 +8,7 @@ import functools
 import json
 import os
 import pathlib
+import sys
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -21,7 +22,6 @@ from flax import struct
 pytest.importorskip("orbax.checkpoint")
 
 from kasmina_jax import checkpoint as ckpt  # noqa: E402
-from kasmina_jax import lifecycle  # noqa: E402
 from kasmina_jax import nn as knn  # noqa: E402
 from kasmina_jax.lifecycle import Stage  # noqa: E402
 
@@ -315,3 +315,10 @@ def test_in_memory_checkpoint_survives_donation(state):
   assert_bitwise_equal(bump(again.params), bump(state.params))
   mem.clear()
   assert not mem.has_value
+
+
+def test_missing_orbax_names_the_extra(monkeypatch, tmp_path):
+  monkeypatch.setitem(sys.modules, "orbax.checkpoint", None)  # import fails
+  with pytest.raises(ImportError, match=r"kasmina_jax\[checkpoint\]"):
+    ckpt.save(tmp_path, {"w": jnp.zeros(2)})
+  ckpt.InMemoryCheckpoint().save({"w": jnp.zeros(2)})  # needs no orbax

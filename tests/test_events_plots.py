@@ -257,3 +257,10 @@ def test_cli(synthetic_log, tmp_path):
 def test_nan_metric_is_finite_json():
   assert events.to_json({"x": np.array([math.nan, 1.0])}) == {"x": [None, 1.0]}
   assert events.to_json(np.float32(np.inf)) is None
+
+
+def test_missing_matplotlib_names_the_extra(monkeypatch, tmp_path):
+  from kasmina_jax import plots  # pylint: disable=g-import-not-at-top
+  monkeypatch.setitem(sys.modules, "matplotlib", None)
+  with pytest.raises(ImportError, match=r"kasmina_jax\[examples\]"):
+    plots.plot_run([{"type": "run"}], tmp_path)
