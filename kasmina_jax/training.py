@@ -131,7 +131,8 @@ def create_train_state(model, optimizer: optax.GradientTransformation, sample_x:
                        metric_names: tuple[str, ...] = ("accuracy",)) -> TrainState:
   """Initialises a Linen model that contains Kasmina layers, wrapped in the stage mask."""
   init_key, rng = jax.random.split(key)
-  variables = model.init(init_key, sample_x, train=False)
+  # Jitted: eager init of a model with Kasmina layers compiles every small op on its own.
+  variables = jax.jit(functools.partial(model.init, train=False))(init_key, sample_x)
   params = variables["params"]
   kasmina = variables.get(knn.KASMINA, {})
   if not knn.find_layers(kasmina):
@@ -373,7 +374,7 @@ def epoch_transition(state: TrainState, val_batch: dict, loss_fn: LossFn,
   reset = optim.reset_mask(params, state.kasmina, kasmina)
   opt_state = optim.reset_children(state.opt_state, params, reset)
   fr = tamiyo.field_reports(seeds, new_seeds, report, ctrl)
-  ctrl = tamiyo.observe(ctrl, fr)
+  ctrl = tamiyo.observe(ctrl, fr, cfg.tamiyo)
   new_state = state.replace(
       epoch=state.epoch + 1, params=params, opt_state=opt_state, kasmina=kasmina, ctrl=ctrl,
       rng=rng, stats=_zero_stats(tuple(state.stats.metric_sums)))
@@ -416,7 +417,8 @@ def apply_rollback(state: TrainState, ctrl: tamiyo.ControllerState) -> tuple[Tra
       train_loss=jnp.float32(jnp.nan), val_loss=jnp.float32(jnp.nan),
       host_grad_norm=jnp.float32(0.0), host_drift=jnp.float32(0.0), epoch=state.epoch)
   fr = tamiyo.field_reports(seeds, new_seeds, empty, ctrl)
-  ctrl = tamiyo.observe(ctrl.replace(rollback_requested=jnp.zeros((), bool)), fr)
+  ctrl = tamiyo.observe(ctrl.replace(rollback_requested=jnp.zeros((), bool)), fr,
+                        state.config.tamiyo)
   return state.replace(params=params, opt_state=opt_state, kasmina=kasmina, ctrl=ctrl), fr
 
 
