@@ -848,12 +848,14 @@ def _lookup(names, i: int) -> str | None:
   return names[i] if i < len(names) else str(i)
 
 
-def to_records(reports, *, layer_names: Sequence[str] | None = None,
+def to_records(reports, *, layer_names: Sequence[str] | Mapping[str, str] | None = None,
                blueprint_names=None, strategy_names: Sequence[str] | None = None) -> list[dict]:
   """JSON-serialisable records (plain Python types) of the valid field reports; outside `jit`.
 
-  `reports`: a pytree of `FieldReports` keyed like the seeds. `layer_names`: one name per layer
-  in pytree order (default: the pytree path, e.g. the dict key). `blueprint_names`: one
+  `reports`: a pytree of `FieldReports` keyed like the seeds. Layers are named by their pytree
+  path (for a dict of layers: the key); `layer_names` renames them: a dict from path name to
+  name, or a sequence, which is either exactly the path names (in any order; nothing is
+  renamed) or one name per layer in pytree order (for a dict: sorted keys). `blueprint_names`: one
   sequence for every layer, a sequence of sequences (one per layer) or a dict from layer name
   to names (default: the id as a string). `strategy_names`: grafting strategy names (default
   `GRAFTING_STRATEGY_NAMES`). Non-finite floats become None.
@@ -864,14 +866,20 @@ def to_records(reports, *, layer_names: Sequence[str] | None = None,
     if not isinstance(leaf, FieldReports):
       raise TypeError(f"reports: leaf at {jax.tree_util.keystr(path)} is a "
                       f"{type(leaf).__name__}, expected FieldReports")
-  if layer_names is not None:
-    layer_names = tuple(layer_names)
+  path_names = [_path_name(path) for path, _ in flat]
+  if layer_names is None:
+    names = path_names
+  elif isinstance(layer_names, Mapping):
+    names = [str(layer_names.get(p, p)) for p in path_names]
+  else:
+    layer_names = [str(n) for n in layer_names]
     if len(layer_names) != len(flat):
       raise ValueError(f"layer_names: expected {len(flat)} names, got {len(layer_names)}")
+    names = path_names if sorted(layer_names) == sorted(path_names) else layer_names
   strategy_names = tuple(GRAFTING_STRATEGY_NAMES if strategy_names is None else strategy_names)
   records = []
   for li, (path, r) in enumerate(flat):
-    name = layer_names[li] if layer_names is not None else _path_name(path)
+    name = names[li]
     bp_names = _names_for(blueprint_names, name, li, "blueprint_names")
     r = jax.tree.map(np.asarray, r)
     for k in np.nonzero(r.valid)[0]:

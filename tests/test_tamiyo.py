@@ -524,9 +524,17 @@ def test_field_report_records_are_json_serialisable():
   assert got[("enc", 0)]["health_after"]["chunk_variance"] is None
   assert set(got[("enc", 0)]["stage_epochs"]) == {s.name for s in Stage}
   # Default names: dict keys for layers, ids for blueprints; a list of layer names works.
-  plain = tamiyo.to_records(reports, layer_names=["A", "B"])
-  assert {r["layer"] for r in plain} == {"A", "B"}
+  plain = tamiyo.to_records(reports)
+  assert {r["layer"] for r in plain} == {"enc", "dec"}
   assert {r["blueprint"] for r in plain} <= {str(i) for i in range(5)}
+  # Renaming: by a dict, or one name per layer in pytree order (sorted keys: dec, enc); a list
+  # of the keys themselves in any order renames nothing.
+  renamed = tamiyo.to_records(reports, layer_names={"enc": "encoder"})
+  assert {r["layer"] for r in renamed} == {"encoder", "dec"}
+  renamed = tamiyo.to_records(reports, layer_names=["D", "E"])
+  assert {(r["layer"], r["seed"]) for r in renamed} == {("D", 2), ("D", 3), ("E", 0), ("E", 1)}
+  same = tamiyo.to_records(reports, layer_names=["enc", "dec"])
+  assert same == plain
 
 
 def test_layer_report_takes_the_catalog_from_the_spec():
@@ -571,18 +579,22 @@ PROP_CONFIG = tamiyo.TamiyoConfig(germinate_without_plateau=True, max_germinatio
                                   max_queued_per_layer=2,
                                   lifecycle=lifecycle.LifecycleConfig(max_training_steps=50))
 FLOATS = st.one_of(st.floats(-2.0, 5.0, width=32), st.sampled_from([np.nan, np.inf, -np.inf]))
+# Mostly sane losses and flags, so that the non-emergency paths get exercised too.
+LOSSES = st.one_of(st.floats(0.125, 3.0, width=32), st.floats(0.125, 3.0, width=32),
+                   st.sampled_from([np.nan, np.inf, -np.inf, 1e3]))
+RARE = st.sampled_from([False, False, False, False, False, True])
 
 
 @st.composite
 def seed_states(draw, k):
   ints = lambda lo, hi: np.asarray(draw(st.lists(st.integers(lo, hi), min_size=k, max_size=k)),
                                    np.int32)
-  bools = lambda: np.asarray(draw(st.lists(st.booleans(), min_size=k, max_size=k)))
+  bools = lambda elem=st.booleans(): np.asarray(draw(st.lists(elem, min_size=k, max_size=k)))
   s = lifecycle.init_seed_state(k)
   return s.replace(stage=ints(0, 10), blueprint=ints(-1, 4), strategy=ints(-1, 3),
                    steps_in_stage=ints(0, 100), epochs_in_stage=ints(0, 3),
                    embargo_left=ints(0, 2), ready=bools(), bad_epochs=ints(0, 3),
-                   nonfinite=bools(), germinated_epoch=ints(-1, 5),
+                   nonfinite=bools(RARE), germinated_epoch=ints(-1, 5),
                    delta=np.asarray(draw(st.lists(FLOATS, min_size=k, max_size=k)),
                                     np.float32))
 
@@ -593,16 +605,16 @@ def scenarios(draw):
   vec = lambda k: np.asarray(draw(st.lists(FLOATS, min_size=k, max_size=k)), np.float32)
   healths = {n: health(s.num_seeds, var=vec(s.num_seeds), dead=vec(s.num_seeds),
                        corr=vec(s.num_seeds),
-                       nonfinite=draw(st.lists(st.booleans(), min_size=s.num_seeds,
+                       nonfinite=draw(st.lists(RARE, min_size=s.num_seeds,
                                                max_size=s.num_seeds)))
              for n, s in SPECS.items()}
-  rep = report(healths, train=draw(FLOATS), val=draw(FLOATS), grad=draw(FLOATS),
+  rep = report(healths, train=draw(LOSSES), val=draw(LOSSES), grad=draw(FLOATS),
                drift=draw(FLOATS), epoch=draw(st.integers(0, 9)))
   ctrl = tamiyo.init_controller(seeds, NUM_BP, PROP_CONFIG)
   h = PROP_CONFIG.history
-  ring = lambda: np.asarray(draw(st.lists(FLOATS, min_size=h, max_size=h)), np.float32)
-  ctrl = ctrl.replace(train_history=ring(), val_history=ring(), drift_history=ring(),
-                      grad_history=ring(), history_count=np.int32(draw(st.integers(0, 20))),
+  ring = lambda elem: np.asarray(draw(st.lists(elem, min_size=h, max_size=h)), np.float32)
+  ctrl = ctrl.replace(train_history=ring(LOSSES), val_history=ring(LOSSES),
+                      drift_history=ring(FLOATS), grad_history=ring(FLOATS), history_count=np.int32(draw(st.integers(0, 20))),
                       plateau_epochs=np.int32(draw(st.integers(0, 3))),
                       cooldown_left=np.int32(draw(st.integers(0, 1))))
   ctrl = ctrl.replace(layers={
