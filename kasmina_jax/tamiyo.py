@@ -165,7 +165,8 @@ class TamiyoConfig:
     trend_window: epochs averaged for the drift and gradient-norm trends.
   Safety:
     rollback_factor: emergency rollback when the epoch's mean training loss is non-finite or
-      above this times the median of the last `rollback_window` epochs'.
+      above this times the median of the last `rollback_window` epochs' (this knob is the one
+      used; `LifecycleConfig.rollback_factor`, same default, is not consulted).
     rollback_window: epochs in that median.
     history: length of the loss / drift / gradient-norm ring buffers (>= both windows).
   Bandit rewards (`observe`):
@@ -718,7 +719,7 @@ class FieldReports:
   epoch: jax.Array  # int32: the epoch of the report
   germinated_epoch: jax.Array  # int32: the epoch the seed germinated (-1 if unknown)
   stage_epochs: jax.Array  # int32 (K, 11): epochs spent in each stage in this lifecycle
-  health_before: jax.Array  # float32 (K, 3): HEALTH_FIELDS at germination
+  health_before: jax.Array  # float32 (K, 3): HEALTH_FIELDS at germination (NaN: not by decide)
   health_after: jax.Array  # float32 (K, 3): HEALTH_FIELDS now
   delta: jax.Array  # float32: last counterfactual val_loss(off) - val_loss(on)
   param_count: jax.Array  # int32: the blueprint's parameters

@@ -550,6 +550,26 @@ def test_layer_report_takes_the_catalog_from_the_spec():
     tamiyo.layer_report(spec, health(3))
 
 
+def test_a_dead_chunk_measured_by_the_layer_is_germinated():
+  # Real telemetry: a layer's forward pass over activations whose third chunk is dead.
+  spec = layer.KasminaSpec(dim=16, num_seeds=4)
+  seeds = lifecycle.init_seed_state(4)
+  x = jax.random.normal(jax.random.key(0), (64, 16))
+  x = x.at[:, 8:12].set(0.0)
+  _, aux = layer.forward(spec, layer.init_children(spec), seeds, x,
+                         telemetry=layer.init_telemetry(spec))
+  h = layer.health_report(spec, aux.telemetry, seeds)
+  np.testing.assert_allclose(np.asarray(h.dead_node_ratio), [0, 0, 1, 0])
+  rep = tamiyo.EpochReport(layers={"hidden": tamiyo.layer_report(spec, h)}, train_loss=1.0,
+                           val_loss=1.0, host_grad_norm=0.5, host_drift=0.0, epoch=0)
+  ctrl = tamiyo.init_controller({"hidden": seeds}, spec.num_blueprints, GROW)
+  cmds, _ = decide_jit(rep, {"hidden": seeds}, ctrl, config=GROW)
+  assert np.asarray(cmds["hidden"].op).tolist() == [0, 0, Op.GERMINATE, 0]
+  # The default catalog has no parallel child: a residual MLP-like child for dead nodes.
+  name = spec.catalog.names[int(cmds["hidden"].blueprint[2])]
+  assert name in ("residual_mlp", "glu_mlp"), name
+
+
 def test_bad_arguments_are_named():
   with pytest.raises(ValueError, match="plateau_patience"):
     tamiyo.TamiyoConfig(plateau_patience=0)
