@@ -366,14 +366,16 @@ def _up_to(treedef, tree, name: str, kind: type):
   try:
     items = treedef.flatten_up_to(tree)
   except (ValueError, TypeError) as e:
-    raise ValueError(f"{name}: expected the same layer structure as seeds ({treedef}): {e}") from None
+    raise ValueError(
+        f"{name}: expected the same layer structure as seeds ({treedef}): {e}") from None
   for i, item in enumerate(items):
     if not isinstance(item, kind):
       raise TypeError(f"{name}: layer {i} is a {type(item).__name__}, expected {kind.__name__}")
   return items
 
 
-def init_controller(seeds, num_blueprints, config: TamiyoConfig = TamiyoConfig()) -> ControllerState:
+def init_controller(seeds, num_blueprints,
+                    config: TamiyoConfig = TamiyoConfig()) -> ControllerState:
   """A fresh `ControllerState` for the seed-state pytree `seeds`.
 
   `num_blueprints`: the catalog size, an int for every layer or a pytree of ints keyed like
@@ -684,8 +686,8 @@ def _layer_commands(s: SeedState, lr: LayerReport, lc: LayerControllerState,
   waiting = queued & ready & (op == Op.NONE)  # GERMINATED seeds are always ready
   # Oldest germination first, then the neediest, then the lowest index.
   by_need = jnp.argsort(jnp.where(waiting, -need, jnp.inf), stable=True)
-  order = by_need[jnp.argsort(jnp.where(waiting, s.germinated_epoch, jnp.iinfo(jnp.int32).max)[by_need],
-                              stable=True)]
+  born = jnp.where(waiting, s.germinated_epoch, jnp.iinfo(jnp.int32).max)
+  order = by_need[jnp.argsort(born[by_need], stable=True)]
   queue_rank = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
   promote = waiting & (queue_rank < free)
   op = jnp.where(promote, Op.ADVANCE, op)
@@ -762,7 +764,8 @@ def field_reports(old_seeds, new_seeds, report: EpochReport, ctrl: ControllerSta
   return jax.tree.unflatten(treedef, out)
 
 
-def observe(ctrl: ControllerState, reports, config: TamiyoConfig = TamiyoConfig()) -> ControllerState:
+def observe(ctrl: ControllerState, reports,
+            config: TamiyoConfig = TamiyoConfig()) -> ControllerState:
   """Feeds a pytree of `FieldReports` (keyed like the seeds) into the blueprint statistics."""
   _check_config(config)
   if not isinstance(ctrl, ControllerState):

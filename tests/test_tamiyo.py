@@ -634,7 +634,8 @@ def scenarios(draw):
   h = PROP_CONFIG.history
   ring = lambda elem: np.asarray(draw(st.lists(elem, min_size=h, max_size=h)), np.float32)
   ctrl = ctrl.replace(train_history=ring(LOSSES), val_history=ring(LOSSES),
-                      drift_history=ring(FLOATS), grad_history=ring(FLOATS), history_count=np.int32(draw(st.integers(0, 20))),
+                      drift_history=ring(FLOATS), grad_history=ring(FLOATS),
+                      history_count=np.int32(draw(st.integers(0, 20))),
                       plateau_epochs=np.int32(draw(st.integers(0, 3))),
                       cooldown_left=np.int32(draw(st.integers(0, 1))))
   ctrl = ctrl.replace(layers={
