@@ -374,7 +374,10 @@ def epoch_transition(state: TrainState, val_batch: dict, loss_fn: LossFn,
   reset = optim.reset_mask(params, state.kasmina, kasmina)
   opt_state = optim.reset_children(state.opt_state, params, reset)
   fr = tamiyo.field_reports(seeds, new_seeds, report, ctrl)
-  ctrl = tamiyo.observe(ctrl, fr, cfg.tamiyo)
+  # On an emergency rollback the seeds are reported from the restored state instead
+  # (`apply_rollback`), so this epoch's reports must not feed the statistics twice.
+  observed = tamiyo.observe(ctrl, fr, cfg.tamiyo)
+  ctrl = jax.tree.map(lambda a, b: jnp.where(ctrl.rollback_requested, a, b), ctrl, observed)
   new_state = state.replace(
       epoch=state.epoch + 1, params=params, opt_state=opt_state, kasmina=kasmina, ctrl=ctrl,
       rng=rng, stats=_zero_stats(tuple(state.stats.metric_sums)))
@@ -466,7 +469,7 @@ def log_epoch(log, state: TrainState, out: EpochOutput, rolled_back: bool, fr_ex
                      from_stage=lifecycle.Stage(int(old[k])).name,
                      to_stage=lifecycle.Stage(int(new[k])).name,
                      blueprint=lv.spec.catalog.names[b] if b >= 0 else None)
-  for fr in [out.field_reports] + ([fr_extra] if fr_extra is not None else []):
+  for fr in ([fr_extra] if rolled_back and fr_extra is not None else [out.field_reports]):
     for rec in field_report_records(state, fr):
       log.field_report(rec)
 
