@@ -53,7 +53,7 @@ def children_from_start(state: training.TrainState, blueprint: str, key: jax.Arr
         strategy=jnp.zeros_like(lv.seeds.strategy), alpha=jnp.ones_like(lv.seeds.alpha))
     kasmina = knn.set_path(kasmina, path + ("state",), lv.replace(seeds=seeds))
   return state.replace(params=params, kasmina=kasmina, opt_state=state.tx.init(params),
-                       host_snapshot=params)
+                       host_snapshot=jax.tree.map(jnp.copy, params))
 
 
 @functools.lru_cache(maxsize=None)

@@ -144,7 +144,8 @@ def create_train_state(model, optimizer: optax.GradientTransformation, sample_x:
       step=jnp.zeros((), jnp.int32), epoch=jnp.zeros((), jnp.int32), params=params,
       opt_state=tx.init(params), kasmina=kasmina,
       ctrl=tamiyo.init_controller(seeds, nb, config.tamiyo), rng=rng,
-      host_snapshot=params, stats=_zero_stats(metric_names), model=model, tx=tx,
+      host_snapshot=jax.tree.map(jnp.copy, params), stats=_zero_stats(metric_names),
+      model=model, tx=tx,
       config=config)
 
 
@@ -187,7 +188,7 @@ def host_drift(params, snapshot) -> jax.Array:
 # --------------------------------------------------------------------------------- train step
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn",), donate_argnums=(0,))
+@functools.partial(jax.jit, static_argnames=("loss_fn",))
 def train_step(state: TrainState, batch: dict, loss_fn: LossFn) -> tuple[TrainState, dict]:
   """One optimisation step. `batch["x"]` is the model input; `loss_fn(out, batch)` returns
   `(loss, metrics)`. Non-finite losses or host gradients skip the update (and count in the
