@@ -31,33 +31,32 @@ from kasmina_jax.kernels import common  # noqa: E402
 from kasmina_jax.kernels import triton as kt  # noqa: E402
 
 # class -> (D, K) used to tune it
-CLASSES = {"small": (4096, 64), "medium": (4096, 16), "large": (4096, 4), "node": (4096, 4096)}
+CLASSES = {"small": (4096, 64), "medium": (8192, 64), "node": (4096, 4096)}
+
+
+def _c(br, t, w, s, prec=None, bn=None):
+  cfg = dict(BR=br, TILES=t, num_warps=w, num_stages=s)
+  if prec:
+    cfg["PREC"] = prec
+  if bn:
+    cfg["BN"] = bn
+  return cfg
+
+
 SWEEP = {
-    ("fwd", "small"): [dict(BR=br, TILES=t, num_warps=w, num_stages=s)
-                       for br, t, w, s in [(64, 8, 4, 2), (32, 8, 4, 2), (64, 4, 4, 3),
-                                           (128, 4, 8, 2), (64, 16, 4, 2), (32, 16, 2, 2)]],
-    ("fwd", "medium"): [dict(BR=br, TILES=t, num_warps=w, num_stages=s)
-                        for br, t, w, s in [(32, 8, 8, 2), (16, 8, 4, 2), (32, 4, 4, 2),
-                                            (64, 4, 8, 2), (16, 16, 4, 3)]],
-    ("fwd", "large"): [dict(BR=br, TILES=t, num_warps=w, num_stages=s)
-                       for br, t, w, s in [(16, 8, 8, 1), (16, 8, 16, 1), (16, 16, 8, 2),
-                                           (32, 4, 16, 1)]],
-    ("fwd", "node"): [dict(BR=br, BN=bn, TILES=t, num_warps=w, num_stages=s)
-                      for br, bn, t, w, s in [(16, 64, 8, 8, 2), (8, 64, 8, 4, 2),
-                                              (16, 32, 8, 4, 2), (32, 64, 4, 8, 2),
-                                              (8, 128, 8, 8, 2), (16, 128, 8, 16, 2)]],
-    ("bwd", "small"): [dict(BR=br, TILES=t, num_warps=w, num_stages=s)
-                       for br, t, w, s in [(64, 16, 4, 2), (32, 16, 4, 2), (64, 32, 4, 2),
-                                           (128, 8, 8, 2), (32, 32, 4, 3)]],
-    ("bwd", "medium"): [dict(BR=br, TILES=t, num_warps=w, num_stages=s)
-                        for br, t, w, s in [(32, 16, 8, 2), (16, 32, 4, 2), (32, 32, 8, 2),
-                                            (64, 8, 8, 2)]],
-    ("bwd", "large"): [dict(BR=br, TILES=t, num_warps=w, num_stages=s)
-                       for br, t, w, s in [(16, 32, 8, 1), (16, 32, 16, 1), (32, 16, 16, 1)]],
-    ("bwd", "node"): [dict(BR=br, BN=bn, TILES=t, num_warps=w, num_stages=s)
-                      for br, bn, t, w, s in [(16, 32, 32, 8, 2), (8, 32, 32, 4, 2),
-                                              (16, 64, 16, 8, 2), (8, 64, 32, 8, 2),
-                                              (32, 32, 16, 8, 2)]],
+    ("fwd", "small"): [_c(32, 16, 2, 2), _c(32, 16, 2, 2, "ieee"), _c(16, 32, 2, 2),
+                       _c(32, 16, 4, 2), _c(64, 8, 4, 2), _c(64, 8, 4, 2, "ieee"),
+                       _c(32, 8, 2, 3)],
+    ("fwd", "medium"): [_c(16, 16, 4, 2), _c(16, 16, 4, 2, "ieee"), _c(16, 16, 2, 2),
+                        _c(32, 8, 4, 2), _c(16, 32, 8, 2)],
+    ("fwd", "node"): [_c(16, 8, 8, 2, bn=64), _c(8, 8, 4, 2, bn=64), _c(16, 8, 4, 2, bn=32),
+                      _c(32, 4, 8, 2, bn=64), _c(8, 16, 8, 2, bn=128), _c(4, 16, 4, 2, bn=128)],
+    ("bwd", "small"): [_c(64, 32, 4, 2), _c(64, 32, 4, 2, "ieee"), _c(32, 32, 2, 2),
+                       _c(32, 32, 2, 2, "ieee"), _c(64, 16, 8, 2), _c(16, 64, 2, 2)],
+    ("bwd", "medium"): [_c(16, 32, 4, 2), _c(16, 32, 4, 2, "ieee"), _c(32, 16, 8, 2),
+                        _c(16, 32, 2, 2)],
+    ("bwd", "node"): [_c(16, 32, 8, 2, bn=32), _c(8, 32, 4, 2, bn=32), _c(16, 16, 8, 2, bn=64),
+                      _c(8, 32, 8, 2, bn=64), _c(4, 64, 4, 2, bn=64)],
 }
 
 
@@ -90,7 +89,7 @@ def main():
   p = argparse.ArgumentParser()
   p.add_argument("--rows", type=int, default=16384)
   p.add_argument("--dtypes", default="f32,bf16")
-  p.add_argument("--classes", default="small,medium,large,node")
+  p.add_argument("--classes", default="small,node,medium")
   p.add_argument("--kinds", default="fwd,bwd")
   p.add_argument("--out", default=os.environ.get("OUT") or "")
   a = p.parse_args()

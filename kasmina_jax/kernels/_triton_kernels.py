@@ -83,12 +83,13 @@ def fwd_coarse(x_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2_ptr, s_ptr, pre
     sd = tl.load(s_ptr + k * C + cols, mask=colm, other=0.0) * tl.load(diag_ptr + k)
   if TELEMETRY:
     shift = tl.load(shift_ptr + k * C + cols, mask=colm, other=0.0)
-  acc_s = tl.zeros([CP], tl.float32)
-  acc_q = tl.zeros([CP], tl.float32)
-  acc_d = tl.zeros([CP], tl.float32)
-  acc_x2 = tl.zeros([CP], tl.float32)
-  acc_r2 = tl.zeros([CP], tl.float32)
-  acc_bad = tl.zeros([CP], tl.float32)
+  # Sums kept per tile element and reduced once per strip (no reduction in the loop).
+  acc_s = tl.zeros([BR, CP], tl.float32)
+  acc_q = tl.zeros([BR, CP], tl.float32)
+  acc_d = tl.zeros([BR, CP], tl.float32)
+  acc_x2 = tl.zeros([BR, CP], tl.float32)
+  acc_r2 = tl.zeros([BR, CP], tl.float32)
+  acc_bad = tl.zeros([BR, CP], tl.float32)
   for t in range(TILES):
     rows = (strip * TILES + t) * BR + tl.arange(0, BR)
     rm = rows < N
@@ -97,10 +98,10 @@ def fwd_coarse(x_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2_ptr, s_ptr, pre
     x = tl.load(x_ptr + xo, mask=m2, other=0.0).to(tl.float32)
     if TELEMETRY:
       dlt = tl.where(m2, x - shift[None, :], 0.0)
-      acc_s += tl.sum(dlt, 0)
-      acc_q += tl.sum(dlt * dlt, 0)
-      acc_d += tl.sum(tl.where(m2 & (tl.abs(x) <= DEAD_EPS), 1.0, 0.0), 0)
-    acc_x2 += tl.sum(x * x, 0)
+      acc_s += dlt
+      acc_q += dlt * dlt
+      acc_d += tl.where(m2 & (tl.abs(x) <= DEAD_EPS), 1.0, 0.0)
+    acc_x2 += x * x
     if live:
       pre = tl.dot(x, w1, input_precision=PREC) + b1[None, :]
       if HAS_PREU:
@@ -114,9 +115,9 @@ def fwd_coarse(x_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2_ptr, s_ptr, pre
       f = tl.dot(a, w2, input_precision=PREC) + b2[None, :]
       if HAS_DIAG:
         f += sd[None, :] * x
-      acc_bad += tl.sum(tl.where(m2 & ~(tl.abs(f) < 3.0e38), 1.0, 0.0), 0)
+      acc_bad += tl.where(m2 & ~(tl.abs(f) < 3.0e38), 1.0, 0.0)
       r = tl.where(m2, tl.where(res, f, f - x), 0.0)
-      acc_r2 += tl.sum(r * r, 0)
+      acc_r2 += r * r
       out = x + blend * r
     else:
       out = x
@@ -124,12 +125,12 @@ def fwd_coarse(x_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2_ptr, s_ptr, pre
   pc = cols < C
   if TELEMETRY:
     po = (strip * K + k) * C + cols
-    tl.store(tsum_ptr + po, acc_s, mask=pc)
-    tl.store(tsq_ptr + po, acc_q, mask=pc)
-    tl.store(tdead_ptr + po, acc_d, mask=pc)
-  tl.store(r2_ptr + strip * K + k, tl.sum(acc_r2, 0))
-  tl.store(x2_ptr + strip * K + k, tl.sum(acc_x2, 0))
-  tl.store(bad_ptr + strip * K + k, tl.sum(acc_bad, 0))
+    tl.store(tsum_ptr + po, tl.sum(acc_s, 0), mask=pc)
+    tl.store(tsq_ptr + po, tl.sum(acc_q, 0), mask=pc)
+    tl.store(tdead_ptr + po, tl.sum(acc_d, 0), mask=pc)
+  tl.store(r2_ptr + strip * K + k, tl.sum(tl.sum(acc_r2, 1), 0))
+  tl.store(x2_ptr + strip * K + k, tl.sum(tl.sum(acc_x2, 1), 0))
+  tl.store(bad_ptr + strip * K + k, tl.sum(tl.sum(acc_bad, 1), 0))
 
 # -------------------------------------------------------------- coarse backward
 @triton.jit
@@ -292,12 +293,13 @@ def fwd_node(x_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2_ptr, s_ptr, preu_
     sd = tl.load(s_ptr + nodes, mask=nm, other=0.0) * tl.load(diag_ptr + nodes, mask=nm, other=0.0)
   if TELEMETRY:
     shift = tl.load(shift_ptr + nodes, mask=nm, other=0.0)
-  acc_s = tl.zeros([BN], tl.float32)
-  acc_q = tl.zeros([BN], tl.float32)
-  acc_d = tl.zeros([BN], tl.float32)
-  acc_x2 = tl.zeros([BN], tl.float32)
-  acc_r2 = tl.zeros([BN], tl.float32)
-  acc_bad = tl.zeros([BN], tl.float32)
+  # Sums kept per tile element and reduced once per strip (no reduction in the loop).
+  acc_s = tl.zeros([BR, BN], tl.float32)
+  acc_q = tl.zeros([BR, BN], tl.float32)
+  acc_d = tl.zeros([BR, BN], tl.float32)
+  acc_x2 = tl.zeros([BR, BN], tl.float32)
+  acc_r2 = tl.zeros([BR, BN], tl.float32)
+  acc_bad = tl.zeros([BR, BN], tl.float32)
   for t in range(TILES):
     rows = (strip * TILES + t) * BR + tl.arange(0, BR)
     rm = rows < N
@@ -306,10 +308,10 @@ def fwd_node(x_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2_ptr, s_ptr, preu_
     x = tl.load(x_ptr + xo, mask=m2, other=0.0).to(tl.float32)
     if TELEMETRY:
       dlt = tl.where(m2, x - shift[None, :], 0.0)
-      acc_s += tl.sum(dlt, 0)
-      acc_q += tl.sum(dlt * dlt, 0)
-      acc_d += tl.sum(tl.where(m2 & (tl.abs(x) <= DEAD_EPS), 1.0, 0.0), 0)
-    acc_x2 += tl.sum(x * x, 0)
+      acc_s += dlt
+      acc_q += dlt * dlt
+      acc_d += tl.where(m2 & (tl.abs(x) <= DEAD_EPS), 1.0, 0.0)
+    acc_x2 += x * x
     if any_live:
       pre = x[:, :, None] * w1[None, :, :] + b1[None, :, :]
       if HAS_PREU:
@@ -323,20 +325,20 @@ def fwd_node(x_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2_ptr, s_ptr, preu_
       if HAS_DIAG:
         f += sd[None, :] * x
       lm = m2 & live[None, :]
-      acc_bad += tl.sum(tl.where(lm & ~(tl.abs(f) < 3.0e38), 1.0, 0.0), 0)
+      acc_bad += tl.where(lm & ~(tl.abs(f) < 3.0e38), 1.0, 0.0)
       r = tl.where(lm, tl.where(res[None, :], f, f - x), 0.0)
-      acc_r2 += tl.sum(r * r, 0)
+      acc_r2 += r * r
       out = x + blend[None, :] * r
     else:
       out = x
     tl.store(out_ptr + xo, out.to(out_ptr.dtype.element_ty), mask=m2)
   if TELEMETRY:
-    tl.store(tsum_ptr + strip * D + nodes, acc_s, mask=nm)
-    tl.store(tsq_ptr + strip * D + nodes, acc_q, mask=nm)
-    tl.store(tdead_ptr + strip * D + nodes, acc_d, mask=nm)
-  tl.store(r2_ptr + strip * D + nodes, acc_r2, mask=nm)
-  tl.store(x2_ptr + strip * D + nodes, acc_x2, mask=nm)
-  tl.store(bad_ptr + strip * D + nodes, acc_bad, mask=nm)
+    tl.store(tsum_ptr + strip * D + nodes, tl.sum(acc_s, 0), mask=nm)
+    tl.store(tsq_ptr + strip * D + nodes, tl.sum(acc_q, 0), mask=nm)
+    tl.store(tdead_ptr + strip * D + nodes, tl.sum(acc_d, 0), mask=nm)
+  tl.store(r2_ptr + strip * D + nodes, tl.sum(acc_r2, 0), mask=nm)
+  tl.store(x2_ptr + strip * D + nodes, tl.sum(acc_x2, 0), mask=nm)
+  tl.store(bad_ptr + strip * D + nodes, tl.sum(acc_bad, 0), mask=nm)
 
 # -------------------------------------------------------------- per-node backward
 @triton.jit

@@ -45,7 +45,7 @@ from kasmina_jax import layer as layer_lib
 from kasmina_jax import telemetry as tel_lib
 from kasmina_jax.kernels import common
 
-MAX_INLINE_CHUNK = 1024
+MAX_INLINE_CHUNK = 128
 
 # Tiling per shape class (see `_config`); `CONFIG_OVERRIDES[(kind, class)]` (kind "fwd" or
 # "bwd") replaces an entry, for tuning runs.
@@ -85,9 +85,7 @@ def shape_class(spec) -> str:
   cp = max(16, _pow2(c))
   if cp <= 64:
     return "small"
-  if cp <= 256:
-    return "medium"
-  return "large"
+  return "medium"
 
 
 # Measured on an H100 (benchmarks/tune_triton.py; see benchmarks/RESULTS.md).
@@ -95,11 +93,9 @@ _DEFAULT_CONFIGS = {
     ("fwd", "node"): dict(BR=16, BN=64, TILES=8, num_warps=8, num_stages=2),
     ("fwd", "small"): dict(BR=64, TILES=8, num_warps=4, num_stages=2),
     ("fwd", "medium"): dict(BR=32, TILES=8, num_warps=8, num_stages=2),
-    ("fwd", "large"): dict(BR=16, TILES=8, num_warps=8, num_stages=1),
     ("bwd", "node"): dict(BR=16, BN=32, TILES=32, num_warps=8, num_stages=2),
     ("bwd", "small"): dict(BR=64, TILES=16, num_warps=4, num_stages=2),
     ("bwd", "medium"): dict(BR=32, TILES=16, num_warps=8, num_stages=2),
-    ("bwd", "large"): dict(BR=16, TILES=32, num_warps=8, num_stages=1),
 }
 
 
@@ -108,6 +104,7 @@ def _config(kind: str, spec) -> dict[str, int]:
   cfg = dict(_DEFAULT_CONFIGS[(kind, cls)])
   cfg.update(CONFIG_OVERRIDES.get((kind, cls), {}))
   return cfg
+
 
 
 def _statics(spec, dtype) -> dict[str, Any]:
@@ -183,8 +180,8 @@ def _forward_impl(spec, telemetry: bool, x2d, params, seed_in, pre_u, shift):
     grid = (strips, k)
     outs = jt.triton_call(*args, kernel=kern["fwd_coarse"], out_shape=out_shape, grid=grid,
                           num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-                          K=k, Q=q, R=r, C=c, CP=max(16, _pow2(c)), PREC=st["PREC"],
-                          **common_kw)
+                          K=k, Q=q, R=r, C=c, CP=max(16, _pow2(c)),
+                          PREC=cfg.get("PREC", st["PREC"]), **common_kw)
   out, tsum, tsq, tdead, r2, x2, bad = outs
   ok = jnp.sum(bad, axis=0) == 0
   out = common.apply_guard(spec, x2d, out, ok)
@@ -272,8 +269,8 @@ def _backward_impl(spec, x2d, params, seed_in, pre_u, ok, ct_out, ct_sum_r2):
     outs = jt.triton_call(*args, kernel=kern["bwd_coarse"], out_shape=out_shape,
                           grid=(strips, k), num_warps=cfg["num_warps"],
                           num_stages=cfg["num_stages"], input_output_aliases=aliases,
-                          K=k, Q=q, R=r, C=c, CP=max(16, _pow2(c)), PREC=st["PREC"],
-                          **common_kw)
+                          K=k, Q=q, R=r, C=c, CP=max(16, _pow2(c)),
+                          PREC=cfg.get("PREC", st["PREC"]), **common_kw)
   dx, dw1, db1, dwg, dbg, dw2, db2, ds, dpreu = outs
   if node:
     dw1 = dw1.sum(0).reshape(k, 1, h)
