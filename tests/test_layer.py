@@ -582,15 +582,29 @@ def test_parallel_germination_preserves_the_function():
     assert_bits_equal(out, _host_only(u, w))
 
 
+def _layer_input_grads(params, seeds, x, u, ct):
+  """Gradient of `<ct, layer(x, u)>` w.r.t. the layer's inputs `x` and `u` themselves."""
+  return jit_vjp(lambda x, u: fwd(PSPEC, params, seeds, x, u=u)[0], (x, u), ct)
+
+
+def _assert_host_only_input_grads(params, seeds, u, w, ct):
+  # The host-only model is the identity in `x` and does not read `u`.
+  dx, du = _layer_input_grads(params, seeds, _host_only(u, w), u, ct)
+  np.testing.assert_array_equal(dx, ct)
+  np.testing.assert_array_equal(du, 0.0)
+
+
 def test_parallel_training_is_invisible_to_the_host():
   u, w, ct, params = _parallel_problem(32)
-  model = _parallel_model(params, make_seeds(3, Stage.TRAINING, PAR))
+  seeds = make_seeds(3, Stage.TRAINING, PAR)
+  model = _parallel_model(params, seeds)
   dormant = _parallel_model(params, make_seeds(3, Stage.DORMANT, PAR))
   assert_bits_equal(model(u, w), _host_only(u, w))
   for g, h, d in zip(_grads(model, u, w, ct), _grads(_host_only, u, w, ct),
                      _grads(dormant, u, w, ct)):
     np.testing.assert_array_equal(g, h)
     np.testing.assert_array_equal(d, h)
+  _assert_host_only_input_grads(params, seeds, u, w, ct)
 
 
 @functools.partial(jax.jit, static_argnums=(3, 4))
@@ -606,11 +620,13 @@ def _hand_parallel(params, u, w, alpha, full=False):
 
 def test_parallel_grafting_adds_alpha_child_and_no_gradient_reaches_u_through_it():
   u, w, ct, params = _parallel_problem(33)
-  model = _parallel_model(params, make_seeds(3, Stage.GRAFTING, PAR, 0.4))
+  seeds = make_seeds(3, Stage.GRAFTING, PAR, 0.4)
+  model = _parallel_model(params, seeds)
   np.testing.assert_allclose(model(u, w), _hand_parallel(params, u, w, 0.4), rtol=1e-5, atol=1e-5)
   assert not np.allclose(model(u, w), _host_only(u, w))
   for g, h in zip(_grads(model, u, w, ct), _grads(_host_only, u, w, ct)):
     np.testing.assert_array_equal(g, h)
+  _assert_host_only_input_grads(params, seeds, u, w, ct)
 
 
 def test_parallel_stabilization_gradient_reaches_u():
@@ -624,6 +640,9 @@ def test_parallel_stabilization_gradient_reaches_u():
   np.testing.assert_allclose(dw, hw, rtol=1e-4, atol=1e-5)
   host_du, _ = _grads(_host_only, u, w, ct)
   assert not np.allclose(du, host_du, atol=1e-3)
+  _, du_layer = _layer_input_grads(params, make_seeds(3, Stage.STABILIZATION, PAR),
+                                   _host_only(u, w), u, ct)
+  assert np.abs(du_layer).sum() > 0
 
 
 def test_parallel_and_chunk_children_read_only_their_own_input():
