@@ -125,8 +125,7 @@ def run(args, out_dir: str | None = None):
       r = experiments.run_variant(
           variant, models.__getitem__, epoch_train, val, training.cross_entropy_loss,
           epochs=epochs, batch_size=args.batch_size, seed=seed, learning_rate=args.lr,
-          config=lm_config(), log_path=log, progress=args.progress,
-          ceiling_blueprint="parallel_mlp")
+          config=lm_config(), log_path=log, progress=args.progress)
       results.append(r)
       print(f"char-lm seed {seed} {variant:12s} acc {100 * r.metric:6.2f}%  "
             f"val loss {r.val_loss:.4f}  params {r.params:7d}  fossilized {r.fossilized}  "

@@ -32,9 +32,13 @@ def no_growth(report, seeds, ctrl, config):
   return {k: lifecycle.no_commands(v.num_seeds) for k, v in seeds.items()}, ctrl
 
 
-def children_from_start(state: training.TrainState, blueprint: str, key: jax.Array,
+def children_from_start(state: training.TrainState, blueprint: str | Sequence[str],
+                        key: jax.Array,
                         stage: lifecycle.Stage = lifecycle.Stage.FINE_TUNING) -> training.TrainState:
-  """Every seed holds a fresh `blueprint` child, fully on and learning (`stage`), from now.
+  """Every seed holds a fresh child, fully on and learning (`stage`), from now.
+
+  `blueprint`: a name, or names in order of preference (each layer takes the first one its
+  catalog holds).
 
   This sets stages directly, outside the gated lifecycle: it builds the *ceiling* baseline,
   not a training path.
@@ -42,7 +46,12 @@ def children_from_start(state: training.TrainState, blueprint: str, key: jax.Arr
   params, kasmina = state.params, state.kasmina
   for i, (path, lv) in enumerate(knn.find_layers(state.kasmina).items()):
     spec = lv.spec
-    b = spec.blueprint_id(blueprint)
+    names = (blueprint,) if isinstance(blueprint, str) else tuple(blueprint)
+    held = [n for n in names if n in spec.catalog.names]
+    if not held:
+      raise ValueError(f"blueprint: layer {'/'.join(map(str, path))} holds none of {names}; "
+                       f"its catalog: {spec.catalog.names}")
+    b = spec.blueprint_id(held[0])
     cpath = knn.children_path(path)
     children = layer_lib.germinate_children(spec, knn.get_path(params, cpath), True, b,
                                             jax.random.fold_in(key, i))
@@ -77,7 +86,7 @@ class RunResult:
 def run_variant(variant: str, make_model: Callable[[str], object], train: dict, test: dict,
                 loss_fn: training.LossFn, *, epochs: int, batch_size: int, seed: int,
                 learning_rate: float = 3e-3, config: training.TrainConfig = training.TrainConfig(),
-                ceiling_blueprint: str = "parallel_mlp", metric_key: str = "val_accuracy",
+                ceiling_blueprint: str | Sequence[str] = ("parallel_mlp", "residual_mlp"), metric_key: str = "val_accuracy",
                 log_path: str | None = None, progress: bool = False,
                 keep_state: bool = False) -> RunResult:
   """Trains one variant. `make_model(variant)` builds its Linen model ("fixed_large" may

@@ -536,7 +536,6 @@ def fit(state: TrainState, train_data: dict, val_data: dict, loss_fn: LossFn, *,
     from kasmina_jax import events  # pylint: disable=g-import-not-at-top
     log = events.EventLog(log_path, run={"description": description, "epochs": epochs,
                                          "batch_size": batch_size, "seed": seed})
-  rng = np.random.default_rng(seed)
   steps_per_epoch = n // batch_size
   bar = None
   if progress:
@@ -546,6 +545,8 @@ def fit(state: TrainState, train_data: dict, val_data: dict, loss_fn: LossFn, *,
   start = time.perf_counter()
   try:
     for _ in range(epochs):
+      # The data order depends on (seed, epoch) only, so a resumed run sees the same batches.
+      rng = np.random.default_rng([seed, int(state.epoch)])
       for batch in _batches(train_data, batch_size, rng):
         state, metrics = train_step(state, batch, loss_fn)
         if bar is not None:
