@@ -1,6 +1,26 @@
-"""kasmina_jax: morphogenetic neural networks in JAX."""
+"""kasmina_jax: morphogenetic neural networks in JAX.
 
+A Kasmina layer splits a layer's activations into chunks, each owned by a *seed* that
+monitors its health and, when Tamiyo (the controller) commands it, grows a small child network
+through an 11-stage gated lifecycle. Everything is a pure function over pytrees.
+
+Modules: `lifecycle`, `grafting`, `blueprints`, `telemetry`, `layer` (the `jnp` reference),
+`kernels` (Pallas / Triton), `tamiyo`, `nn` (Flax Linen), `nnx` (Flax NNX), `optim` (optax),
+`training`, `experiments`, `datasets`; optional: `checkpoint` (orbax), `events`, `plots`
+(matplotlib), `distributed` (meshes).
+"""
+
+from kasmina_jax import blueprints
+from kasmina_jax import grafting
+from kasmina_jax import layer
 from kasmina_jax import lifecycle
+from kasmina_jax import nn
+from kasmina_jax import optim
+from kasmina_jax import tamiyo
+from kasmina_jax import telemetry
+from kasmina_jax.blueprints import Blueprint, ChildParams, default_blueprints
+from kasmina_jax.grafting import GraftingConfig, GraftingStrategy, GraftSignals, grafting_step
+from kasmina_jax.layer import KasminaSpec, StepAux, forward, health_report
 from kasmina_jax.lifecycle import (
     LEGAL_TRANSITIONS,
     Commands,
@@ -16,5 +36,18 @@ from kasmina_jax.lifecycle import (
     request_germination,
     update_readiness,
 )
+from kasmina_jax.nn import KasminaDense, KasminaLayer
+from kasmina_jax.tamiyo import EpochReport, SelectionStrategy, TamiyoConfig, decide
+from kasmina_jax.telemetry import HealthReport
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "Blueprint", "ChildParams", "Commands", "EpochReport", "GraftSignals", "GraftingConfig",
+    "GraftingStrategy", "HealthReport", "KasminaDense", "KasminaLayer", "KasminaSpec",
+    "LEGAL_TRANSITIONS", "LifecycleConfig", "Op", "SeedState", "SelectionStrategy", "Stage",
+    "StepAux", "TamiyoConfig", "apply_commands", "blueprints", "cancel_germination", "decide",
+    "default_blueprints", "forward", "grafting", "grafting_step", "health_report",
+    "init_seed_state", "layer", "lifecycle", "make_commands", "nn", "no_commands", "optim",
+    "request_germination", "tamiyo", "telemetry", "update_readiness",
+]
