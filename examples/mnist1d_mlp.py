@@ -1,7 +1,7 @@
 """MNIST-1D (generated procedurally, never downloaded): an MLP that starts too small grows
 with Kasmina, beside fixed-small, fixed-large and its own ceiling.
 
-    python examples/mnist1d.py [--seeds 3] [--steps 6000] [--out runs/mnist1d]
+    python examples/mnist1d_mlp.py [--seeds 3] [--steps 6000] [--out runs/mnist1d]
 
 The model is 40 -> w -> w -> 10 with both hidden layers wrapped by `KasminaDense`; the grown
 and ceiling variants hold parallel-wired children (4 seeds a layer, hidden 64 each), which
