@@ -263,43 +263,34 @@ def fwd_node(x_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2_ptr, s_ptr, preu_
              BR: tl.constexpr, BN: tl.constexpr, TILES: tl.constexpr, ACTS: tl.constexpr,
              HAS_GLU: tl.constexpr, HAS_DIAG: tl.constexpr, HAS_PREU: tl.constexpr,
              TELEMETRY: tl.constexpr, DEAD_EPS: tl.constexpr):
+  """Per-node mode: (BR, BN) element tiles, every node's child evaluated element-wise with
+  its hidden units unrolled (only 2-D tiles live in registers)."""
   strip = tl.program_id(0)
   nb = tl.program_id(1)
   nodes = nb * BN + tl.arange(0, BN)
   nm = nodes < D
-  hs = tl.arange(0, HP)
-  hm = hs < H
   livef = tl.load(live_ptr + nodes, mask=nm, other=0.0)
   live = livef > 0.0
   any_live = tl.max(livef, 0) > 0.0
   blend = tl.load(blend_ptr + nodes, mask=nm, other=0.0)
   res = tl.load(res_ptr + nodes, mask=nm, other=1.0) > 0.0
-  pm = nm[:, None] & hm[None, :] & live[:, None]
-  po = nodes[:, None] * H + hs[None, :]
-  w1 = tl.load(w1_ptr + po, mask=pm, other=0.0)
-  b1 = tl.load(b1_ptr + po, mask=pm, other=0.0)
-  w2 = tl.load(w2_ptr + po, mask=pm, other=0.0)
-  hmask = tl.load(hmask_ptr + po, mask=pm, other=0.0)
   b2 = tl.load(b2_ptr + nodes, mask=nm, other=0.0)
-  a0 = tl.load(act_ptr + nodes * 4 + 0, mask=nm, other=0.0)[None, :, None]
-  a1 = tl.load(act_ptr + nodes * 4 + 1, mask=nm, other=0.0)[None, :, None]
-  a2 = tl.load(act_ptr + nodes * 4 + 2, mask=nm, other=0.0)[None, :, None]
-  a3 = tl.load(act_ptr + nodes * 4 + 3, mask=nm, other=0.0)[None, :, None]
+  a0 = tl.load(act_ptr + nodes * 4 + 0, mask=nm, other=0.0)[None, :]
+  a1 = tl.load(act_ptr + nodes * 4 + 1, mask=nm, other=0.0)[None, :]
+  a2 = tl.load(act_ptr + nodes * 4 + 2, mask=nm, other=0.0)[None, :]
+  a3 = tl.load(act_ptr + nodes * 4 + 3, mask=nm, other=0.0)[None, :]
   if HAS_GLU:
     glu = tl.load(glu_ptr + nodes, mask=nm, other=0.0) > 0.0
-    wg = tl.load(wg_ptr + po, mask=pm, other=0.0)
-    bg = tl.load(bg_ptr + po, mask=pm, other=0.0)
   if HAS_DIAG:
     sd = tl.load(s_ptr + nodes, mask=nm, other=0.0) * tl.load(diag_ptr + nodes, mask=nm, other=0.0)
   if TELEMETRY:
     shift = tl.load(shift_ptr + nodes, mask=nm, other=0.0)
-  # Sums kept per tile element and reduced once per strip (no reduction in the loop).
-  acc_s = tl.zeros([BR, BN], tl.float32)
-  acc_q = tl.zeros([BR, BN], tl.float32)
-  acc_d = tl.zeros([BR, BN], tl.float32)
-  acc_x2 = tl.zeros([BR, BN], tl.float32)
-  acc_r2 = tl.zeros([BR, BN], tl.float32)
-  acc_bad = tl.zeros([BR, BN], tl.float32)
+  acc_s = tl.zeros([BN], tl.float32)
+  acc_q = tl.zeros([BN], tl.float32)
+  acc_d = tl.zeros([BN], tl.float32)
+  acc_x2 = tl.zeros([BN], tl.float32)
+  acc_r2 = tl.zeros([BN], tl.float32)
+  acc_bad = tl.zeros([BN], tl.float32)
   for t in range(TILES):
     rows = (strip * TILES + t) * BR + tl.arange(0, BR)
     rm = rows < N
@@ -308,37 +299,46 @@ def fwd_node(x_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2_ptr, s_ptr, preu_
     x = tl.load(x_ptr + xo, mask=m2, other=0.0).to(tl.float32)
     if TELEMETRY:
       dlt = tl.where(m2, x - shift[None, :], 0.0)
-      acc_s += dlt
-      acc_q += dlt * dlt
-      acc_d += tl.where(m2 & (tl.abs(x) <= DEAD_EPS), 1.0, 0.0)
-    acc_x2 += x * x
+      acc_s += tl.sum(dlt, 0)
+      acc_q += tl.sum(dlt * dlt, 0)
+      acc_d += tl.sum(tl.where(m2 & (tl.abs(x) <= DEAD_EPS), 1.0, 0.0), 0)
+    acc_x2 += tl.sum(x * x, 0)
     if any_live:
-      pre = x[:, :, None] * w1[None, :, :] + b1[None, :, :]
-      if HAS_PREU:
-        pre += tl.load(preu_ptr + rows[:, None, None] * (D * H) + po[None, :, :],
-                       mask=rm[:, None, None] & pm[None, :, :], other=0.0)
-      a = _act(pre, a0, a1, a2, a3, ACTS)
-      if HAS_GLU:
-        gate = tl.sigmoid(x[:, :, None] * wg[None, :, :] + bg[None, :, :])
-        a = a * tl.where(glu[None, :, None], gate, 1.0)
-      f = tl.sum(a * (hmask * w2)[None, :, :], 2) + b2[None, :]
+      f = tl.zeros([BR, BN], tl.float32) + b2[None, :]
+      for h in tl.static_range(H):
+        w1h = tl.load(w1_ptr + nodes * H + h, mask=nm, other=0.0)
+        b1h = tl.load(b1_ptr + nodes * H + h, mask=nm, other=0.0)
+        w2h = tl.load(w2_ptr + nodes * H + h, mask=nm, other=0.0) * tl.load(
+            hmask_ptr + nodes * H + h, mask=nm, other=0.0)
+        pre = x * w1h[None, :] + b1h[None, :]
+        if HAS_PREU:
+          pre += tl.load(preu_ptr + rows[:, None] * (D * H) + nodes[None, :] * H + h,
+                         mask=m2, other=0.0)
+        a = _act(pre, a0, a1, a2, a3, ACTS)
+        if HAS_GLU:
+          wgh = tl.load(wg_ptr + nodes * H + h, mask=nm, other=0.0)
+          bgh = tl.load(bg_ptr + nodes * H + h, mask=nm, other=0.0)
+          gate = tl.sigmoid(x * wgh[None, :] + bgh[None, :])
+          a = a * tl.where(glu[None, :], gate, 1.0)
+        f += a * w2h[None, :]
       if HAS_DIAG:
         f += sd[None, :] * x
       lm = m2 & live[None, :]
-      acc_bad += tl.where(lm & ~(tl.abs(f) < 3.0e38), 1.0, 0.0)
+      acc_bad += tl.sum(tl.where(lm & ~(tl.abs(f) < 3.0e38), 1.0, 0.0), 0)
       r = tl.where(lm, tl.where(res[None, :], f, f - x), 0.0)
-      acc_r2 += r * r
+      acc_r2 += tl.sum(r * r, 0)
       out = x + blend[None, :] * r
     else:
       out = x
     tl.store(out_ptr + xo, out.to(out_ptr.dtype.element_ty), mask=m2)
   if TELEMETRY:
-    tl.store(tsum_ptr + strip * D + nodes, tl.sum(acc_s, 0), mask=nm)
-    tl.store(tsq_ptr + strip * D + nodes, tl.sum(acc_q, 0), mask=nm)
-    tl.store(tdead_ptr + strip * D + nodes, tl.sum(acc_d, 0), mask=nm)
-  tl.store(r2_ptr + strip * D + nodes, tl.sum(acc_r2, 0), mask=nm)
-  tl.store(x2_ptr + strip * D + nodes, tl.sum(acc_x2, 0), mask=nm)
-  tl.store(bad_ptr + strip * D + nodes, tl.sum(acc_bad, 0), mask=nm)
+    tl.store(tsum_ptr + strip * D + nodes, acc_s, mask=nm)
+    tl.store(tsq_ptr + strip * D + nodes, acc_q, mask=nm)
+    tl.store(tdead_ptr + strip * D + nodes, acc_d, mask=nm)
+  tl.store(r2_ptr + strip * D + nodes, acc_r2, mask=nm)
+  tl.store(x2_ptr + strip * D + nodes, acc_x2, mask=nm)
+  tl.store(bad_ptr + strip * D + nodes, acc_bad, mask=nm)
+
 
 # -------------------------------------------------------------- per-node backward
 @triton.jit

@@ -88,23 +88,28 @@ def shape_class(spec) -> str:
   return "medium"
 
 
-# Measured on an H100 (benchmarks/tune_triton.py; see benchmarks/RESULTS.md).
+# Measured on an H100 (benchmarks/tune_triton.py; see benchmarks/RESULTS.md). Keys
+# (kind, class) or (kind, class, dtype name); the latter wins.
 _DEFAULT_CONFIGS = {
-    ("fwd", "node"): dict(BR=16, BN=64, TILES=8, num_warps=8, num_stages=2),
-    ("fwd", "small"): dict(BR=64, TILES=8, num_warps=4, num_stages=2),
-    ("fwd", "medium"): dict(BR=32, TILES=8, num_warps=8, num_stages=2),
-    ("bwd", "node"): dict(BR=16, BN=32, TILES=32, num_warps=8, num_stages=2),
-    ("bwd", "small"): dict(BR=64, TILES=16, num_warps=4, num_stages=2),
-    ("bwd", "medium"): dict(BR=32, TILES=16, num_warps=8, num_stages=2),
+    ("fwd", "node"): dict(BR=32, BN=64, TILES=4, num_warps=4, num_stages=2),
+    ("fwd", "small"): dict(BR=32, TILES=16, num_warps=2, num_stages=2),
+    ("fwd", "medium"): dict(BR=16, TILES=16, num_warps=4, num_stages=2),
+    ("fwd", "medium", "float32"): dict(BR=16, TILES=16, num_warps=4, num_stages=2, PREC="ieee"),
+    ("bwd", "node"): dict(BR=8, BN=32, TILES=32, num_warps=4, num_stages=2),
+    ("bwd", "node", "float32"): dict(BR=4, BN=64, TILES=64, num_warps=4, num_stages=2),
+    ("bwd", "small"): dict(BR=64, TILES=32, num_warps=4, num_stages=2),
+    ("bwd", "small", "float32"): dict(BR=16, TILES=64, num_warps=2, num_stages=2),
+    ("bwd", "medium"): dict(BR=16, TILES=32, num_warps=2, num_stages=2),
+    ("bwd", "medium", "float32"): dict(BR=16, TILES=32, num_warps=4, num_stages=2, PREC="ieee"),
 }
 
 
-def _config(kind: str, spec) -> dict[str, int]:
+def _config(kind: str, spec, dtype) -> dict[str, Any]:
   cls = shape_class(spec)
   cfg = dict(_DEFAULT_CONFIGS[(kind, cls)])
+  cfg.update(_DEFAULT_CONFIGS.get((kind, cls, jnp.dtype(dtype).name), {}))
   cfg.update(CONFIG_OVERRIDES.get((kind, cls), {}))
   return cfg
-
 
 
 def _statics(spec, dtype) -> dict[str, Any]:
@@ -151,7 +156,7 @@ def _forward_impl(spec, telemetry: bool, x2d, params, seed_in, pre_u, shift):
   k, c = spec.num_seeds, spec.chunk_width
   st = _statics(spec, x2d.dtype)
   node = c == 1
-  cfg = _config("fwd", spec)
+  cfg = _config("fwd", spec, x2d.dtype)
   rows_per_strip = cfg["BR"] * cfg["TILES"]
   strips = -(-n // rows_per_strip)
   w1, b1, wg, bg, w2, b2, s = _param_arrays(spec, params)
@@ -225,7 +230,7 @@ def _backward_impl(spec, x2d, params, seed_in, pre_u, ok, ct_out, ct_sum_r2):
   st = _statics(spec, x2d.dtype)
   h = st["H"]
   node = c == 1
-  cfg = _config("bwd", spec)
+  cfg = _config("bwd", spec, x2d.dtype)
   strips = -(-n // (cfg["BR"] * cfg["TILES"]))
   w1, b1, wg, bg, w2, b2, s = _param_arrays(spec, params)
   act, glu, diag, res, hmask = _seed_arrays(seed_in)
