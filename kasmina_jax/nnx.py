@@ -1,0 +1,290 @@
+"""Flax NNX layers: thin shells over the functional core (the NNX twins of `kasmina_jax.nn`).
+
+Where things live in an NNX model:
+
+- `layer.children`: a `Children` module with one `nnx.Param` per `ChildParams` field (leading
+  axis `num_seeds`), ordinary parameters: `nnx.grad`, `nnx.Optimizer` and `kasmina_jax.optim`
+  see them under `layer path + ("children",)`, the Linen layers' convention. (Per-field, not
+  one `nnx.Param(ChildParams)`: `nnx.Optimizer.update` writes its state back through
+  `nnx.state`, which would turn a dataclass value into a `State` and break the next step.)
+- `layer.seeds`: a `SeedVar` holding the seeds' `lifecycle.SeedState`;
+- `layer.telemetry`: a `TelemetryVar` holding the epoch's `telemetry.TelemetryState`;
+- `layer.last_step`: a `StepSummaryVar` holding the last training pass's `nn.StepSummary`
+  (differentiable `child_loss`: add `child_loss(model)` to the task loss inside the loss
+  function, after the forward pass);
+- `layer.spec`: the static `layer.KasminaSpec` (NNX is eager, so it is built at construction).
+
+Training passes (`model.train()`, the default) take telemetry and write the step summary;
+evaluation passes (`model.eval()`, `deterministic=True`, or an `eval_alpha` argument) mutate
+nothing, so they run under `nnx.vmap` / `jax.vmap` over a batch with the model broadcast.
+
+The helpers at the bottom read and replace the seed states of every Kasmina layer of a model
+(`seed_states`, `set_seed_states`, `commit_seed_states`), so an end-of-epoch function can run
+`lifecycle.apply_commands` on them, germinate or discard children and reset their optimizer
+state (`optim.reset_children`) in one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from kasmina_jax import blueprints as bp_lib
+from kasmina_jax import layer as layer_lib
+from kasmina_jax import lifecycle
+from kasmina_jax import optim
+from kasmina_jax import telemetry as tel_lib
+from kasmina_jax.nn import StepSummary
+
+
+class SeedVar(nnx.Variable):
+  """A Kasmina layer's seed states (`lifecycle.SeedState`)."""
+
+
+class TelemetryVar(nnx.Variable):
+  """A Kasmina layer's telemetry accumulators (`telemetry.TelemetryState`)."""
+
+
+class StepSummaryVar(nnx.Variable):
+  """The last training pass's `nn.StepSummary` of a Kasmina layer."""
+
+
+class Children(nnx.Module):
+  """A layer's children: one `nnx.Param` per `ChildParams` field."""
+
+  def __init__(self, params: bp_lib.ChildParams):
+    for name in _FIELDS:
+      setattr(self, name, nnx.Param(getattr(params, name)))
+
+  def get(self) -> bp_lib.ChildParams:
+    return bp_lib.ChildParams(**{name: getattr(self, name).get_value() for name in _FIELDS})
+
+  def set(self, params: bp_lib.ChildParams) -> None:
+    for name in _FIELDS:
+      getattr(self, name).set_value(getattr(params, name))
+
+
+_FIELDS = tuple(f.name for f in dataclasses.fields(bp_lib.ChildParams))
+
+
+def init_step_summary(num_seeds: int) -> StepSummary:
+  nan = jnp.full((num_seeds,), jnp.nan, jnp.float32)
+  return StepSummary(child_loss=jnp.zeros((), jnp.float32), objective=nan, recon_ratio=nan,
+                     nonfinite=jnp.zeros((num_seeds,), bool))
+
+
+class KasminaLayer(nnx.Module):
+  """A chunked Kasmina layer over the last axis of its input (width `dim`).
+
+  `input_dim`: width of the wrapped host layer's input, needed by parallel-wired blueprints
+  (pass `u` to `__call__` then; see `KasminaDense`). `rngs`: if given, the layer keeps its own
+  `germinate` key stream, used by `commit_seed_states` when no key is passed. Children start
+  empty (no seed holds one), so construction draws no random numbers.
+  """
+
+  def __init__(self, dim: int, num_seeds: int, *,
+               blueprints: tuple[bp_lib.Blueprint, ...] = bp_lib.default_blueprints(),
+               input_dim: int | None = None, corr_rows: int = 256, trust_penalty: float = 1.0,
+               dead_eps: float = tel_lib.DEAD_EPS, impl: str = "reference",
+               rngs: nnx.Rngs | None = None):
+    if impl not in layer_lib.IMPLS:
+      raise ValueError(f"impl: expected one of {layer_lib.IMPLS}, got {impl!r}")
+    if rngs is not None and not isinstance(rngs, nnx.Rngs):
+      raise TypeError(f"rngs: expected nnx.Rngs or None, got {type(rngs).__name__}")
+    self.spec = layer_lib.KasminaSpec(
+        dim=dim, num_seeds=num_seeds, blueprints=tuple(blueprints), input_dim=input_dim,
+        corr_rows=corr_rows, dead_eps=dead_eps, trust_penalty=trust_penalty)
+    self.impl = impl
+    self.deterministic = False
+    self.children = Children(layer_lib.init_children(self.spec))
+    self.seeds = SeedVar(lifecycle.init_seed_state(num_seeds))
+    self.telemetry = TelemetryVar(layer_lib.init_telemetry(self.spec))
+    self.last_step = StepSummaryVar(init_step_summary(num_seeds))
+    self.rngs = nnx.Rngs(germinate=rngs.params()) if rngs is not None else None
+
+  def __call__(self, x: jax.Array, u: jax.Array | None = None, *,
+               eval_alpha: jax.Array | None = None,
+               deterministic: bool | None = None) -> jax.Array:
+    """`x` (..., dim) -> same shape. `eval_alpha` (scalar or per seed) runs an evaluation
+    pass with that blend (0 = seed off, 1 = fully on, also for a seed still in TRAINING)."""
+    spec = self.spec
+    if not spec.catalog.any_parallel:
+      u = None
+    deterministic = self.deterministic if deterministic is None else deterministic
+    training_pass = not deterministic and eval_alpha is None
+    out, aux = layer_lib.forward(
+        spec, self.children.get(), self.seeds.get_value(), x, u=u,
+        telemetry=self.telemetry.get_value() if training_pass else None,
+        eval_alpha=eval_alpha, impl=self.impl)
+    if training_pass:
+      self.telemetry.set_value(aux.telemetry)
+      self.last_step.set_value(StepSummary(
+          child_loss=aux.child_loss, objective=aux.objective, recon_ratio=aux.recon_ratio,
+          nonfinite=aux.nonfinite))
+    return out
+
+
+class KasminaDense(nnx.Module):
+  """`nnx.Linear` host layer wrapped by a Kasmina layer: children may read the Linear's
+  input (parallel wiring) and add to their chunk before the activation."""
+
+  def __init__(self, in_features: int, features: int, num_seeds: int, *,
+               blueprints: tuple[bp_lib.Blueprint, ...] = bp_lib.default_blueprints(),
+               activation: Callable[[jax.Array], jax.Array] | None = None,
+               corr_rows: int = 256, trust_penalty: float = 1.0,
+               dead_eps: float = tel_lib.DEAD_EPS, impl: str = "reference",
+               rngs: nnx.Rngs):
+    if not isinstance(rngs, nnx.Rngs):
+      raise TypeError(f"rngs: expected nnx.Rngs, got {type(rngs).__name__}")
+    needs_u = any(b.wiring == "parallel" for b in blueprints)
+    self.host = nnx.Linear(in_features, features, rngs=rngs)
+    self.kasmina = KasminaLayer(
+        features, num_seeds, blueprints=blueprints,
+        input_dim=in_features if needs_u else None, corr_rows=corr_rows,
+        trust_penalty=trust_penalty, dead_eps=dead_eps, impl=impl, rngs=rngs)
+    self.activation = activation
+
+  def __call__(self, u: jax.Array, *, eval_alpha: jax.Array | None = None,
+               deterministic: bool | None = None) -> jax.Array:
+    h = self.kasmina(self.host(u), u=u, eval_alpha=eval_alpha, deterministic=deterministic)
+    return self.activation(h) if self.activation is not None else h
+
+
+# ------------------------------------------------------------------------------ model helpers
+
+
+def find_layers(model: nnx.Module) -> dict[tuple, KasminaLayer]:
+  """`{path: KasminaLayer}` for every Kasmina layer in `model` (paths as in `nnx.state`)."""
+  return {tuple(path): m for path, m in nnx.iter_modules(model) if isinstance(m, KasminaLayer)}
+
+
+def seed_states(model: nnx.Module) -> dict[tuple, lifecycle.SeedState]:
+  """`{layer path: SeedState}` of every Kasmina layer (what `optim.learning_mask` and
+  `optim.reset_mask` accept as their `kasmina` argument)."""
+  return {p: layer.seeds.get_value() for p, layer in find_layers(model).items()}
+
+
+def telemetry_states(model: nnx.Module) -> dict[tuple, tel_lib.TelemetryState]:
+  return {p: layer.telemetry.get_value() for p, layer in find_layers(model).items()}
+
+
+def step_summaries(model: nnx.Module) -> dict[tuple, StepSummary]:
+  return {p: layer.last_step.get_value() for p, layer in find_layers(model).items()}
+
+
+def child_loss(model: nnx.Module) -> jax.Array:
+  """Sum over layers of the last training pass's `child_loss` (add it to the task loss)."""
+  total = jnp.zeros((), jnp.float32)
+  for layer in find_layers(model).values():
+    total = total + layer.last_step.get_value().child_loss
+  return total
+
+
+def health_reports(model: nnx.Module) -> dict[tuple, tel_lib.HealthReport]:
+  """End-of-epoch `HealthReport` of every Kasmina layer."""
+  out = {}
+  for p, layer in find_layers(model).items():
+    summary = layer.last_step.get_value()
+    out[p] = layer_lib.health_report(layer.spec, layer.telemetry.get_value(),
+                                     layer.seeds.get_value(), summary.objective,
+                                     summary.recon_ratio)
+  return out
+
+
+def reset_telemetry(model: nnx.Module) -> None:
+  """Fresh telemetry accumulators in every Kasmina layer (start of an epoch)."""
+  for layer in find_layers(model).values():
+    layer.telemetry.set_value(tel_lib.reset(layer.telemetry.get_value()))
+
+
+def _check_states(layers: dict[tuple, KasminaLayer], states: dict[tuple, Any]) -> None:
+  if set(states) != set(layers):
+    raise ValueError(f"states: expected one SeedState per Kasmina layer {sorted(layers, key=str)}, "
+                     f"got {sorted(states, key=str)}")
+  for p, s in states.items():
+    if not isinstance(s, lifecycle.SeedState):
+      raise TypeError(f"states[{p}]: expected a SeedState, got {type(s).__name__}")
+    old = layers[p].seeds.get_value()
+    want = jax.tree.map(lambda a: (jnp.shape(a), jnp.result_type(a)), old)
+    got = jax.tree.map(lambda a: (jnp.shape(a), jnp.result_type(a)), s)
+    if want != got:
+      raise ValueError(f"states[{p}]: shapes/dtypes {got} do not match the layer's {want}")
+
+
+def set_seed_states(model: nnx.Module, states: dict[tuple, lifecycle.SeedState]) -> None:
+  """Replaces the seed states of every Kasmina layer (no children or optimizer changes; see
+  `commit_seed_states` for the end-of-epoch path)."""
+  layers = find_layers(model)
+  _check_states(layers, states)
+  for p, s in states.items():
+    layers[p].seeds.set_value(s)
+
+
+def learning_mask(model: nnx.Module, wrt: Any = nnx.Param) -> Any:
+  """`optim.learning_mask` for an NNX model: a tree shaped like the params the optimizer sees
+  (`nnx.as_pure(nnx.state(model, wrt))`); pass it as
+  `optimizer.update(model, grads, learn_mask=learning_mask(model))`."""
+  params = nnx.as_pure(nnx.state(model, wrt))
+  return optim.learning_mask(params, seed_states(model))
+
+
+def reset_optimizer_children(optimizer: nnx.Optimizer, model: nnx.Module,
+                             old_states: dict[tuple, lifecycle.SeedState]) -> None:
+  """Zeroes the optimizer state of the children whose seed changed from `old_states` to the
+  model's current states in a way that (re)initialises or discards the child."""
+  params = nnx.as_pure(nnx.state(model, optimizer.wrt))
+  mask = optim.reset_mask(params, old_states, seed_states(model))
+  new = optim.reset_children(nnx.as_pure(optimizer.opt_state), params, mask)
+  # Write the values back Variable by Variable (the optimizer state's own structure).
+  is_var = lambda x: isinstance(x, nnx.Variable)
+  variables, treedef = jax.tree.flatten(optimizer.opt_state, is_leaf=is_var)
+  for var, value in zip(variables, treedef.flatten_up_to(new)):
+    if is_var(var):
+      var.set_value(value)
+
+
+def commit_seed_states(model: nnx.Module, new_states: dict[tuple, lifecycle.SeedState], *,
+                       key: jax.Array | None = None,
+                       optimizer: nnx.Optimizer | None = None) -> dict[tuple, jax.Array]:
+  """End of epoch, after `lifecycle.apply_commands`: install `new_states`, give germinated
+  seeds fresh children and zero the children of culled / cancelled / rolled-back / dormant
+  ones (`layer.reinit_children`), and reset those children's optimizer state.
+
+  `key`: germination key (split per layer); without it each layer draws from its own
+  `germinate` stream (the layer needs `rngs` then). Returns `{layer path: (K,) changed}`.
+  """
+  layers = find_layers(model)
+  _check_states(layers, new_states)
+  old_states = seed_states(model)
+  paths = sorted(layers, key=str)
+  keys = dict(zip(paths, jax.random.split(key, len(paths)))) if key is not None else {}
+  changed = {}
+  for p in paths:
+    layer = layers[p]
+    old_stage = old_states[p].stage
+    if key is not None:
+      k = keys[p]
+    elif layer.rngs is not None:
+      k = layer.rngs.germinate()
+    else:
+      raise ValueError(f"key: the layer at {p} has no rngs of its own; pass key=")
+    layer.children.set(layer_lib.reinit_children(
+        layer.spec, layer.children.get(), old_stage, new_states[p], k))
+    layer.seeds.set_value(new_states[p])
+    changed[p] = layer_lib.changed_children(old_stage, new_states[p].stage)
+  if optimizer is not None:
+    reset_optimizer_children(optimizer, model, old_states)
+  return changed
+
+
+def kasmina_optimizer(model: nnx.Module, inner: optax.GradientTransformation, *,
+                      max_grad_norm: float | None = None, wrt: Any = nnx.Param) -> nnx.Optimizer:
+  """`nnx.Optimizer(model, optim.kasmina_optimizer(inner, ...), wrt=wrt)`; update it with
+  `optimizer.update(model, grads, learn_mask=learning_mask(model))`."""
+  return nnx.Optimizer(model, optim.kasmina_optimizer(inner, max_grad_norm=max_grad_norm),
+                       wrt=wrt)

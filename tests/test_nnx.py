@@ -1,0 +1,402 @@
+"""The Flax NNX layers: same function as the Linen layers, jitted training with nnx.Optimizer,
+gradient isolation, vmap, parallel-wired seeds and the end-of-epoch helpers."""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from kasmina_jax import blueprints as bp
+from kasmina_jax import layer as layer_lib
+from kasmina_jax import lifecycle
+from kasmina_jax import nn as knn
+from kasmina_jax import nnx as knx
+from kasmina_jax import optim
+from kasmina_jax.lifecycle import Stage
+
+IN, FEATURES, K, OUT = 6, 12, 4, 3
+BLUEPRINTS = bp.default_blueprints(parallel_hidden=4)
+PARALLEL = BLUEPRINTS.index(next(b for b in BLUEPRINTS if b.wiring == "parallel"))
+# Per seed: a residual MLP, a replacement bottleneck, a parallel-wired MLP, a GLU MLP.
+MIXED_BLUEPRINTS = np.array([0, 4, PARALLEL, 2], np.int32)
+ROWS = 16
+
+
+def seeds_in(stage, blueprint=MIXED_BLUEPRINTS, alpha=0.5):
+  stage = jnp.broadcast_to(jnp.asarray(stage, jnp.int32), (K,))
+  full_on = (stage >= Stage.STABILIZATION) & (stage <= Stage.FOSSILIZED)
+  return lifecycle.init_seed_state(K).replace(
+      stage=stage, blueprint=jnp.asarray(blueprint, jnp.int32),
+      strategy=jnp.zeros((K,), jnp.int32),
+      alpha=jnp.where(stage == Stage.GRAFTING, alpha, full_on.astype(jnp.float32)))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def live_children(spec, blueprint, key, noise=0.2):
+  """Germinated children, perturbed so that every child computes something non-trivial."""
+  children = layer_lib.germinate_children(spec, layer_lib.init_children(spec),
+                                          jnp.ones((K,), bool), jnp.asarray(blueprint), key)
+  leaves, treedef = jax.tree.flatten(children)
+  keys = jax.random.split(jax.random.fold_in(key, 1), len(leaves))
+  return jax.tree.unflatten(
+      treedef, [x + noise * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+
+
+class NnxNet(nnx.Module):
+  def __init__(self, rngs, with_kasmina=True):
+    self.pre = nnx.Linear(IN, IN, rngs=rngs)
+    if with_kasmina:
+      self.dense = knx.KasminaDense(IN, FEATURES, K, blueprints=BLUEPRINTS, rngs=rngs)
+    else:
+      self.dense = nnx.Linear(IN, FEATURES, rngs=rngs)
+    self.out = nnx.Linear(FEATURES, OUT, rngs=rngs)
+
+  def __call__(self, x):
+    return self.out(jax.nn.relu(self.dense(jax.nn.relu(self.pre(x)))))
+
+
+def make_dense(stage, key=0, alpha=0.5):
+  """An NNX KasminaDense with live children and every seed in `stage`."""
+  dense = knx.KasminaDense(IN, FEATURES, K, blueprints=BLUEPRINTS, rngs=nnx.Rngs(key))
+  dense.kasmina.children.set(live_children(dense.kasmina.spec, MIXED_BLUEPRINTS,
+                                           jax.random.key(key + 1)))
+  dense.kasmina.seeds.set_value(seeds_in(stage, alpha=alpha))
+  return dense
+
+
+def linen_variables(dense):
+  """The Linen KasminaDense variables holding exactly the NNX layer's parameters and state."""
+  k = dense.kasmina
+  return {
+      "params": {"host": {"kernel": dense.host.kernel.get_value(),
+                          "bias": dense.host.bias.get_value()},
+                 "kasmina": {"children": k.children.get()}},
+      knn.KASMINA: {"kasmina": {"state": knn.KasminaVars(
+          seeds=k.seeds.get_value(), telemetry=k.telemetry.get_value(), spec=k.spec)}},
+  }
+
+
+LINEN_DENSE = knn.KasminaDense(features=FEATURES, num_seeds=K, blueprints=BLUEPRINTS)
+
+
+@jax.jit
+def linen_forward(variables, u, ct, eval_alpha):
+  """Training pass (telemetry, summary, grads of <out, ct>) and an evaluation pass."""
+  def f(params):
+    out, mut = LINEN_DENSE.apply({**variables, "params": params}, u,
+                                 mutable=[knn.KASMINA, knn.KASMINA_AUX])
+    return jnp.sum(out * ct), (out, mut)
+  grads, (out, mut) = jax.grad(f, has_aux=True)(variables["params"])
+  evaluated = LINEN_DENSE.apply(
+      {**variables, knn.KASMINA_EVAL: {"kasmina": {"eval_alpha": eval_alpha}}}, u)
+  return out, mut, grads, evaluated
+
+
+@nnx.jit
+def nnx_forward(dense, u, ct, eval_alpha):
+  def f(d):
+    out = d(u)
+    return jnp.sum(out * ct), out
+  grads, out = nnx.grad(f, has_aux=True)(dense)
+  return out, grads, dense(u, eval_alpha=eval_alpha)
+
+
+def pure_dict(state):
+  return nnx.as_pure(state).to_pure_dict()
+
+
+def data(key=0, rows=ROWS):
+  k1, k2, k3 = jax.random.split(jax.random.key(key), 3)
+  return (jax.random.normal(k1, (rows, IN)), jax.random.normal(k2, (rows, FEATURES)),
+          jax.random.normal(k3, (rows, OUT)))
+
+
+# --------------------------------------------------------------- same function as Linen
+
+
+STAGE_CASES = {s.name: s for s in Stage}
+
+
+@pytest.mark.parametrize("stage", list(STAGE_CASES) + ["mixed"])
+def test_nnx_layer_equals_linen_layer(stage):
+  stage = (np.array([Stage.TRAINING, Stage.GRAFTING, Stage.FINE_TUNING, Stage.FOSSILIZED])
+           if stage == "mixed" else STAGE_CASES[stage])
+  dense = make_dense(stage)
+  variables = linen_variables(dense)
+  u, ct, _ = data()
+  eval_alpha = jnp.array([0.0, 0.3, 1.0, 0.7])
+  out_l, mut_l, grads_l, eval_l = linen_forward(variables, u, ct, eval_alpha)
+  out_n, grads_n, eval_n = nnx_forward(dense, u, ct, eval_alpha)
+  chex.assert_trees_all_close(out_n, out_l, rtol=1e-6, atol=1e-6)
+  chex.assert_trees_all_close(eval_n, eval_l, rtol=1e-6, atol=1e-6)
+  # Telemetry and the step summary of the training pass.
+  chex.assert_trees_all_close(dense.kasmina.telemetry.get_value(),
+                              mut_l[knn.KASMINA]["kasmina"]["state"].telemetry, rtol=1e-5,
+                              atol=1e-5)
+  chex.assert_trees_all_close(dense.kasmina.last_step.get_value(),
+                              mut_l[knn.KASMINA_AUX]["kasmina"]["step"], rtol=1e-5, atol=1e-6)
+  # Gradients of every parameter.
+  children_l = grads_l["kasmina"]["children"]
+  chex.assert_trees_all_close(pure_dict(grads_n["kasmina"]["children"]),
+                              {k: getattr(children_l, k) for k in pure_dict(grads_n["kasmina"]["children"])},
+                              rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(pure_dict(grads_n["host"]), grads_l["host"], rtol=1e-5, atol=1e-6)
+  # The seed state is untouched by a forward pass; the evaluation pass took no telemetry.
+  chex.assert_trees_all_equal(dense.kasmina.seeds.get_value(), variables[knn.KASMINA]["kasmina"]["state"].seeds)
+  assert float(dense.kasmina.telemetry.get_value().count) == ROWS
+
+
+def test_grafting_blends_at_alpha_and_eval_alpha_reproduces_it():
+  dense = make_dense(Stage.GRAFTING, alpha=0.5)
+  u, _, _ = data()
+  host = dense.host(u)
+  full = dense(u, eval_alpha=1.0)
+  out = dense(u)
+  np.testing.assert_allclose(out, host + 0.5 * (full - host), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dense(u, eval_alpha=0.0), host, rtol=0, atol=0)
+  np.testing.assert_allclose(dense(u, eval_alpha=knn.current_eval_alpha(
+      dense.kasmina.seeds.get_value())), out, rtol=1e-6, atol=1e-6)
+
+
+# -------------------------------------------------------- jitted training with nnx.Optimizer
+
+
+def linen_train_step(tx):
+  model = knn.KasminaDense(features=FEATURES, num_seeds=K, blueprints=BLUEPRINTS)
+
+  @jax.jit
+  def step(params, kasmina, opt_state, u, y):
+    def loss_fn(p):
+      out, mut = model.apply({"params": p, knn.KASMINA: kasmina}, u,
+                             mutable=[knn.KASMINA, knn.KASMINA_AUX])
+      child = mut[knn.KASMINA_AUX]["kasmina"]["step"].child_loss
+      return jnp.mean((out - y) ** 2) + child, mut[knn.KASMINA]
+    (loss, new_kas), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params,
+                                   learn_mask=optim.learning_mask(params, kasmina))
+    return optax.apply_updates(params, updates), new_kas, opt_state, loss
+
+  return step
+
+
+def train_step(model, optimizer, u, y):
+  def loss_fn(m):
+    return jnp.mean((m(u) - y) ** 2) + knx.child_loss(m)
+  loss, grads = nnx.value_and_grad(loss_fn)(model)
+  optimizer.update(model, grads, learn_mask=knx.learning_mask(model))
+  return loss
+
+
+nnx_train_step = nnx.jit(train_step)
+
+
+def test_nnx_train_step_matches_linen_and_accumulates_telemetry():
+  stage = np.array([Stage.TRAINING, Stage.GRAFTING, Stage.FINE_TUNING, Stage.EVALUATING])
+  dense = make_dense(stage)
+  variables = linen_variables(dense)
+  frozen_before = np.asarray(dense.kasmina.children.w1u.get_value()[3])
+  optimizer = knx.kasmina_optimizer(dense, optax.adam(1e-2), max_grad_norm=1.0)
+  tx = optim.kasmina_optimizer(optax.adam(1e-2), max_grad_norm=1.0)
+  step = linen_train_step(tx)
+  params, kas = variables["params"], variables[knn.KASMINA]
+  opt_state = tx.init(params)
+  u, _, _ = data(1)
+  y = jax.random.normal(jax.random.key(9), (ROWS, FEATURES))
+  for i in range(3):
+    loss_n = nnx_train_step(dense, optimizer, u, y)
+    params, kas, opt_state, loss_l = step(params, kas, opt_state, u, y)
+    np.testing.assert_allclose(loss_n, loss_l, rtol=1e-5)
+    assert float(dense.kasmina.telemetry.get_value().count) == ROWS * (i + 1)
+  chex.assert_trees_all_close(dense.host.kernel.get_value(), params["host"]["kernel"], rtol=1e-4,
+                              atol=1e-6)
+  chex.assert_trees_all_close(dense.kasmina.children.get(), params["kasmina"]["children"],
+                              rtol=1e-4, atol=1e-6)
+  chex.assert_trees_all_close(dense.kasmina.telemetry.get_value(),
+                              kas["kasmina"]["state"].telemetry, rtol=1e-4, atol=1e-5)
+  # The EVALUATING child (seed 3) is frozen; the others learnt.
+  np.testing.assert_array_equal(dense.kasmina.children.w1u.get_value()[3], frozen_before)
+  assert int(optimizer.step.get_value()) == 3
+
+
+def test_training_seeds_leave_host_gradients_equal_to_host_only_model():
+  model = NnxNet(nnx.Rngs(0))
+  host_only = NnxNet(nnx.Rngs(0), with_kasmina=False)
+  # Same host weights in both.
+  host_only.dense.kernel.set_value(model.dense.host.kernel.get_value())
+  host_only.dense.bias.set_value(model.dense.host.bias.get_value())
+  for name in ("pre", "out"):
+    for p in ("kernel", "bias"):
+      getattr(getattr(host_only, name), p).set_value(getattr(getattr(model, name), p).get_value())
+  layer = model.dense.kasmina
+  layer.children.set(live_children(layer.spec, MIXED_BLUEPRINTS, jax.random.key(3), noise=0.5))
+  layer.seeds.set_value(seeds_in(Stage.TRAINING))
+  x, _, y = data(2)
+
+  @nnx.jit
+  def grads_of(m):
+    return nnx.grad(lambda m: jnp.mean((m(x) - y) ** 2))(m)
+
+  g, g_host = grads_of(model), grads_of(host_only)
+  # The children do learn (through the straight-through estimator) ...
+  assert float(jnp.abs(g["dense"]["kasmina"]["children"]["w1u"].get_value()[2]).sum()) > 0
+  # ... and nothing of it reaches the host (up to the rounding of XLA's differently fused
+  # row sums: a leak would be of the children's size, ~1e-2 here).
+  close = functools.partial(chex.assert_trees_all_close, rtol=1e-6, atol=1e-9)
+  for name in ("pre", "out"):
+    close(pure_dict(g[name]), pure_dict(g_host[name]))
+  close(pure_dict(g["dense"]["host"]), pure_dict(g_host["dense"]))
+  np.testing.assert_array_equal(model(x), host_only(x))
+
+
+# ------------------------------------------------------------------------------------ vmap
+
+
+def test_vmap_over_a_batch_in_eval_mode():
+  dense = make_dense(np.array([Stage.TRAINING, Stage.GRAFTING, Stage.FINE_TUNING,
+                               Stage.FOSSILIZED]))
+  u, _, _ = data(3)
+  dense.eval()
+  assert dense.kasmina.deterministic
+  batched = dense(u)
+  per_row = nnx.vmap(lambda m, x: m(x), in_axes=(None, 0))(dense, u)
+  np.testing.assert_allclose(per_row, batched, rtol=1e-6, atol=1e-6)
+  per_row_eval = nnx.vmap(lambda m, x: m(x, eval_alpha=1.0), in_axes=(None, 0))(dense, u)
+  np.testing.assert_allclose(per_row_eval, dense(u, eval_alpha=1.0), rtol=1e-6, atol=1e-6)
+  graphdef, state = nnx.split(dense)
+  pure = jax.jit(jax.vmap(lambda x: nnx.merge(graphdef, state)(x)))(u)
+  np.testing.assert_allclose(pure, batched, rtol=1e-6, atol=1e-6)
+  # Evaluation mode takes no telemetry.
+  assert float(dense.kasmina.telemetry.get_value().count) == 0
+  dense.train()
+  assert not dense.kasmina.deterministic
+
+
+def test_ensemble_train_step_under_nnx_vmap():
+  """Independent members (their own params, seeds, telemetry, optimizer state) trained in
+  one jitted `nnx.vmap`ped step equal the members trained one by one."""
+  members = 2
+  stage = np.array([Stage.TRAINING, Stage.GRAFTING, Stage.FINE_TUNING, Stage.FOSSILIZED])
+
+  def build(i):
+    m = NnxNet(nnx.Rngs(i))
+    layer = m.dense.kasmina
+    layer.children.set(live_children(layer.spec, MIXED_BLUEPRINTS, jax.random.key(i)))
+    layer.seeds.set_value(seeds_in(stage))
+    return m, knx.kasmina_optimizer(m, optax.adam(1e-2), max_grad_norm=1.0)
+
+  # Stack the members' states along a leading axis.
+  graphdefs, states = zip(*[nnx.split(build(i)) for i in range(members)])
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+  models, optimizers = nnx.merge(graphdefs[0], stacked)
+  x = jax.random.normal(jax.random.key(5), (members, ROWS, IN))
+  y = jax.random.normal(jax.random.key(6), (members, ROWS, OUT))
+  vstep = nnx.jit(nnx.vmap(train_step, in_axes=(0, 0, 0, 0)))
+  for _ in range(2):
+    losses = vstep(models, optimizers, x, y)
+  assert losses.shape == (members,)
+  compared = nnx.Any(nnx.Param, knx.SeedVar, knx.TelemetryVar, nnx.optimizer.OptState)
+  for i in range(members):
+    single, opt = build(i)
+    for _ in range(2):
+      loss = nnx_train_step(single, opt, x[i], y[i])
+    np.testing.assert_allclose(losses[i], loss, rtol=1e-5)
+    member = jax.tree.map(lambda a: a[i], pure_dict(nnx.state((models, optimizers), compared)))
+    chex.assert_trees_all_close(member, pure_dict(nnx.state((single, opt), compared)),
+                                rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------- parallel wiring and end of epoch
+
+
+def test_parallel_wired_lifecycle_through_nnx_helpers():
+  model = NnxNet(nnx.Rngs(0))
+  optimizer = knx.kasmina_optimizer(model, optax.adam(1e-2))
+  layers = knx.find_layers(model)
+  assert list(layers) == [("dense", "kasmina")]
+  path = ("dense", "kasmina")
+  x, _, y = data(4)
+  before = model(x)
+  # Germinate two parallel-wired seeds: the function is preserved bit for bit.
+  seeds, accepted = lifecycle.request_germination(
+      knx.seed_states(model)[path], [0, 2], PARALLEL, 0, num_blueprints=len(BLUEPRINTS),
+      num_strategies=4)
+  np.testing.assert_array_equal(accepted, [True, False, True, False])
+  changed = knx.commit_seed_states(model, {path: seeds}, optimizer=optimizer)
+  np.testing.assert_array_equal(changed[path], [True, False, True, False])
+  w1u = model.dense.kasmina.children.w1u.get_value()
+  assert np.all(np.abs(np.asarray(w1u)[[0, 2]]).sum(axis=(1, 2)) > 0)
+  assert np.all(np.asarray(w1u)[[1, 3]] == 0)
+  np.testing.assert_array_equal(model(x), before)
+  # GERMINATED -> TRAINING; train: the output stays the host's, the children learn.
+  seeds = lifecycle.update_readiness(knx.seed_states(model)[path])
+  seeds, accepted = lifecycle.apply_commands(
+      seeds, lifecycle.make_commands(K, op=np.where(np.arange(K) % 2 == 0, lifecycle.Op.ADVANCE,
+                                                    lifecycle.Op.NONE)),
+      num_blueprints=len(BLUEPRINTS), num_strategies=4)
+  np.testing.assert_array_equal(seeds.stage, [Stage.TRAINING, 0, Stage.TRAINING, 0])
+  knx.commit_seed_states(model, {path: seeds}, optimizer=optimizer)
+  knx.reset_telemetry(model)  # the passes above were training passes too
+  for _ in range(3):
+    loss = nnx_train_step(model, optimizer, x, y)
+  assert np.isfinite(float(loss))
+  assert float(knx.child_loss(model)) > 0
+  assert float(model.dense.kasmina.telemetry.get_value().count) == 3 * ROWS
+  w2 = np.asarray(model.dense.kasmina.children.w2.get_value())
+  assert np.all(np.abs(w2[[0, 2]]).sum(axis=(1, 2)) > 0)
+  host_out = model.out(jax.nn.relu(model.dense.host(jax.nn.relu(model.pre(x)))))
+  np.testing.assert_allclose(model(x), host_out, rtol=1e-6, atol=1e-6)
+  mu = nnx.as_pure(optimizer.opt_state)[0].inner_state[0].mu["dense"]["kasmina"]["children"]
+  assert np.all(np.abs(np.asarray(mu["w2"])[[0, 2]]).sum(axis=(1, 2)) > 0)
+  reports = knx.health_reports(model)
+  assert reports[path].param_count[0] > 0 and reports[path].param_count[1] == 0
+  # GRAFTING at alpha = 0.5: host + alpha * child on the seed's chunk.
+  seeds = training_seeds = knx.seed_states(model)[path]
+  knx.set_seed_states(model, {path: seeds.replace(
+      stage=jnp.where(seeds.stage == Stage.TRAINING, Stage.GRAFTING, seeds.stage),
+      alpha=jnp.where(seeds.stage == Stage.TRAINING, 0.5, 0.0))})
+  layer = model.dense.kasmina
+  h = model.dense.host(jax.nn.relu(model.pre(x)))
+  np.testing.assert_allclose(layer(h, u=jax.nn.relu(model.pre(x))),
+                             h + 0.5 * (layer(h, u=jax.nn.relu(model.pre(x)), eval_alpha=1.0) - h),
+                             rtol=1e-5, atol=1e-5)
+  # Cull seed 0: its child is zeroed and its optimizer state reset; seed 2 keeps both.
+  knx.set_seed_states(model, {path: training_seeds})
+  seeds, accepted = lifecycle.apply_commands(
+      training_seeds, lifecycle.make_commands(K, op=np.array([lifecycle.Op.CULL, 0, 0, 0])),
+      num_blueprints=len(BLUEPRINTS), num_strategies=4)
+  np.testing.assert_array_equal(accepted, [True, False, False, False])
+  knx.commit_seed_states(model, {path: seeds}, optimizer=optimizer, key=jax.random.key(1))
+  assert np.all(np.asarray(model.dense.kasmina.children.w1u.get_value()[0]) == 0)
+  mu2 = nnx.as_pure(optimizer.opt_state)[0].inner_state[0].mu["dense"]["kasmina"]["children"]
+  for name in knx._FIELDS:
+    assert np.all(np.asarray(mu2[name][0]) == 0)
+    np.testing.assert_array_equal(mu2[name][2], mu[name][2])
+  knx.reset_telemetry(model)
+  assert float(model.dense.kasmina.telemetry.get_value().count) == 0
+
+
+def test_helpers_validate_their_arguments():
+  model = NnxNet(nnx.Rngs(0))
+  path = ("dense", "kasmina")
+  with pytest.raises(ValueError, match="one SeedState per Kasmina layer"):
+    knx.set_seed_states(model, {("nope",): lifecycle.init_seed_state(K)})
+  with pytest.raises(ValueError, match="do not match"):
+    knx.set_seed_states(model, {path: lifecycle.init_seed_state(K + 1)})
+  with pytest.raises(TypeError, match="SeedState"):
+    knx.set_seed_states(model, {path: "dormant"})
+  layer = knx.KasminaLayer(8, 2)
+  with pytest.raises(ValueError, match="key"):
+    knx.commit_seed_states(layer, {(): lifecycle.init_seed_state(2)})
+  with pytest.raises(ValueError, match="input_dim"):
+    knx.KasminaLayer(8, 2, blueprints=BLUEPRINTS)
+  with pytest.raises(ValueError, match="num_seeds"):
+    knx.KasminaLayer(4, 8)
+  with pytest.raises(ValueError, match="impl"):
+    knx.KasminaLayer(8, 2, impl="cuda")
+  with pytest.raises(ValueError, match="x: expected shape"):
+    layer(jnp.ones((3, 7)))
