@@ -19,7 +19,14 @@ from kasmina_jax import optim
 from kasmina_jax import tamiyo
 from kasmina_jax import telemetry
 from kasmina_jax.blueprints import Blueprint, ChildParams, default_blueprints
-from kasmina_jax.grafting import GraftingConfig, GraftingStrategy, GraftSignals, grafting_step
+from kasmina_jax.grafting import (
+    DEFAULT_STRATEGIES,
+    STRATEGY_NAMES,
+    GraftingConfig,
+    GraftingStrategy,
+    GraftSignals,
+    grafting_step,
+)
 from kasmina_jax.layer import KasminaSpec, StepAux, forward, health_report
 from kasmina_jax.lifecycle import (
     LEGAL_TRANSITIONS,
@@ -34,6 +41,8 @@ from kasmina_jax.lifecycle import (
     make_commands,
     no_commands,
     request_germination,
+    tick_epoch,
+    tick_step,
     update_readiness,
 )
 from kasmina_jax.nn import KasminaDense, KasminaLayer
@@ -43,6 +52,7 @@ from kasmina_jax.telemetry import HealthReport
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEFAULT_STRATEGIES", "STRATEGY_NAMES", "tick_epoch", "tick_step",
     "Blueprint", "ChildParams", "Commands", "EpochReport", "GraftSignals", "GraftingConfig",
     "GraftingStrategy", "HealthReport", "KasminaDense", "KasminaLayer", "KasminaSpec",
     "LEGAL_TRANSITIONS", "LifecycleConfig", "Op", "SeedState", "SelectionStrategy", "Stage",

@@ -357,7 +357,8 @@ def apply_commands(state: SeedState, commands: Commands,
 
   A command is accepted iff its transition is in `LEGAL_TRANSITIONS` and its gate passed:
   GERMINATE needs DORMANT, no embargo and known blueprint / strategy ids; ADVANCE to the
-  success-path stage needs `ready`; CANCEL, CULL and ROLLBACK need only legality. Rejected
+  success-path stage needs `ready`; CANCEL, CULL and ROLLBACK need only legality (as does
+  ADVANCE with an explicit `target` off the success path, e.g. TRAINING -> CULLED). Rejected
   seeds are returned bit-for-bit unchanged. `epoch` (optional) is recorded at germination.
   """
   _check_state(state)
