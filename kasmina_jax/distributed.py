@@ -1,0 +1,354 @@
+"""Data-parallel training over a device mesh, with JAX's own distribution (`jax.sharding`).
+
+The batch is sharded along one mesh axis (`"data"`); everything in the `TrainState` (params,
+optimizer state, seed states, telemetry accumulators, controller state) is replicated. The
+step and epoch functions are `training.train_step` / `training.epoch_transition` themselves,
+compiled with `jax.jit` under those shardings (GSPMD):
+
+- The program is the single-device program; only its placement changes. Every sum over rows
+  (the loss mean, the gradients, the telemetry accumulators `count`/`sum`/`sumsq`/`dead`/
+  `gram`) is a sum over the *global* batch, which XLA splits into per-device partial sums and
+  an all-reduce. So every device holds the same telemetry and the same health report, up to
+  the order of floating-point additions.
+- Row-indexed choices are global too: the correlation subsample is the first `corr_rows` rows
+  of the step's global batch and the telemetry shift is its first row, exactly as on one
+  device (XLA moves those rows where they are needed).
+- Tamiyo (`policy`) runs inside the jitted epoch transition on the replicated report, so its
+  commands are replicated values: every device takes the same decision by construction, and
+  there is no per-device Python logic that could diverge or wait on another device. The
+  Python shell (`end_of_epoch`'s rollback test) reads one replicated scalar, the same on every
+  host.
+
+Usage on one host with several GPUs::
+
+    from kasmina_jax import distributed
+    state, history = distributed.fit(state, train, val, training.cross_entropy_loss,
+                                     epochs=30, batch_size=1024)  # every visible device
+
+or step by step::
+
+    state, dp = distributed.data_parallel(state)  # mesh over jax.devices(), axis "data"
+    state, metrics = dp.train_step(state, batch, loss_fn)   # batch: global rows (numpy ok)
+    state, out, rolled_back = dp.end_of_epoch(state, val_batch, loss_fn)
+
+Several hosts (documented, not tested here): call `jax.distributed.initialize()` (arguments
+or the cluster's environment) in every process before any other JAX call, build the same
+program in every process, and pass each process's *own* rows (`process_local=True` in
+`shard_batch`; `fit` does this itself, each process taking its block of every global batch
+so that the data order is that of one device). The global batch size must be divisible by
+the number of devices on the data axis.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from kasmina_jax import _checks
+from kasmina_jax import lifecycle
+from kasmina_jax import nn as knn
+from kasmina_jax import tamiyo
+from kasmina_jax import training
+
+DATA_AXIS = "data"
+
+
+# ------------------------------------------------------------------------------ placement
+
+
+def data_mesh(devices=None, axis: str = DATA_AXIS) -> Mesh:
+  """A one-axis mesh over `devices` (default: every device, `jax.devices()`)."""
+  if not isinstance(axis, str) or not axis:
+    raise TypeError(f"axis: expected a non-empty str, got {axis!r}")
+  devices = list(jax.devices() if devices is None else devices)
+  if not devices:
+    raise ValueError("devices: expected at least one device, got none")
+  return Mesh(np.array(devices, dtype=object), (axis,))
+
+
+def _check_mesh(mesh: Mesh, axis: str) -> None:
+  if not isinstance(mesh, Mesh):
+    raise TypeError(f"mesh: expected a jax.sharding.Mesh, got {type(mesh).__name__}")
+  if axis not in mesh.axis_names:
+    raise ValueError(f"axis: {axis!r} is not an axis of the mesh {tuple(mesh.axis_names)}")
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  """Every device holds the whole value."""
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharding(mesh: Mesh, axis: str = DATA_AXIS) -> NamedSharding:
+  """The leading (row) axis split along `axis`; other mesh axes hold copies."""
+  return NamedSharding(mesh, PartitionSpec(axis))
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+  """`tree` (e.g. a `TrainState`) placed on every device of `mesh`."""
+  return jax.device_put(tree, replicated(mesh))
+
+
+def shard_batch(batch: dict, mesh: Mesh, axis: str = DATA_AXIS, *,
+                process_local: bool = False) -> dict:
+  """Places a batch with its rows split along `axis`.
+
+  `batch` holds the global rows (numpy or JAX arrays), or with `process_local=True` (several
+  hosts) only this process's rows, in process order; the global row count must be divisible
+  by the size of `axis`.
+  """
+  _check_mesh(mesh, axis)
+  if not isinstance(batch, dict) or not batch:
+    raise TypeError(f"batch: expected a non-empty dict of arrays, got {type(batch).__name__}")
+  sharding = batch_sharding(mesh, axis)
+  ways = mesh.shape[axis]
+  scale = jax.process_count() if process_local else 1
+  rows = None
+  for key, value in batch.items():
+    shape = np.shape(value)
+    if not shape:
+      raise ValueError(f"batch[{key!r}]: expected an array with a row axis, got a scalar")
+    if rows is None:
+      rows = shape[0]
+    if shape[0] != rows:
+      raise ValueError(f"batch[{key!r}]: has {shape[0]} rows, expected {rows} like the others")
+  if (rows * scale) % ways:
+    raise ValueError(f"batch: {rows * scale} global rows are not divisible by the {ways} "
+                     f"devices of mesh axis {axis!r}")
+  if not process_local:
+    return jax.device_put(batch, sharding)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in batch.items()}
+
+
+def is_replicated(tree: Any) -> bool:
+  """Whether every array leaf of `tree` is fully replicated over its devices."""
+  return all(x.sharding.is_fully_replicated for x in jax.tree.leaves(tree)
+             if isinstance(x, jax.Array))
+
+
+def replicas_agree(tree: Any) -> bool:
+  """Whether every device's copy of every (replicated) array leaf is bitwise the same: the
+  check that no device diverged (reads the shards this process holds)."""
+  for x in jax.tree.leaves(tree):
+    if not isinstance(x, jax.Array):
+      continue
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      x = jax.random.key_data(x)
+    shards = [np.asarray(s.data) for s in x.addressable_shards]
+    # Bytes, not values: NaN == NaN here, and -0.0 != 0.0.
+    first = (shards[0].shape, shards[0].tobytes())
+    if any((s.shape, s.tobytes()) != first for s in shards[1:]):
+      return False
+  return True
+
+
+# ------------------------------------------------------------------------- compiled steps
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled(mesh: Mesh, axis: str):
+  rep = replicated(mesh)
+  data = batch_sharding(mesh, axis)
+
+  # The wrapped functions are the jitted single-device ones: nested `jit` inlines, and the
+  # shardings below make the batch split and every output replicated.
+  def step(state, batch, loss_fn):
+    return training.train_step(state, batch, loss_fn)
+
+  def transition(state, val_batch, loss_fn, policy):
+    return training.epoch_transition(state, val_batch, loss_fn, policy)
+
+  def rollback(state, ctrl):
+    return training.apply_rollback(state, ctrl)
+
+  return (
+      jax.jit(step, static_argnums=(2,), in_shardings=(rep, data),
+              out_shardings=rep),
+      # The validation batch is placed before the call (sharded when its rows divide over
+      # the data axis, else replicated), so its sharding is taken from the argument.
+      jax.jit(transition, static_argnums=(2, 3), out_shardings=rep),
+      jax.jit(rollback, in_shardings=(rep, rep), out_shardings=rep),
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class DataParallel:
+  """The data-parallel step functions over `mesh` (batch split along `axis`).
+
+  Every method takes and returns a `TrainState` replicated on `mesh` (see `data_parallel`);
+  batches are global rows (numpy or JAX arrays) and are placed by the method.
+  """
+
+  mesh: Mesh
+  axis: str = DATA_AXIS
+
+  def __post_init__(self):
+    _check_mesh(self.mesh, self.axis)
+
+  @property
+  def num_shards(self) -> int:
+    return self.mesh.shape[self.axis]
+
+  def place_state(self, state: training.TrainState) -> training.TrainState:
+    return replicate(state, self.mesh)
+
+  def shard_batch(self, batch: dict, *, process_local: bool = False) -> dict:
+    return shard_batch(batch, self.mesh, self.axis, process_local=process_local)
+
+  def place_val_batch(self, batch: dict, *, process_local: bool = False) -> dict:
+    """Sharded where the rows divide over the data axis, else a copy on every device."""
+    rows = len(next(iter(batch.values()))) * (jax.process_count() if process_local else 1)
+    if rows % self.num_shards == 0:
+      return self.shard_batch(batch, process_local=process_local)
+    if process_local and jax.process_count() > 1:
+      raise ValueError(f"val_batch: {rows} global rows are not divisible by the "
+                       f"{self.num_shards} devices of mesh axis {self.axis!r}")
+    return replicate(batch, self.mesh)
+
+  def train_step(self, state: training.TrainState, batch: dict,
+                 loss_fn: training.LossFn) -> tuple[training.TrainState, dict]:
+    """`training.train_step` with the batch split over the data axis."""
+    step, _, _ = _compiled(self.mesh, self.axis)
+    return step(state, self.shard_batch(batch), loss_fn)
+
+  def epoch_transition(self, state: training.TrainState, val_batch: dict,
+                       loss_fn: training.LossFn, policy: Callable = tamiyo.decide):
+    """`training.epoch_transition`; the report, commands and new state are replicated."""
+    _, transition, _ = _compiled(self.mesh, self.axis)
+    return transition(state, self.place_val_batch(val_batch), loss_fn, policy)
+
+  def end_of_epoch(self, state: training.TrainState, val_batch: dict,
+                   loss_fn: training.LossFn, *, policy: Callable = tamiyo.decide,
+                   last_good=None, log=None):
+    """`training.end_of_epoch` over the mesh: transition, emergency rollback, event log."""
+    new_state, out = self.epoch_transition(state, val_batch, loss_fn, policy)
+    # A replicated scalar: every process reads the same value and takes the same branch.
+    rolled_back = bool(out.rollback_requested)
+    fr_extra = None
+    if rolled_back:
+      base = (last_good.restore() if (last_good is not None and last_good.has_value)
+              else new_state)
+      base = base.replace(epoch=new_state.epoch, rng=new_state.rng, stats=new_state.stats)
+      _, _, rollback = _compiled(self.mesh, self.axis)
+      new_state, fr_extra = rollback(self.place_state(base), new_state.ctrl)
+    if last_good is not None and not rolled_back:
+      last_good.save(new_state)
+    if log is not None:
+      training.log_epoch(log, new_state, out, rolled_back, fr_extra)
+    return new_state, out, rolled_back
+
+  def fit(self, state: training.TrainState, train_data: dict, val_data: dict,
+          loss_fn: training.LossFn, **kwargs):
+    """See `fit`."""
+    return fit(state, train_data, val_data, loss_fn, mesh=self.mesh, axis=self.axis, **kwargs)
+
+
+def data_parallel(state: training.TrainState, mesh: Mesh | None = None,
+                  axis: str = DATA_AXIS) -> tuple[training.TrainState, DataParallel]:
+  """`(state replicated on mesh, DataParallel)`; `mesh` defaults to every device."""
+  if not isinstance(state, training.TrainState):
+    raise TypeError(f"state: expected a training.TrainState, got {type(state).__name__}")
+  mesh = data_mesh(axis=axis) if mesh is None else mesh
+  dp = DataParallel(mesh, axis)
+  return dp.place_state(state), dp
+
+
+# ------------------------------------------------------------------------------------ fit
+
+
+def _process_rows(rows: int, mesh: Mesh) -> slice:
+  """This process's block of a global batch of `rows` rows (all of it on one host)."""
+  count = jax.process_count()
+  if count == 1:
+    return slice(0, rows)
+  per = rows // count
+  index = jax.process_index()
+  del mesh  # the mesh is assumed to list devices in process order (`data_mesh` does)
+  return slice(index * per, (index + 1) * per)
+
+
+def fit(state: training.TrainState, train_data: dict, val_data: dict, loss_fn: training.LossFn,
+        *, epochs: int, batch_size: int, mesh: Mesh | None = None, axis: str = DATA_AXIS,
+        policy: Callable = tamiyo.decide, seed: int = 0, log_path: str | None = None,
+        progress: bool = True, rollback: bool = True, description: str = "fit"):
+  """`training.fit` over a device mesh: same arguments, same data order, same history.
+
+  `batch_size` is the global batch (rows per step over all devices); it must be divisible
+  by the number of devices on `axis`. On several hosts every process passes the whole data
+  and logs only from process 0.
+  """
+  _checks.positive_int("epochs", epochs)
+  _checks.positive_int("batch_size", batch_size)
+  n = len(train_data["x"])
+  if batch_size > n:
+    raise ValueError(f"batch_size: {batch_size} exceeds the {n} training rows")
+  mesh = data_mesh(axis=axis) if mesh is None else mesh
+  dp = DataParallel(mesh, axis)
+  if batch_size % dp.num_shards:
+    raise ValueError(f"batch_size: {batch_size} is not divisible by the {dp.num_shards} "
+                     f"devices of mesh axis {axis!r}")
+  state = dp.place_state(state)
+  from kasmina_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  last_good = ckpt_lib.InMemoryCheckpoint() if rollback else None
+  if last_good is not None:
+    last_good.save(state)
+  log = None
+  if log_path is not None and jax.process_index() == 0:
+    from kasmina_jax import events  # pylint: disable=g-import-not-at-top
+    log = events.EventLog(log_path, run={"description": description, "epochs": epochs,
+                                         "batch_size": batch_size, "seed": seed,
+                                         "devices": int(mesh.devices.size)})
+  steps_per_epoch = n // batch_size
+  bar = None
+  if progress and jax.process_index() == 0:
+    from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+    bar = tqdm(total=epochs * steps_per_epoch, desc=description, leave=False)
+  local = _process_rows(batch_size, mesh)
+  multi = jax.process_count() > 1
+  val_local = val_data
+  if multi:
+    val_local = {k: v[_process_rows(len(v), mesh)] for k, v in val_data.items()}
+  history = []
+  start = time.perf_counter()
+  try:
+    for _ in range(epochs):
+      # The same permutation as `training.fit`: the data order depends on (seed, epoch) only.
+      rng = np.random.default_rng([seed, int(state.epoch)])
+      for batch in training._batches(train_data, batch_size, rng):  # pylint: disable=protected-access
+        if multi:
+          batch = dp.shard_batch({k: v[local] for k, v in batch.items()}, process_local=True)
+        state, _ = dp.train_step(state, batch, loss_fn)
+        if bar is not None:
+          bar.update(1)
+      val = dp.place_val_batch(val_local, process_local=multi)
+      state, out, rolled_back = dp.end_of_epoch(state, val, loss_fn, policy=policy,
+                                                last_good=last_good, log=log)
+      counts = training.param_counts(state)
+      active = sum(int(np.sum(np.asarray(lifecycle.stage_in(v.seeds.stage,
+                                                            lifecycle.ACTIVE_STAGES))))
+                   for v in knn.find_layers(state.kasmina).values())
+      record = {
+          "epoch": int(out.report.epoch), "train_loss": float(out.train_loss),
+          "val_loss": float(out.val_loss),
+          **{f"val_{k}": float(v) for k, v in out.val_metrics.items()},
+          "params": counts["model"], "active_seeds": active, "rolled_back": rolled_back,
+          "stages": {k: [lifecycle.Stage(int(s)).name for s in np.asarray(v)]
+                     for k, v in out.new_stage.items()},
+          "time": time.perf_counter() - start,
+      }
+      history.append(record)
+      if bar is not None:
+        bar.set_postfix(loss=f"{record['train_loss']:.3f}",
+                        acc=f"{record.get('val_accuracy', float('nan')):.3f}", seeds=active)
+  finally:
+    if bar is not None:
+      bar.close()
+    if log is not None:
+      log.close()
+  return state, history
