@@ -186,14 +186,10 @@ def child_loss(model: nnx.Module) -> jax.Array:
 
 
 def health_reports(model: nnx.Module) -> dict[tuple, tel_lib.HealthReport]:
-  """End-of-epoch `HealthReport` of every Kasmina layer."""
-  out = {}
-  for p, layer in find_layers(model).items():
-    summary = layer.last_step.get_value()
-    out[p] = layer_lib.health_report(layer.spec, layer.telemetry.get_value(),
-                                     layer.seeds.get_value(), summary.objective,
-                                     summary.recon_ratio)
-  return out
+  """End-of-epoch `HealthReport` of every Kasmina layer (from its telemetry and seed state)."""
+  return {p: layer_lib.health_report(layer.spec, layer.telemetry.get_value(),
+                                     layer.seeds.get_value())
+          for p, layer in find_layers(model).items()}
 
 
 def reset_telemetry(model: nnx.Module) -> None:

@@ -45,6 +45,7 @@ import optax
 from kasmina_jax import _checks
 from kasmina_jax import layer as layer_lib
 from kasmina_jax import lifecycle
+from kasmina_jax import nn as nn_lib
 from kasmina_jax.blueprints import ChildParams
 
 
@@ -87,7 +88,6 @@ def find_children(params: Any) -> dict[tuple, Any]:
 def _seeds_by_layer(kasmina: Any, name: str) -> dict[tuple, lifecycle.SeedState]:
   """`{layer path: SeedState}` from a Linen `kasmina` collection or a ready-made mapping
   `{layer path: SeedState | KasminaVars}` (what the NNX helpers build)."""
-  from kasmina_jax import nn as nn_lib  # pylint: disable=g-import-not-at-top
 
   def seeds_of(v):
     if isinstance(v, nn_lib.KasminaVars):
@@ -228,6 +228,10 @@ def _effective_mask(updates: Any, learn_mask: Any) -> Any:
   def per_node(g, m):
     if _is_child(g):
       ok = _seed_finite(g)
+      if not _is_child(m):  # one flag (scalar or (K,)) for all of the layer's children
+        flag = m
+        m = jax.tree.map(
+            lambda gg: jnp.reshape(flag, jnp.shape(flag) + (1,) * (gg.ndim - jnp.ndim(flag))), g)
       return jax.tree.map(
           lambda mm, gg: jnp.asarray(mm, bool) & ok.reshape((-1,) + (1,) * (gg.ndim - 1)), m, g)
     return jnp.asarray(m, bool)
@@ -299,9 +303,10 @@ def reset_children(opt_state: Any, params: Any, reset_mask: Any) -> Any:
 
 
 def _sq_sum(x: jax.Array, axes=None) -> jax.Array:
+  """Sum of squares, accumulated in at least float32 (bf16 gradients included)."""
   x = jnp.asarray(x)
-  x = x.astype(jnp.float32) if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype.itemsize < 4 else x
-  return jnp.sum(jnp.real(x * jnp.conj(x)), axis=axes)
+  x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  return jnp.sum(jnp.square(x), axis=axes)
 
 
 def _child_norm(child: ChildParams) -> jax.Array:

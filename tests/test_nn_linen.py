@@ -154,7 +154,8 @@ def test_training_seeds_leave_the_host_trajectory_unchanged():
 
   @jax.jit
   def host_step(p, s, x, y):
-    loss, g = jax.value_and_grad(lambda p: jnp.mean((host_model.apply({"params": p}, x) - y) ** 2))(p)
+    loss_fn = lambda p: jnp.mean((host_model.apply({"params": p}, x) - y) ** 2)
+    loss, g = jax.value_and_grad(loss_fn)(p)
     u, s = host_tx.update(g, s, p)
     return optax.apply_updates(p, u), s, loss
 

@@ -147,6 +147,21 @@ def test_learning_mask_errors(variables):
     optim.kasmina_optimizer("adam")
 
 
+def test_learn_mask_may_give_one_flag_per_seed(variables):
+  """A hand-made mask may give the children one (K,) flag instead of one per leaf."""
+  params = variables["params"]
+  tx = kasmina_tx("adam", 1.0)
+  grads = random_like(params, jax.random.key(4))
+  kas = with_stages(variables["kasmina"], np.arange(K))
+  full = optim.learning_mask(params, kas)
+  flags = jax.tree.map(lambda x: x, full)
+  flags["hidden"] = dict(full["hidden"])
+  flags["hidden"]["kasmina"] = {"children": children_of(full).w1.reshape(K)}
+  u_full, _ = tx.update(grads, tx.init(params), params, learn_mask=full)
+  u_flags, _ = tx.update(grads, tx.init(params), params, learn_mask=flags)
+  chex.assert_trees_all_equal(u_full, u_flags)
+
+
 def test_reset_mask(variables):
   params = variables["params"]
   old = np.array([Stage.DORMANT, Stage.TRAINING, Stage.GRAFTING, Stage.CANCELLED,
@@ -201,7 +216,8 @@ def test_frozen_children_get_zero_updates_and_keep_their_moments(variables, name
     if s_new.reshape(K, -1).shape[1]:
       assert np.all(np.any((s_new != s_old).reshape(K, -1), axis=1)[learning]), path
   # The host learns throughout.
-  for h_new, h_old in zip(jax.tree.leaves(host_of(params)), jax.tree.leaves(host_of(frozen_params))):
+  for h_new, h_old in zip(jax.tree.leaves(host_of(params)),
+                          jax.tree.leaves(host_of(frozen_params))):
     assert np.any(np.asarray(h_new) != np.asarray(h_old))
 
 
