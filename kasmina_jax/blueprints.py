@@ -95,15 +95,15 @@ def default_blueprints(*, parallel_hidden: int | float | None = None) -> tuple[B
   """The default catalog: five chunk-wired children (+ a parallel one when asked).
 
   Hidden widths are fractions of the chunk width chosen so that the layer's allocation
-  (the widest child, GLU gate included) stays near 20% of a square host layer's parameters
+  (the widest child, GLU gate included) stays within 20% of a square host layer's parameters
   at 4 or more seeds.
   """
   catalog = [
-      Blueprint("residual_mlp", hidden=0.25, activation="relu"),
+      Blueprint("residual_mlp", hidden=0.2, activation="relu"),
       Blueprint("low_rank_adapter", hidden=0.125, activation="identity"),
       Blueprint("glu_mlp", hidden=0.125, activation="gelu", glu=True),
       Blueprint("chunk_scale", hidden=0, diagonal=True),
-      Blueprint("replacement_bottleneck", hidden=0.25, activation="identity", kind="replacement"),
+      Blueprint("replacement_bottleneck", hidden=0.2, activation="identity", kind="replacement"),
   ]
   if parallel_hidden is not None:
     catalog.append(Blueprint("parallel_mlp", hidden=parallel_hidden, activation="relu",

@@ -81,12 +81,12 @@ def test_default_catalog_has_the_five_kinds_of_child():
 
 @pytest.mark.parametrize("dim", [64, 256, 1024])
 @pytest.mark.parametrize("num_seeds", [4, 16, 64])
-def test_default_allocation_stays_near_a_fifth_of_a_square_host(dim, num_seeds):
+def test_default_allocation_stays_within_a_fifth_of_a_square_host(dim, num_seeds):
   spec = layer.KasminaSpec(dim=dim, num_seeds=num_seeds)
   shapes = jax.eval_shape(lambda: layer.init_children(spec))
   allocated = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(shapes))
   host = dim * dim + dim
-  assert allocated / host <= 0.25
+  assert allocated / host <= 0.20  # DESIGN.md: the default sizes stay within 20%
   # The widest child fits the layout.
   assert spec.catalog.param_count.max() * num_seeds <= allocated
 
