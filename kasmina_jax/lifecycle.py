@@ -153,7 +153,6 @@ class LifecycleConfig:
   fine_tuning_steps: int = 500
   fine_tuning_patience: int = 2
   embargo_epochs: int = 5
-  rollback_factor: float = 10.0
 
   def __post_init__(self):
     for name in ("min_training_steps", "max_training_steps", "stabilization_steps",
@@ -161,7 +160,6 @@ class LifecycleConfig:
       _checks.non_negative_int(name, getattr(self, name))
     _checks.finite_float("recon_tolerance", self.recon_tolerance, min_value=0.0)
     _checks.finite_float("improvement_margin", self.improvement_margin)
-    _checks.finite_float("rollback_factor", self.rollback_factor, min_value=1.0)
 
 
 @struct.dataclass

@@ -165,8 +165,7 @@ class TamiyoConfig:
     trend_window: epochs averaged for the drift and gradient-norm trends.
   Safety:
     rollback_factor: emergency rollback when the epoch's mean training loss is non-finite or
-      above this times the median of the last `rollback_window` epochs' (this knob is the one
-      used; `LifecycleConfig.rollback_factor`, same default, is not consulted).
+      above this times the median of the last `rollback_window` epochs'.
     rollback_window: epochs in that median.
     history: length of the loss / drift / gradient-norm ring buffers (>= both windows).
   Bandit rewards (`observe`):

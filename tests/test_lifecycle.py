@@ -702,7 +702,6 @@ def test_request_germination_under_jit_and_vmap():
     (lambda: LifecycleConfig(recon_tolerance=math.nan), ValueError, "recon_tolerance"),
     (lambda: LifecycleConfig(improvement_margin=math.inf), ValueError, "improvement_margin"),
     (lambda: LifecycleConfig(improvement_margin="0"), TypeError, "improvement_margin"),
-    (lambda: LifecycleConfig(rollback_factor=0.5), ValueError, "rollback_factor"),
 ])
 def test_constructor_argument_errors(fn, exc, name):
   with pytest.raises(exc, match=name):
