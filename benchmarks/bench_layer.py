@@ -82,6 +82,10 @@ def parse_args(argv=None):
   p.add_argument("--corr-rows", type=int, default=0, help="Gram-matrix rows a step (0: off)")
   p.add_argument("--compile-shapes", default="4096x64",
                  help="DxK list where torch.compile runs ('all' for every shape)")
+  p.add_argument("--compile-modes", default="fwd",
+                 help="modes where torch.compile runs (each compile takes tens of seconds)")
+  p.add_argument("--breakdown", action="store_true",
+                 help="print the per-kernel times of the JAX implementations (first cell)")
   p.add_argument("--loop-max-seeds", type=int, default=256,
                  help="skip the per-seed PyTorch loop above this many seeds (its Python "
                       "overhead alone makes one call take seconds)")
@@ -390,6 +394,7 @@ def main(argv=None):
       json.dump({"info": info, "records": records, "skipped": skipped}, fh, indent=1)
 
   copy_ms = {}  # (dim, dtype) -> ms of the copy (the ceiling)
+  shown = set()
   for dtype in dtypes:
     for dim in dims:
       nbytes = args.rows * dim * (4 if dtype == "f32" else 2)
@@ -464,6 +469,12 @@ def main(argv=None):
                   elif not args.no_validate:
                     rec["errors"] = {kk: rel_err(got[kk], ref[kk]) for kk in got}
                   ms = time_jax(fn, fargs, args.iterations, args.repeats)
+                  if args.breakdown and (impl, mode) not in shown:
+                    shown.add((impl, mode))
+                    from jax.experimental.mosaic.gpu import profiler  # pylint: disable=g-import-not-at-top
+                    _, per_kernel = profiler.measure(fn, aggregate=False)(*fargs)
+                    print(f"  kernels of {impl} {mode} {dtype} D={dim} K={k} act={frac}: "
+                          + "; ".join(f"{nm[:60]} {t:.4f}" for nm, t in per_kernel), flush=True)
                 else:
                   if not torch_ok:
                     raise RuntimeError("torch with CUDA not available")
@@ -472,9 +483,11 @@ def main(argv=None):
                   if impl == "torch_loop" and k > args.loop_max_seeds:
                     raise RuntimeError(f"per-seed loop skipped above {args.loop_max_seeds} "
                                        "seeds (--loop-max-seeds)")
-                  if impl == "torch_compile" and "all" not in compile_shapes and \
-                      f"{dim}x{s}" not in compile_shapes and f"{dim}x{k}" not in compile_shapes:
-                    raise RuntimeError("torch.compile only at --compile-shapes")
+                  if impl == "torch_compile" and (
+                      mode not in args.compile_modes.split(",") or (
+                          "all" not in compile_shapes and f"{dim}x{s}" not in compile_shapes
+                          and f"{dim}x{k}" not in compile_shapes)):
+                    raise RuntimeError("torch.compile only at --compile-shapes/--compile-modes")
                   ms, errs = run_torch_cell(prob, impl, mode, args, ref, print)
                   rec["errors"] = errs
                 rec.update(ms=ms, gbps=passes * nbytes / ms / 1e6,

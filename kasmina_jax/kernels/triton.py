@@ -91,10 +91,10 @@ def shape_class(spec) -> str:
 # Measured on an H100 (benchmarks/tune_triton.py; see benchmarks/RESULTS.md). Keys
 # (kind, class) or (kind, class, dtype name); the latter wins.
 _DEFAULT_CONFIGS = {
-    ("fwd", "node"): dict(BR=32, BN=64, TILES=4, num_warps=4, num_stages=2),
-    ("fwd", "small"): dict(BR=32, TILES=16, num_warps=2, num_stages=2),
-    ("fwd", "medium"): dict(BR=16, TILES=16, num_warps=4, num_stages=2),
-    ("fwd", "medium", "float32"): dict(BR=16, TILES=16, num_warps=4, num_stages=2, PREC="ieee"),
+    ("fwd", "node"): dict(BR=32, BN=32, TILES=8, num_warps=2, num_stages=2),
+    ("fwd", "small"): dict(BR=16, TILES=32, num_warps=2, num_stages=2),
+    ("fwd", "medium"): dict(BR=16, TILES=32, num_warps=4, num_stages=2),
+    ("fwd", "medium", "float32"): dict(BR=16, TILES=32, num_warps=4, num_stages=2, PREC="ieee"),
     ("bwd", "node"): dict(BR=8, BN=32, TILES=32, num_warps=4, num_stages=2),
     ("bwd", "node", "float32"): dict(BR=4, BN=64, TILES=64, num_warps=4, num_stages=2),
     ("bwd", "small"): dict(BR=64, TILES=32, num_warps=4, num_stages=2),
