@@ -1,0 +1,273 @@
+"""The fused kernels against the `jnp` reference (`layer.forward_reference`).
+
+On CPU the Pallas kernels run in interpret mode, where every output buffer starts as NaN
+(Pallas's interpreter fills uninitialised outputs with NaN; `test_interpreter_poisons_outputs`
+checks that premise): an element a kernel fails to write shows up as NaN, which no comparison
+below lets through. Inputs are fresh random draws; float32 is compared at 1e-5, bfloat16 at
+1e-2 (relative L2 error per leaf).
+"""
+
+from __future__ import annotations
+
+import chex
+import hypothesis
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental import pallas as pl
+
+from kasmina_jax import blueprints as bp
+from kasmina_jax import kernels
+from kasmina_jax import layer
+from kasmina_jax import lifecycle
+from kasmina_jax.kernels import common
+from kasmina_jax.kernels import pallas as kpallas
+from kasmina_jax.lifecycle import Stage
+
+NODE_BLUEPRINTS = (
+    bp.Blueprint("node_relu", hidden=3, activation="relu"),
+    bp.Blueprint("node_glu", hidden=2, activation="gelu", glu=True),
+    bp.Blueprint("node_scale", hidden=0, diagonal=True),
+    bp.Blueprint("node_tanh_repl", hidden=2, activation="tanh", kind="replacement"),
+    bp.Blueprint("node_parallel", hidden=2, activation="relu", wiring="parallel"),
+)
+
+# name: (dim, num_seeds, blueprints, input_dim, corr_rows)
+CONFIGS = {
+    "even": (16, 4, bp.default_blueprints(), None, 5),
+    "uneven_parallel": (18, 4, bp.default_blueprints(parallel_hidden=3), 5, 10),
+    "all_stages": (22, 11, bp.default_blueprints(), None, 5),
+    "per_node": (8, 8, NODE_BLUEPRINTS, 3, 10),
+    "uneven_node_tail": (6, 4, bp.default_blueprints(), None, 0),
+}
+
+
+def make_layer(name, key, *, dtype=jnp.float32, lead=(13,), stages=None):
+  dim, k, bps, din, corr = CONFIGS[name]
+  spec = layer.KasminaSpec(dim=dim, num_seeds=k, blueprints=bps, input_dim=din, corr_rows=corr)
+  ks = jax.random.split(key, 8)
+  if stages is None:
+    if k == len(Stage):
+      stages = jax.random.permutation(ks[0], jnp.arange(len(Stage), dtype=jnp.int32))
+    else:
+      stages = jax.random.randint(ks[0], (k,), 0, len(Stage))
+  blueprint = jax.random.randint(ks[1], (k,), 0, len(bps))
+  seeds = lifecycle.init_seed_state(k).replace(
+      stage=jnp.asarray(stages, jnp.int32), blueprint=blueprint,
+      alpha=jax.random.uniform(ks[2], (k,)))
+  params = layer.germinate_children(spec, layer.init_children(spec), jnp.ones((k,), bool),
+                                    blueprint, ks[3])
+  # Non-trivial children (residual ones start at f = 0).
+  leaves, tree = jax.tree.flatten(params)
+  noise = jax.random.split(ks[4], len(leaves))
+  params = jax.tree.unflatten(tree, [p + 0.3 * jax.random.normal(n, p.shape)
+                                     for p, n in zip(leaves, noise)])
+  x = jax.random.normal(ks[5], lead + (dim,)).astype(dtype)
+  u = None
+  if din is not None:
+    u = jax.random.normal(ks[6], lead + (din,)).astype(dtype)
+  # A telemetry state already holding a shift, so the merge path with an old shift is covered.
+  tel = layer.init_telemetry(spec)
+  tel = tel.replace(shift=jax.random.normal(ks[7], tel.shift.shape) * jnp.asarray(spec.node_mask),
+                    has_shift=jnp.asarray(True))
+  return spec, params, seeds, x, u, tel
+
+
+def run(forward, spec, params, seeds, x, u, tel, eval_alpha=None):
+  """(out, aux, grads of a scalar loss w.r.t. (params, x, u)), under jit."""
+  weights = jnp.cos(jnp.arange(x.size, dtype=jnp.float32)).reshape(x.shape)
+
+  def loss(params, x, u):
+    out, aux = forward(spec, params, seeds, x, u=u,
+                       telemetry=None if eval_alpha is not None else tel, eval_alpha=eval_alpha)
+    return jnp.sum(out.astype(jnp.float32) * weights) + 0.7 * aux.child_loss, (out, aux)
+
+  f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+  (_, (out, aux)), grads = f(params, x, u)
+  return out, aux, grads
+
+
+def pallas_forward(spec, params, seeds, x, **kw):
+  return layer.forward(spec, params, seeds, x, impl="pallas", **kw)
+
+
+def assert_close(got, ref, tol, what=""):
+  got_leaves, ref_leaves = jax.tree.leaves(got), jax.tree.leaves(ref)
+  assert len(got_leaves) == len(ref_leaves), what
+  for i, (g, r) in enumerate(zip(got_leaves, ref_leaves)):
+    g, r = np.asarray(g), np.asarray(r)
+    assert g.shape == r.shape and g.dtype == r.dtype, (what, i, g.shape, r.shape, g.dtype, r.dtype)
+    if r.dtype == bool:
+      np.testing.assert_array_equal(g, r, err_msg=f"{what}[{i}]")
+      continue
+    g, r = g.astype(np.float64), r.astype(np.float64)
+    np.testing.assert_array_equal(np.isnan(g), np.isnan(r), err_msg=f"{what}[{i}]: NaN pattern")
+    fin = ~np.isnan(r)
+    err = np.linalg.norm((g - r)[fin])
+    scale = np.linalg.norm(r[fin])
+    assert err <= tol * max(scale, 1e-6), f"{what}[{i}]: rel err {err / max(scale, 1e-30):.2e}"
+
+
+def check_against_reference(spec, params, seeds, x, u, tel, *, tol, eval_alpha=None,
+                            forward=pallas_forward):
+  got = run(forward, spec, params, seeds, x, u, tel, eval_alpha)
+  ref = run(layer.forward_reference, spec, params, seeds, x, u, tel, eval_alpha)
+  assert not np.isnan(np.asarray(got[0], np.float32)).any(), "an output element was not written"
+  assert_close(got[0], ref[0], tol, "out")
+  for field in ("objective", "recon_ratio", "nonfinite", "child_loss"):
+    assert_close(getattr(got[1], field), getattr(ref[1], field), tol, field)
+  if eval_alpha is None:
+    assert_close(got[1].telemetry, ref[1].telemetry, tol, "telemetry")
+  else:
+    assert got[1].telemetry is None
+  for name, g, r in zip(("params", "x", "u"), got[2], ref[2]):
+    if r is None:
+      assert g is None
+      continue
+    assert not any(np.isnan(np.asarray(l, np.float32)).any() for l in jax.tree.leaves(g)), name
+    assert_close(g, r, tol, f"grad {name}")
+
+
+TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
+
+
+# ----------------------------------------------------------------------------- selection
+
+
+def test_interpreter_poisons_outputs():
+  """The premise of the poisoning argument: an element a kernel does not write is NaN."""
+  def kernel(x_ref, o_ref):
+    o_ref[:2] = x_ref[:2]
+
+  out = pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((4,), jnp.float32),
+                       interpret=True)(jnp.ones((4,), jnp.float32))
+  assert np.isnan(np.asarray(out[2:])).all() and (np.asarray(out[:2]) == 1).all()
+
+
+def test_resolve_impl_on_cpu():
+  assert kernels.resolve_impl("reference") == "reference"
+  assert kernels.resolve_impl("pallas") == "pallas"
+  assert kernels.resolve_impl("auto") == "reference"
+  with pytest.raises(ValueError, match="triton"):
+    kernels.resolve_impl("triton")
+  with pytest.raises(ValueError, match="impl"):
+    kernels.resolve_impl("cuda")
+  with pytest.raises(ValueError, match="impl"):
+    layer.forward(*make_layer("even", jax.random.PRNGKey(0))[:4], impl="fast")
+
+
+# ----------------------------------------------------------------------------- correctness
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_matches_reference_float32(name):
+  spec, params, seeds, x, u, tel = make_layer(name, jax.random.PRNGKey(hash(name) % 1000))
+  check_against_reference(spec, params, seeds, x, u, tel, tol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["uneven_parallel", "per_node"])
+def test_matches_reference_bfloat16(name):
+  spec, params, seeds, x, u, tel = make_layer(name, jax.random.PRNGKey(7), dtype=jnp.bfloat16)
+  check_against_reference(spec, params, seeds, x, u, tel, tol=1e-2)
+
+
+@pytest.mark.parametrize("name,eval_alpha", [("all_stages", 0.6), ("per_node", "per_seed")])
+def test_matches_reference_eval_alpha(name, eval_alpha):
+  spec, params, seeds, x, u, tel = make_layer(name, jax.random.PRNGKey(3))
+  if eval_alpha == "per_seed":
+    eval_alpha = jnp.linspace(-0.2, 1.0, spec.num_seeds)  # includes "off" seeds (<= 0)
+  check_against_reference(spec, params, seeds, x, u, tel, tol=1e-5, eval_alpha=eval_alpha)
+
+
+@hypothesis.settings(max_examples=2, deadline=None)
+@hypothesis.given(key=st.integers(0, 2**31 - 1), rows=st.integers(1, 20))
+def test_matches_reference_random_stage_mix(key, rows):
+  """Fresh stages, alphas, children and inputs; any row count (partial strips and tiles)."""
+  spec, params, seeds, x, u, tel = make_layer("uneven_parallel", jax.random.PRNGKey(key),
+                                              lead=(rows,))
+  check_against_reference(spec, params, seeds, x, u, tel, tol=1e-5)
+
+
+def test_contract_backend_matches_reference():
+  """`common.fused_blend_reference` (+ its backward) is the contract the kernels implement."""
+  spec, params, seeds, x, u, tel = make_layer("all_stages", jax.random.PRNGKey(11))
+  fwd = lambda *a, **k: kernels.forward(*a, impl="jnp", **k)
+  check_against_reference(spec, params, seeds, x, u, tel, tol=1e-6, forward=fwd)
+
+
+def test_matmul_path():
+  """Chunks wide enough for `jnp.dot` inside the kernels (forced with a small `min_dot`)."""
+  tiling = kpallas.Tiling(strip_rows=8, tile_rows=4, max_seeds=2, max_cols=64, nodes=4,
+                          min_dot=1, bwd_strip_rows=16)
+  fused = kpallas.make_fused_blend(tiling)
+  fwd = lambda *a, **k: common.forward(*a, fused=fused, **k)
+  spec, params, seeds, x, u, tel = make_layer("uneven_parallel", jax.random.PRNGKey(5))
+  check_against_reference(spec, params, seeds, x, u, tel, tol=1e-5, forward=fwd)
+
+
+def test_nonfinite_child_contributes_identity():
+  stages = [Stage.GRAFTING, Stage.FINE_TUNING, Stage.TRAINING, Stage.STABILIZATION]
+  spec, params, seeds, x, u, tel = make_layer("even", jax.random.PRNGKey(2), stages=stages)
+  params = params.replace(b2=params.b2.at[1, 0].set(jnp.inf).at[2, 1].set(jnp.nan))
+  out, aux, grads = run(pallas_forward, spec, params, seeds, x, u, tel)
+  np.testing.assert_array_equal(np.asarray(aux.nonfinite), [False, True, True, False])
+  xb, ob = layer.to_blocks(spec, x), layer.to_blocks(spec, out)
+  np.testing.assert_array_equal(np.asarray(ob[..., 1:3, :]), np.asarray(xb[..., 1:3, :]))
+  for g in jax.tree.leaves(grads):
+    assert np.isfinite(np.asarray(g)).all()
+  check_against_reference(spec, params, seeds, x, u, tel, tol=1e-5)
+
+
+# ----------------------------------------------------------------------------- transformations
+
+
+def test_vmap_over_batch_and_leading_dims():
+  spec, params, seeds, x, u, tel = make_layer("even", jax.random.PRNGKey(4), lead=(3, 2, 5))
+
+  def per_batch(forward):
+    def f(params, x, u):
+      out, aux = forward(spec, params, seeds, x, u=u, telemetry=tel)
+      return out, aux.telemetry.sum, aux.child_loss
+    g = jax.vmap(f, in_axes=(None, 0, 0))
+
+    def loss(params, x, u):
+      out, tsum, cl = g(params, x, u)
+      return jnp.sum(jnp.sin(out)) + jnp.sum(cl), (out, tsum)
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(params, x, u)
+
+  got, ref = per_batch(pallas_forward), per_batch(layer.forward_reference)
+  assert_close(got, ref, 1e-5, "vmap batch")
+
+
+def test_vmap_over_stacked_layers():
+  layers = [make_layer("per_node", jax.random.PRNGKey(i)) for i in range(2)]
+  spec = layers[0][0]
+  stack = lambda i: jax.tree.map(lambda *a: jnp.stack(a), *[l[i] for l in layers])
+  params, seeds, x, u, tel = (stack(i) for i in range(1, 6))
+
+  def stacked(forward):
+    def loss(params, x, u):
+      def one(p, s, xx, uu, t):
+        out, aux = forward(spec, p, s, xx, u=uu, telemetry=t)
+        return jnp.sum(out * out) + aux.child_loss, aux.telemetry
+      losses, tels = jax.vmap(one)(params, seeds, x, u, tel)
+      return jnp.sum(losses), tels
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(params, x, u)
+
+  got, ref = stacked(pallas_forward), stacked(layer.forward_reference)
+  assert_close(got, ref, 1e-5, "vmap layers")
+
+
+def test_all_dormant_layer_is_identity():
+  spec, params, seeds, x, u, tel = make_layer("even", jax.random.PRNGKey(8),
+                                              stages=[Stage.DORMANT] * 4)
+  out, aux, grads = run(pallas_forward, spec, params, seeds, x, u, tel)
+  chex.assert_trees_all_equal(out, x)
+  np.testing.assert_allclose(np.asarray(grads[1]),
+                             np.cos(np.arange(x.size, dtype=np.float32)).reshape(x.shape),
+                             rtol=1e-6, atol=1e-6)
+  for g in jax.tree.leaves(grads[0]):
+    assert not np.asarray(g).any()
+  check_against_reference(spec, params, seeds, x, u, tel, tol=1e-5)
