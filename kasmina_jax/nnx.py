@@ -158,6 +158,16 @@ class KasminaDense(nnx.Module):
 # ------------------------------------------------------------------------------ model helpers
 
 
+# Compiled once per shape: these run at epoch ends, often outside any jit.
+_reinit_children = jax.jit(layer_lib.reinit_children, static_argnums=0)
+_health_report = jax.jit(layer_lib.health_report, static_argnums=0)
+
+
+@jax.jit
+def _reset_opt_state(opt_state, params, old_states, new_states):
+  return optim.reset_children(opt_state, params, optim.reset_mask(params, old_states, new_states))
+
+
 def find_layers(model: nnx.Module) -> dict[tuple, KasminaLayer]:
   """`{path: KasminaLayer}` for every Kasmina layer in `model` (paths as in `nnx.state`)."""
   return {tuple(path): m for path, m in nnx.iter_modules(model) if isinstance(m, KasminaLayer)}
@@ -187,8 +197,7 @@ def child_loss(model: nnx.Module) -> jax.Array:
 
 def health_reports(model: nnx.Module) -> dict[tuple, tel_lib.HealthReport]:
   """End-of-epoch `HealthReport` of every Kasmina layer (from its telemetry and seed state)."""
-  return {p: layer_lib.health_report(layer.spec, layer.telemetry.get_value(),
-                                     layer.seeds.get_value())
+  return {p: _health_report(layer.spec, layer.telemetry.get_value(), layer.seeds.get_value())
           for p, layer in find_layers(model).items()}
 
 
@@ -234,8 +243,8 @@ def reset_optimizer_children(optimizer: nnx.Optimizer, model: nnx.Module,
   """Zeroes the optimizer state of the children whose seed changed from `old_states` to the
   model's current states in a way that (re)initialises or discards the child."""
   params = nnx.as_pure(nnx.state(model, optimizer.wrt))
-  mask = optim.reset_mask(params, old_states, seed_states(model))
-  new = optim.reset_children(nnx.as_pure(optimizer.opt_state), params, mask)
+  new = _reset_opt_state(nnx.as_pure(optimizer.opt_state), params, old_states,
+                         seed_states(model))
   # Write the values back Variable by Variable (the optimizer state's own structure).
   is_var = lambda x: isinstance(x, nnx.Variable)
   variables, treedef = jax.tree.flatten(optimizer.opt_state, is_leaf=is_var)
@@ -269,8 +278,8 @@ def commit_seed_states(model: nnx.Module, new_states: dict[tuple, lifecycle.Seed
       k = layer.rngs.germinate()
     else:
       raise ValueError(f"key: the layer at {p} has no rngs of its own; pass key=")
-    layer.children.set(layer_lib.reinit_children(
-        layer.spec, layer.children.get(), old_stage, new_states[p], k))
+    layer.children.set(_reinit_children(layer.spec, layer.children.get(), old_stage,
+                                        new_states[p], k))
     layer.seeds.set_value(new_states[p])
     changed[p] = layer_lib.changed_children(old_stage, new_states[p].stage)
   if optimizer is not None:

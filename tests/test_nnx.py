@@ -106,6 +106,12 @@ def nnx_forward(dense, u, ct, eval_alpha):
   return out, grads, dense(u, eval_alpha=eval_alpha)
 
 
+# Jitted calls (a training pass when eval_alpha is None); eager calls compile op by op.
+run_net = nnx.jit(lambda m, x: m(x))
+run_dense = nnx.jit(lambda d, u, eval_alpha=None: d(u, eval_alpha=eval_alpha))
+run_layer = nnx.jit(lambda l, h, u, eval_alpha=None: l(h, u=u, eval_alpha=eval_alpha))
+
+
 def pure_dict(state):
   return nnx.as_pure(state).to_pure_dict()
 
@@ -154,12 +160,12 @@ def test_nnx_layer_equals_linen_layer(stage):
 def test_grafting_blends_at_alpha_and_eval_alpha_reproduces_it():
   dense = make_dense(Stage.GRAFTING, alpha=0.5)
   u, _, _ = data()
-  host = dense.host(u)
-  full = dense(u, eval_alpha=1.0)
-  out = dense(u)
+  host = nnx.jit(lambda d, u: d.host(u))(dense, u)
+  full = run_dense(dense, u, 1.0)
+  out = run_dense(dense, u)
   np.testing.assert_allclose(out, host + 0.5 * (full - host), rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(dense(u, eval_alpha=0.0), host, rtol=0, atol=0)
-  np.testing.assert_allclose(dense(u, eval_alpha=knn.current_eval_alpha(
+  np.testing.assert_allclose(run_dense(dense, u, 0.0), host, rtol=0, atol=0)
+  np.testing.assert_allclose(run_dense(dense, u, knn.current_eval_alpha(
       dense.kasmina.seeds.get_value())), out, rtol=1e-6, atol=1e-6)
 
 
@@ -250,7 +256,7 @@ def test_training_seeds_leave_host_gradients_equal_to_host_only_model():
   for name in ("pre", "out"):
     close(pure_dict(g[name]), pure_dict(g_host[name]))
   close(pure_dict(g["dense"]["host"]), pure_dict(g_host["dense"]))
-  np.testing.assert_array_equal(model(x), host_only(x))
+  np.testing.assert_array_equal(run_net(model, x), run_net(host_only, x))
 
 
 # ------------------------------------------------------------------------------------ vmap
@@ -262,11 +268,11 @@ def test_vmap_over_a_batch_in_eval_mode():
   u, _, _ = data(3)
   dense.eval()
   assert dense.kasmina.deterministic
-  batched = dense(u)
+  batched = run_dense(dense, u)
   per_row = nnx.vmap(lambda m, x: m(x), in_axes=(None, 0))(dense, u)
   np.testing.assert_allclose(per_row, batched, rtol=1e-6, atol=1e-6)
   per_row_eval = nnx.vmap(lambda m, x: m(x, eval_alpha=1.0), in_axes=(None, 0))(dense, u)
-  np.testing.assert_allclose(per_row_eval, dense(u, eval_alpha=1.0), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(per_row_eval, run_dense(dense, u, 1.0), rtol=1e-6, atol=1e-6)
   graphdef, state = nnx.split(dense)
   pure = jax.jit(jax.vmap(lambda x: nnx.merge(graphdef, state)(x)))(u)
   np.testing.assert_allclose(pure, batched, rtol=1e-6, atol=1e-6)
@@ -320,7 +326,7 @@ def test_parallel_wired_lifecycle_through_nnx_helpers():
   assert list(layers) == [("dense", "kasmina")]
   path = ("dense", "kasmina")
   x, _, y = data(4)
-  before = model(x)
+  before = run_net(model, x)
   # Germinate two parallel-wired seeds: the function is preserved bit for bit.
   seeds, accepted = lifecycle.request_germination(
       knx.seed_states(model)[path], [0, 2], PARALLEL, 0, num_blueprints=len(BLUEPRINTS),
@@ -331,7 +337,7 @@ def test_parallel_wired_lifecycle_through_nnx_helpers():
   w1u = model.dense.kasmina.children.w1u.get_value()
   assert np.all(np.abs(np.asarray(w1u)[[0, 2]]).sum(axis=(1, 2)) > 0)
   assert np.all(np.asarray(w1u)[[1, 3]] == 0)
-  np.testing.assert_array_equal(model(x), before)
+  np.testing.assert_array_equal(run_net(model, x), before)
   # GERMINATED -> TRAINING; train: the output stays the host's, the children learn.
   seeds = lifecycle.update_readiness(knx.seed_states(model)[path])
   seeds, accepted = lifecycle.apply_commands(
@@ -348,8 +354,8 @@ def test_parallel_wired_lifecycle_through_nnx_helpers():
   assert float(model.dense.kasmina.telemetry.get_value().count) == 3 * ROWS
   w2 = np.asarray(model.dense.kasmina.children.w2.get_value())
   assert np.all(np.abs(w2[[0, 2]]).sum(axis=(1, 2)) > 0)
-  host_out = model.out(jax.nn.relu(model.dense.host(jax.nn.relu(model.pre(x)))))
-  np.testing.assert_allclose(model(x), host_out, rtol=1e-6, atol=1e-6)
+  host_out = nnx.jit(lambda m: m.out(jax.nn.relu(m.dense.host(jax.nn.relu(m.pre(x))))))(model)
+  np.testing.assert_allclose(run_net(model, x), host_out, rtol=1e-6, atol=1e-6)
   mu = nnx.as_pure(optimizer.opt_state)[0].inner_state[0].mu["dense"]["kasmina"]["children"]
   assert np.all(np.abs(np.asarray(mu["w2"])[[0, 2]]).sum(axis=(1, 2)) > 0)
   reports = knx.health_reports(model)
@@ -360,9 +366,9 @@ def test_parallel_wired_lifecycle_through_nnx_helpers():
       stage=jnp.where(seeds.stage == Stage.TRAINING, Stage.GRAFTING, seeds.stage),
       alpha=jnp.where(seeds.stage == Stage.TRAINING, 0.5, 0.0))})
   layer = model.dense.kasmina
-  h = model.dense.host(jax.nn.relu(model.pre(x)))
-  np.testing.assert_allclose(layer(h, u=jax.nn.relu(model.pre(x))),
-                             h + 0.5 * (layer(h, u=jax.nn.relu(model.pre(x)), eval_alpha=1.0) - h),
+  u = jax.nn.relu(nnx.jit(lambda m: m.pre(x))(model))
+  h = nnx.jit(lambda m: m.dense.host(u))(model)
+  np.testing.assert_allclose(run_layer(layer, h, u), h + 0.5 * (run_layer(layer, h, u, 1.0) - h),
                              rtol=1e-5, atol=1e-5)
   # Cull seed 0: its child is zeroed and its optimizer state reset; seed 2 keeps both.
   knx.set_seed_states(model, {path: training_seeds})
