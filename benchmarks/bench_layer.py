@@ -53,6 +53,8 @@ import traceback
 import numpy as np
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.55")
+# Inductor's default cache location was not writable on the device image (torch.compile failed).
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", "/tmp/torchinductor_cache")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import jax  # noqa: E402
@@ -332,13 +334,16 @@ def run_torch_cell(prob, impl, mode, args, ref, log):
   torch.cuda.synchronize()
   errs = {}
   if mode == "fwd":
-    errs["out"] = rel_err(res[0].float().cpu().numpy(), ref["out"])
+    errs["out"] = rel_err(res[0].detach().float().cpu().numpy(), ref["out"])
   if impl != "torch_loop":
     tel = res[1]
     k = prob.spec.num_seeds
-    errs["sum"] = rel_err(tel[0].cpu().numpy().reshape(k, -1), ref["sum"])
+    errs["sum"] = rel_err(tel[0].detach().cpu().numpy().reshape(k, -1), ref["sum"])
   if mode == "fwdbwd":
-    errs["dx"] = rel_err(res[2][0].float().cpu().numpy(), ref["dx"])
+    # (the per-seed loop differentiates through the blend into the host, as the older
+    # implementation did; the library stops that gradient while a seed is GRAFTING, so its
+    # dx differs from the reference by design)
+    errs["dx"] = rel_err(res[2][0].detach().float().cpu().numpy(), ref["dx"])
   del res
   ms = time_torch(call)
   return ms, errs
