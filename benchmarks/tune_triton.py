@@ -11,7 +11,6 @@ on, every seed GRAFTING so every child runs), device-side (CUPTI, median), on
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import sys

@@ -9,8 +9,8 @@ Kernels (one program = one strip of rows x one seed, or a block of nodes in per-
 
 * coarse (`chunk_width >= 2`, chunk padded to a power of two `CP >= 16` in registers): the
   program loops over `TILES` row tiles of `BR` rows, loads its chunk once, runs the child with
-  `tl.dot` (float32 operands; `tf32x3` for float32 activations, `tf32` for 16-bit ones, both
-  accumulating in float32), blends, writes the output and keeps the telemetry sums in
+  `tl.dot` (float32 operands accumulating in float32: `tf32x3` (or exact `ieee` where the
+  sweep found it faster) for float32 activations, `tf32` for 16-bit ones), blends, writes the output and keeps the telemetry sums in
   registers, written once per strip (XLA adds the strips). A seed that is not live does no
   child work (a uniform branch), so a dormant chunk costs its read and its write.
 * per-node (`chunk_width == 1`): a program owns `BR` rows x `BN` nodes (one node = one seed)
@@ -33,12 +33,10 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from kasmina_jax import blueprints as bp_lib
 from kasmina_jax import layer as layer_lib
