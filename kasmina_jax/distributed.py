@@ -31,6 +31,17 @@ or step by step::
     state, metrics = dp.train_step(state, batch, loss_fn)   # batch: global rows (numpy ok)
     state, out, rolled_back = dp.end_of_epoch(state, val_batch, loss_fn)
 
+Model parallelism over seeds (optional): on a two-axis mesh (`data_seed_mesh`), pass
+`seed_axis="seeds"` to `data_parallel` / `fit`; each layer's child parameters, their
+optimizer moments and the per-seed telemetry are then split along the seed axis (each device
+owns a block of seeds), while the host layers and seed states stay replicated. It is the same
+program under other shardings (GSPMD), tested to give the single-device decisions; it pays
+off only for layers whose children are large next to their host.
+
+Kernels: the `impl="pallas"` / `"triton"` layer paths are custom calls, which XLA's
+partitioner does not split; under these shardings use the `jnp` reference layer (the
+default), which XLA partitions like any other computation.
+
 Several hosts (documented, not tested here): call `jax.distributed.initialize()` (arguments
 or the cluster's environment) in every process before any other JAX call, build the same
 program in every process, and pass each process's *own* rows (`process_local=True` in
@@ -55,8 +66,10 @@ from kasmina_jax import lifecycle
 from kasmina_jax import nn as knn
 from kasmina_jax import tamiyo
 from kasmina_jax import training
+from kasmina_jax.blueprints import ChildParams
 
 DATA_AXIS = "data"
+SEED_AXIS = "seeds"
 
 
 # ------------------------------------------------------------------------------ placement
@@ -72,11 +85,25 @@ def data_mesh(devices=None, axis: str = DATA_AXIS) -> Mesh:
   return Mesh(np.array(devices, dtype=object), (axis,))
 
 
-def _check_mesh(mesh: Mesh, axis: str) -> None:
+def data_seed_mesh(seed_ways: int, devices=None, axis: str = DATA_AXIS,
+                   seed_axis: str = SEED_AXIS) -> Mesh:
+  """A two-axis mesh: `len(devices) // seed_ways` ways of data by `seed_ways` ways of seeds
+  (devices along the seed axis are neighbours in `devices`' order)."""
+  _checks.positive_int("seed_ways", seed_ways)
+  devices = list(jax.devices() if devices is None else devices)
+  if not devices or len(devices) % seed_ways:
+    raise ValueError(f"seed_ways: {seed_ways} does not divide the {len(devices)} devices")
+  if axis == seed_axis:
+    raise ValueError(f"seed_axis: must differ from axis {axis!r}")
+  grid = np.array(devices, dtype=object).reshape(len(devices) // seed_ways, seed_ways)
+  return Mesh(grid, (axis, seed_axis))
+
+
+def _check_mesh(mesh: Mesh, axis: str, name: str = "axis") -> None:
   if not isinstance(mesh, Mesh):
     raise TypeError(f"mesh: expected a jax.sharding.Mesh, got {type(mesh).__name__}")
   if axis not in mesh.axis_names:
-    raise ValueError(f"axis: {axis!r} is not an axis of the mesh {tuple(mesh.axis_names)}")
+    raise ValueError(f"{name}: {axis!r} is not an axis of the mesh {tuple(mesh.axis_names)}")
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -126,6 +153,37 @@ def shard_batch(batch: dict, mesh: Mesh, axis: str = DATA_AXIS, *,
           for k, v in batch.items()}
 
 
+def state_shardings(state: Any, mesh: Mesh, seed_axis: str | None = None) -> Any:
+  """The sharding of every array leaf of `state` (a `TrainState` or any part of it).
+
+  Without `seed_axis`: every leaf replicated. With it (model parallelism over seeds): every
+  seed's child parameters (and their optimizer moments and drift snapshot) and the layers'
+  per-seed telemetry accumulators are split along the leading seed axis over `seed_axis`,
+  so each device along it owns a block of seeds; a layer whose seed count does not divide
+  stays replicated. Seed states and everything else stay replicated (Tamiyo reads them).
+  """
+  rep = replicated(mesh)
+  if seed_axis is None:
+    return jax.tree.map(lambda _: rep, state)
+  _check_mesh(mesh, seed_axis, "seed_axis")
+  ways = mesh.shape[seed_axis]
+  split = NamedSharding(mesh, PartitionSpec(seed_axis))
+
+  def by_seed(x):
+    return split if (np.ndim(x) >= 1 and np.shape(x)[0] % ways == 0) else rep
+
+  def node(x):
+    if isinstance(x, ChildParams):
+      return jax.tree.map(by_seed, x)
+    if isinstance(x, knn.KasminaVars):
+      return x.replace(seeds=jax.tree.map(lambda _: rep, x.seeds),
+                       telemetry=jax.tree.map(by_seed, x.telemetry))
+    return rep
+
+  return jax.tree.map(node, state,
+                      is_leaf=lambda x: isinstance(x, (ChildParams, knn.KasminaVars)))
+
+
 def is_replicated(tree: Any) -> bool:
   """Whether every array leaf of `tree` is fully replicated over its devices."""
   return all(x.sharding.is_fully_replicated for x in jax.tree.leaves(tree)
@@ -133,18 +191,21 @@ def is_replicated(tree: Any) -> bool:
 
 
 def replicas_agree(tree: Any) -> bool:
-  """Whether every device's copy of every (replicated) array leaf is bitwise the same: the
-  check that no device diverged (reads the shards this process holds)."""
+  """Whether all devices' copies of the same part of every array leaf are bitwise the same
+  (for a replicated leaf: every device's whole copy): the check that no device diverged.
+  Reads the shards this process holds."""
   for x in jax.tree.leaves(tree):
     if not isinstance(x, jax.Array):
       continue
     if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
       x = jax.random.key_data(x)
-    shards = [np.asarray(s.data) for s in x.addressable_shards]
-    # Bytes, not values: NaN == NaN here, and -0.0 != 0.0.
-    first = (shards[0].shape, shards[0].tobytes())
-    if any((s.shape, s.tobytes()) != first for s in shards[1:]):
-      return False
+    copies: dict = {}
+    for shard in x.addressable_shards:
+      where = tuple((i.start, i.stop, i.step) for i in shard.index)
+      data = np.asarray(shard.data)
+      # Bytes, not values: NaN == NaN here, and -0.0 != 0.0.
+      if copies.setdefault(where, (data.shape, data.tobytes())) != (data.shape, data.tobytes()):
+        return False
   return True
 
 
@@ -152,51 +213,81 @@ def replicas_agree(tree: Any) -> bool:
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled(mesh: Mesh, axis: str):
+def _compiled(mesh: Mesh, axis: str, seed_axis: str | None = None):
   rep = replicated(mesh)
   data = batch_sharding(mesh, axis)
 
-  # The wrapped functions are the jitted single-device ones: nested `jit` inlines, and the
-  # shardings below make the batch split and every output replicated.
-  def step(state, batch, loss_fn):
-    return training.train_step(state, batch, loss_fn)
+  if seed_axis is None:
+    # The wrapped functions are the jitted single-device ones: nested `jit` inlines, and the
+    # shardings below make the batch split and every output replicated.
+    def step(state, batch, loss_fn):
+      return training.train_step(state, batch, loss_fn)
 
-  def transition(state, val_batch, loss_fn, policy):
-    return training.epoch_transition(state, val_batch, loss_fn, policy)
+    def transition(state, val_batch, loss_fn, policy):
+      return training.epoch_transition(state, val_batch, loss_fn, policy)
 
-  def rollback(state, ctrl):
-    return training.apply_rollback(state, ctrl)
+    def rollback(state, ctrl):
+      return training.apply_rollback(state, ctrl)
 
-  return (
-      jax.jit(step, static_argnums=(2,), in_shardings=(rep, data),
-              out_shardings=rep),
-      # The validation batch is placed before the call (sharded when its rows divide over
-      # the data axis, else replicated), so its sharding is taken from the argument.
-      jax.jit(transition, static_argnums=(2, 3), out_shardings=rep),
-      jax.jit(rollback, in_shardings=(rep, rep), out_shardings=rep),
-  )
+    return (
+        jax.jit(step, static_argnums=(2,), in_shardings=(rep, data), out_shardings=rep),
+        # The validation batch is placed before the call (sharded when its rows divide over
+        # the data axis, else replicated), so its sharding is taken from the argument.
+        jax.jit(transition, static_argnums=(2, 3), out_shardings=rep),
+        jax.jit(rollback, in_shardings=(rep, rep), out_shardings=rep),
+    )
+
+  # Seeds split over `seed_axis`: the state's shardings depend on its leaves' shapes, so they
+  # are set as constraints at trace time (inputs are placed by `place_state`).
+  def constrain(state):
+    return jax.lax.with_sharding_constraint(state, state_shardings(state, mesh, seed_axis))
+
+  def rep_all(tree):
+    return jax.lax.with_sharding_constraint(tree, jax.tree.map(lambda _: rep, tree))
+
+  def step_s(state, batch, loss_fn):
+    new, metrics = training.train_step(constrain(state), batch, loss_fn)
+    return constrain(new), rep_all(metrics)
+
+  def transition_s(state, val_batch, loss_fn, policy):
+    new, out = training.epoch_transition(constrain(state), val_batch, loss_fn, policy)
+    return constrain(new), rep_all(out)
+
+  def rollback_s(state, ctrl):
+    new, fr = training.apply_rollback(constrain(state), rep_all(ctrl))
+    return constrain(new), rep_all(fr)
+
+  return (jax.jit(step_s, static_argnums=(2,)), jax.jit(transition_s, static_argnums=(2, 3)),
+          jax.jit(rollback_s))
 
 
 @dataclasses.dataclass(frozen=True)
 class DataParallel:
   """The data-parallel step functions over `mesh` (batch split along `axis`).
 
-  Every method takes and returns a `TrainState` replicated on `mesh` (see `data_parallel`);
-  batches are global rows (numpy or JAX arrays) and are placed by the method.
+  Every method takes and returns a `TrainState` placed on `mesh` (see `data_parallel`):
+  replicated, or with `seed_axis` (a second mesh axis, optional model parallelism) the
+  seeds' children and telemetry split over it (`state_shardings`). Batches are global rows
+  (numpy or JAX arrays) and are placed by the method. Epoch outputs are replicated.
   """
 
   mesh: Mesh
   axis: str = DATA_AXIS
+  seed_axis: str | None = None
 
   def __post_init__(self):
     _check_mesh(self.mesh, self.axis)
+    if self.seed_axis is not None:
+      _check_mesh(self.mesh, self.seed_axis, "seed_axis")
+      if self.seed_axis == self.axis:
+        raise ValueError(f"seed_axis: must differ from the data axis {self.axis!r}")
 
   @property
   def num_shards(self) -> int:
     return self.mesh.shape[self.axis]
 
   def place_state(self, state: training.TrainState) -> training.TrainState:
-    return replicate(state, self.mesh)
+    return jax.device_put(state, state_shardings(state, self.mesh, self.seed_axis))
 
   def shard_batch(self, batch: dict, *, process_local: bool = False) -> dict:
     return shard_batch(batch, self.mesh, self.axis, process_local=process_local)
@@ -214,13 +305,13 @@ class DataParallel:
   def train_step(self, state: training.TrainState, batch: dict,
                  loss_fn: training.LossFn) -> tuple[training.TrainState, dict]:
     """`training.train_step` with the batch split over the data axis."""
-    step, _, _ = _compiled(self.mesh, self.axis)
+    step, _, _ = _compiled(self.mesh, self.axis, self.seed_axis)
     return step(state, self.shard_batch(batch), loss_fn)
 
   def epoch_transition(self, state: training.TrainState, val_batch: dict,
                        loss_fn: training.LossFn, policy: Callable = tamiyo.decide):
     """`training.epoch_transition`; the report, commands and new state are replicated."""
-    _, transition, _ = _compiled(self.mesh, self.axis)
+    _, transition, _ = _compiled(self.mesh, self.axis, self.seed_axis)
     return transition(state, self.place_val_batch(val_batch), loss_fn, policy)
 
   def end_of_epoch(self, state: training.TrainState, val_batch: dict,
@@ -235,7 +326,7 @@ class DataParallel:
       base = (last_good.restore() if (last_good is not None and last_good.has_value)
               else new_state)
       base = base.replace(epoch=new_state.epoch, rng=new_state.rng, stats=new_state.stats)
-      _, _, rollback = _compiled(self.mesh, self.axis)
+      _, _, rollback = _compiled(self.mesh, self.axis, self.seed_axis)
       new_state, fr_extra = rollback(self.place_state(base), new_state.ctrl)
     if last_good is not None and not rolled_back:
       last_good.save(new_state)
@@ -246,16 +337,22 @@ class DataParallel:
   def fit(self, state: training.TrainState, train_data: dict, val_data: dict,
           loss_fn: training.LossFn, **kwargs):
     """See `fit`."""
-    return fit(state, train_data, val_data, loss_fn, mesh=self.mesh, axis=self.axis, **kwargs)
+    return fit(state, train_data, val_data, loss_fn, mesh=self.mesh, axis=self.axis,
+               seed_axis=self.seed_axis, **kwargs)
 
 
 def data_parallel(state: training.TrainState, mesh: Mesh | None = None,
-                  axis: str = DATA_AXIS) -> tuple[training.TrainState, DataParallel]:
-  """`(state replicated on mesh, DataParallel)`; `mesh` defaults to every device."""
+                  axis: str = DATA_AXIS, *,
+                  seed_axis: str | None = None) -> tuple[training.TrainState, DataParallel]:
+  """`(state placed on mesh, DataParallel)`; `mesh` defaults to every device on one axis.
+
+  `seed_axis`: a second axis of `mesh` over which each layer's seeds are split (see
+  `state_shardings`, `data_seed_mesh`); None: everything replicated.
+  """
   if not isinstance(state, training.TrainState):
     raise TypeError(f"state: expected a training.TrainState, got {type(state).__name__}")
   mesh = data_mesh(axis=axis) if mesh is None else mesh
-  dp = DataParallel(mesh, axis)
+  dp = DataParallel(mesh, axis, seed_axis)
   return dp.place_state(state), dp
 
 
@@ -275,12 +372,12 @@ def _process_rows(rows: int, mesh: Mesh) -> slice:
 
 def fit(state: training.TrainState, train_data: dict, val_data: dict, loss_fn: training.LossFn,
         *, epochs: int, batch_size: int, mesh: Mesh | None = None, axis: str = DATA_AXIS,
-        policy: Callable = tamiyo.decide, seed: int = 0, log_path: str | None = None,
+        seed_axis: str | None = None, policy: Callable = tamiyo.decide, seed: int = 0, log_path: str | None = None,
         progress: bool = True, rollback: bool = True, description: str = "fit"):
   """`training.fit` over a device mesh: same arguments, same data order, same history.
 
   `batch_size` is the global batch (rows per step over all devices); it must be divisible
-  by the number of devices on `axis`. On several hosts every process passes the whole data
+  by the number of devices on `axis`. `seed_axis`: see `data_parallel`. On several hosts every process passes the whole data
   and logs only from process 0.
   """
   _checks.positive_int("epochs", epochs)
@@ -289,7 +386,7 @@ def fit(state: training.TrainState, train_data: dict, val_data: dict, loss_fn: t
   if batch_size > n:
     raise ValueError(f"batch_size: {batch_size} exceeds the {n} training rows")
   mesh = data_mesh(axis=axis) if mesh is None else mesh
-  dp = DataParallel(mesh, axis)
+  dp = DataParallel(mesh, axis, seed_axis)
   if batch_size % dp.num_shards:
     raise ValueError(f"batch_size: {batch_size} is not divisible by the {dp.num_shards} "
                      f"devices of mesh axis {axis!r}")

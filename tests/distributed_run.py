@@ -4,7 +4,9 @@
 Run by tests/test_distributed.py in a subprocess, because the device count
 (`XLA_FLAGS=--xla_force_host_platform_device_count=N`) must be set before JAX starts:
 
-    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/distributed_run.py 8 2
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/distributed_run.py 8 2 4x2
+
+(`4x2`: 4 ways of data by 2 ways of seeds, each layer's seeds split over 2 devices.)
 """
 
 from __future__ import annotations
@@ -76,12 +78,19 @@ def _telemetry(state):
           for p, v in knn.find_layers(state.kasmina).items()}
 
 
-def run(devices: int) -> dict:
-  """`devices` = 0: the single-device functions of `training`; else the data-parallel path."""
+def run(devices: str) -> dict:
+  """`devices` "0": the single-device functions of `training`; "N": data-parallel over N
+  devices; "NxS": N ways of data by S ways of seeds (each layer's seeds split over S)."""
   state = new_state()
   dp = None
-  if devices:
-    state, dp = distributed.data_parallel(state, distributed.data_mesh(jax.devices()[:devices]))
+  data, _, seeds = devices.partition("x")
+  if seeds:
+    mesh = distributed.data_seed_mesh(int(seeds), jax.devices()[:int(data) * int(seeds)])
+    state, dp = distributed.data_parallel(state, mesh, seed_axis=distributed.SEED_AXIS)
+    children = state.params["hidden0"]["kasmina"]["children"]
+    assert not children.w1.sharding.is_fully_replicated, children.w1.sharding
+  elif int(data):
+    state, dp = distributed.data_parallel(state, distributed.data_mesh(jax.devices()[:int(data)]))
   step = dp.train_step if dp else training.train_step
   end = dp.end_of_epoch if dp else training.end_of_epoch
   epochs, agree = [], True
@@ -94,7 +103,8 @@ def run(devices: int) -> dict:
     telemetry = _telemetry(state)
     state, out, rolled_back = end(state, VAL, LOSS)
     if dp:
-      agree &= distributed.is_replicated((state, out)) and distributed.replicas_agree((state, out))
+      agree &= distributed.replicas_agree((state, out)) and distributed.is_replicated(
+          out if dp.seed_axis else (state, out))
     epochs.append({
         "losses": losses, "telemetry": telemetry, "rolled_back": rolled_back,
         "train_loss": float(out.train_loss), "val_loss": float(out.val_loss),
@@ -108,8 +118,8 @@ def run(devices: int) -> dict:
   result = {"devices": devices, "epochs": epochs, "replicas_agree": bool(agree)}
   if dp:
     # `fit` over the same mesh: the same history as `training.fit` (checked by the caller).
-    _, history = distributed.fit(new_state(), TRAIN, VAL, LOSS, epochs=2, batch_size=BATCH,
-                                 mesh=dp.mesh, progress=False)
+    _, history = dp.fit(new_state(), TRAIN, VAL, LOSS, epochs=2, batch_size=BATCH,
+                        progress=False)
   else:
     _, history = training.fit(new_state(), TRAIN, VAL, LOSS, epochs=2, batch_size=BATCH,
                               progress=False)
@@ -118,10 +128,10 @@ def run(devices: int) -> dict:
 
 
 def main(argv):
-  counts = [int(a) for a in argv]
+  counts = [int(np.prod([int(n) for n in a.split("x")])) for a in argv]
   if max(counts, default=1) > jax.device_count():
     raise SystemExit(f"asked for {max(counts)} devices, JAX sees {jax.device_count()}")
-  runs = [run(0)] + [run(n) for n in counts]
+  runs = [run("0")] + [run(a) for a in argv]
   print(json.dumps({"runs": events.to_json(runs), "errors": errors(max(counts))}))
 
 

@@ -1,7 +1,8 @@
 """Data-parallel training (`kasmina_jax.distributed`): a run sharded over 8 and over 2 (forced
-host) devices matches the single-device run with the same data order: per-step losses and
-telemetry sums within float tolerance, seed stages, commands and acceptances exactly, field
-reports, and every device holds the same replicated state and decisions.
+host) devices, and one over 4 x 2 devices with each layer's seeds split over 2, match the
+single-device run with the same data order: per-step losses and telemetry sums within float
+tolerance, seed stages, commands and acceptances exactly, field reports, and every device
+holds the same copy of the state and of the decisions.
 
 The device count must be fixed before JAX starts, so the runs happen in a subprocess
 (tests/distributed_run.py) with `XLA_FLAGS=--xla_force_host_platform_device_count=8`.
@@ -24,7 +25,9 @@ from kasmina_jax import datasets, distributed, training
 from kasmina_jax import nn as knn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEVICES = (8, 2)
+# Data-parallel over 8 and 2 devices; 4 ways of data by 2 ways of seeds (model parallel).
+DEVICES = ("8", "2", "4x2")
+HOST_DEVICES = 8
 
 
 def _close(a, b, *, rtol, what):
@@ -42,15 +45,15 @@ def _close(a, b, *, rtol, what):
 def _sharded_runs():
   env = dict(os.environ)
   env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
-                      f" --xla_force_host_platform_device_count={max(DEVICES)}").strip()
+                      f" --xla_force_host_platform_device_count={HOST_DEVICES}").strip()
   env["JAX_PLATFORMS"] = "cpu"
   proc = subprocess.run([sys.executable, os.path.join(HERE, "distributed_run.py"),
-                         *map(str, DEVICES)], env=env, capture_output=True, text=True,
+                         *DEVICES], env=env, capture_output=True, text=True,
                         timeout=600, check=False)
   assert proc.returncode == 0, proc.stderr[-4000:]
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   reference, *sharded = result["runs"]
-  assert reference["devices"] == 0 and [r["devices"] for r in sharded] == list(DEVICES)
+  assert reference["devices"] == "0" and [r["devices"] for r in sharded] == list(DEVICES)
   return reference, sharded, result["errors"]
 
 
@@ -139,6 +142,10 @@ def test_argument_errors():
     distributed.data_mesh(axis="")
   with pytest.raises(TypeError, match="state"):
     distributed.data_parallel({"params": 1})
+  with pytest.raises(ValueError, match="seed_ways"):
+    distributed.data_seed_mesh(jax.device_count() + 1)
+  with pytest.raises(ValueError, match="seed_axis"):
+    distributed.DataParallel(mesh, seed_axis="seeds")
 
 
 class _Tiny(nn.Module):
