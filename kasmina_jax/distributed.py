@@ -38,9 +38,11 @@ owns a block of seeds), while the host layers and seed states stay replicated. I
 program under other shardings (GSPMD), tested to give the single-device decisions; it pays
 off only for layers whose children are large next to their host.
 
-Kernels: the `impl="pallas"` / `"triton"` layer paths are custom calls, which XLA's
-partitioner does not split; under these shardings use the `jnp` reference layer (the
-default), which XLA partitions like any other computation.
+Kernels: the `impl="pallas"` / `"triton"` layer paths lower to custom calls on GPU, which
+XLA's partitioner cannot split without a partitioning rule (none is given here), so expect
+it to gather their operands onto every device (not measured here). The `jnp` reference
+layer (the default, and what the tests and `benchmarks/scaling.py` use) is partitioned like
+any other computation.
 
 Several hosts (documented, not tested here): call `jax.distributed.initialize()` (arguments
 or the cluster's environment) in every process before any other JAX call, build the same
