@@ -58,7 +58,9 @@ class Tiling:
   max_cols: bounds on the seeds (and their columns) a chunk-kernel program owns; nodes: the
   node block of the per-node kernel; min_dot: a matmul whose every dimension reaches this uses
   `jnp.dot` (Triton needs 16), smaller ones broadcast and reduce; dot_precision: "highest"
-  (exact float32) or "tf32x3" (GPU only); num_warps / num_stages: Triton compiler parameters.
+  (exact float32) or "tf32x3" (GPU only); num_warps / num_stages: Triton compiler parameters;
+  bwd_strip_rows / bwd_max_seeds: the same for the backward kernels (longer strips there keep
+  the per-strip partial parameter gradients small; fewer seeds a program keep the grid full).
   """
 
   strip_rows: int = 256
@@ -71,11 +73,12 @@ class Tiling:
   num_warps: int | None = 4
   num_stages: int | None = None
   bwd_strip_rows: int = 1024
+  bwd_max_seeds: int = 2
 
 
 GPU_TILING = Tiling()
 INTERPRET_TILING = Tiling(strip_rows=8, tile_rows=4, max_seeds=2, max_cols=64, nodes=4,
-                          bwd_strip_rows=8)
+                          bwd_strip_rows=8, bwd_max_seeds=2)
 
 
 def _on_gpu() -> bool:
@@ -187,7 +190,8 @@ def _make_cfg(spec, launch: _Launch, n: int, h: int, tiling: Tiling, telemetry: 
   if launch.cs == 1:
     group = _largest_divisor(launch.ks, tiling.nodes, pow2=True)
   else:
-    group = _largest_divisor(launch.ks, min(tiling.max_seeds, max(1, tiling.max_cols // launch.cs)),
+    max_seeds = tiling.bwd_max_seeds if backward else tiling.max_seeds
+    group = _largest_divisor(launch.ks, min(max_seeds, max(1, tiling.max_cols // launch.cs)),
                              pow2=False)
   if interpret or tiling.dot_precision == "highest":
     precision = jax.lax.Precision.HIGHEST
@@ -374,12 +378,12 @@ def _tel_store(cfg, r, acc, g, strip_id):
 # ----------------------------------------------------------------------------- chunk kernels
 
 
-def _chunk_child(cfg, p, sc, xv, pu):
+def _chunk_child(cfg, p, sc, xv, pu, grad=False):
   """The child of one seed on a tile: returns (pre, a0, gate, a, f)."""
   pre = _mm(xv, p["w1"], cfg) + p["b1"][None, :]
   if pu is not None:
     pre = pre + pu
-  a0, dact = _activate(pre, {i: sc(_ACT0 + i) for i in cfg.acts}, cfg.acts, grad=True)
+  a0, dact = _activate(pre, {i: sc(_ACT0 + i) for i in cfg.acts}, cfg.acts, grad=grad)
   gate = None
   a = a0
   if cfg.glu:
@@ -485,7 +489,7 @@ def _chunk_bwd_kernel(cfg: _Cfg, r):
         xt = _ld(r["x"], (rows, cols), mask).astype(_F32)
         xv = xt if valid is None else jnp.where(valid, xt, 0.0)
         pu = _ld(r["pu"], (rows, g, slice(None)), pmask).astype(_F32) if cfg.par else None
-        pre, dact, a0, gate, a, f = _chunk_child(cfg, p, sc, xv, pu)
+        pre, dact, a0, gate, a, f = _chunk_child(cfg, p, sc, xv, pu, grad=True)
         res, blend = sc(_RES), sc(_BLEND)
         rr = f - (1.0 - res) * xv
         ct_f = sc(_GBLEND) * ct + 2.0 * sc(_CTR2) * rr
@@ -531,32 +535,35 @@ def _chunk_bwd_kernel(cfg: _Cfg, r):
 # ----------------------------------------------------------------------------- per-node kernels
 
 
+def _node_hidden(cfg, r, rows, valid, xv, vec, row, j, grad=False):
+  """Hidden unit `j` of every child of a node block on a tile, element-wise:
+  (pre, dact, a0, gate, a), each (R, B)."""
+  pre = xv * row("w1", j) + row("b1", j)
+  if cfg.par:
+    pmask = None if valid is None else jnp.broadcast_to(valid, xv.shape)
+    pre = pre + _ld(r["pu"], (rows, slice(None), j), pmask).astype(_F32)
+  a0, dact = _activate(pre, {i: vec(_ACT0 + i) for i in cfg.acts}, cfg.acts, grad=grad)
+  a = a0
+  gate = None
+  if cfg.glu:
+    glu = vec(_GLU)
+    gate = _sigmoid(xv * row("wg", j) + row("bg", j))
+    a = a * (glu * gate + (1.0 - glu))
+  a = a * row("hm", j)
+  return pre, dact, a0, gate, a
+
+
 def _node_child(cfg, r, rows, valid, xv, vec, row):
-  """Element-wise children of a node block on a tile: per hidden unit j, the arrays
-  (pre_j, dact_j, a0_j, gate_j, a_j) and f."""
-  acts = {i: vec(_ACT0 + i) for i in cfg.acts}
-  glu = vec(_GLU) if cfg.glu else None
+  """f of every child of a node block on a tile, (R, B). The hidden units are not kept (the
+  backward recomputes them one at a time: keeping H of them would spill registers)."""
   f = None
-  hidden = []
   for j in range(cfg.h):
-    pre = xv * row("w1", j) + row("b1", j)
-    if cfg.par:
-      pmask = None if valid is None else jnp.broadcast_to(valid, xv.shape)
-      pre = pre + _ld(r["pu"], (rows, slice(None), j), pmask).astype(_F32)
-    a0, dact = _activate(pre, acts, cfg.acts, grad=True)
-    a = a0
-    gate = None
-    if cfg.glu:
-      gate = _sigmoid(xv * row("wg", j) + row("bg", j))
-      a = a * (glu * gate + (1.0 - glu))
-    a = a * row("hm", j)
-    term = a * row("w2", j)
+    term = _node_hidden(cfg, r, rows, valid, xv, vec, row, j)[4] * row("w2", j)
     f = term if f is None else f + term
-    hidden.append((pre, dact, a0, gate, a))
   f = f + vec("b2")
   if cfg.diag:
     f = f + vec(_DIAG) * vec("s") * xv
-  return hidden, f
+  return f
 
 
 def _node_accessors(cfg, r):
@@ -589,7 +596,7 @@ def _node_fwd_kernel(cfg: _Cfg, r):
       xv = xt if valid is None else jnp.where(valid, xt, 0.0)
       acc = dict(acc)
       if with_child:
-        _, f = _node_child(cfg, r, rows, valid, xv, vec, row)
+        f = _node_child(cfg, r, rows, valid, xv, vec, row)
         live = vec(_LIVE) > 0
         keep = live if valid is None else live & valid
         f = jnp.where(keep, f, 0.0)
@@ -640,7 +647,7 @@ def _node_bwd_kernel(cfg: _Cfg, r):
       ct = ct if valid is None else jnp.where(valid, ct, 0.0)
       xt = _ld(r["x"], (rows, slice(None)), mask).astype(_F32)
       xv = xt if valid is None else jnp.where(valid, xt, 0.0)
-      hidden, f = _node_child(cfg, r, rows, valid, xv, vec, row)
+      f = _node_child(cfg, r, rows, valid, xv, vec, row)
       on = (vec(_LIVE) > 0) & (vec(_OK) > 0)
       res, blend = vec(_RES), vec(_BLEND)
       rr = f - (1.0 - res) * xv
@@ -649,7 +656,8 @@ def _node_bwd_kernel(cfg: _Cfg, r):
       acc = {k: (list(v) if isinstance(v, list) else v) for k, v in acc.items()}
       acc["db2"] = acc["db2"] + jnp.sum(ct_f, axis=0)
       dxc = None
-      for j, (pre, dact, a0, gate, a) in enumerate(hidden):
+      for j in range(h):
+        _, dact, a0, gate, a = _node_hidden(cfg, r, rows, valid, xv, vec, row, j, grad=True)
         acc["dw2"][j] = acc["dw2"][j] + jnp.sum(a * ct_f, axis=0)
         da = ct_f * row("w2", j) * row("hm", j)
         if cfg.glu:
