@@ -47,6 +47,8 @@ CASES = {
     "mixed64": (16384, 4096, 64, bp.default_blueprints(), "mixed"),
     "dormant64": (16384, 4096, 64, MLP16, "dormant"),
     "small": (1000, 256, 4, bp.default_blueprints(), "mixed"),
+    "uneven": (16384, 4000, 64, bp.default_blueprints(), "mixed"),
+    "odd": (1000, 100, 3, bp.default_blueprints(), "mixed"),
 }
 
 

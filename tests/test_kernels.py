@@ -197,10 +197,11 @@ def test_contract_backend_matches_reference():
   check_against_reference(spec, params, seeds, x, u, tel, tol=1e-6, forward=fwd)
 
 
-def test_matmul_path():
-  """Chunks wide enough for `jnp.dot` inside the kernels (forced with a small `min_dot`)."""
+def test_gpu_layout_paths():
+  """What the GPU build uses and CPU defaults do not: `jnp.dot` inside the kernels (forced
+  with a small `min_dot`) and chunk widths padded to powers of two with masked loads/stores."""
   tiling = kpallas.Tiling(strip_rows=8, tile_rows=4, max_seeds=2, max_cols=64, nodes=4,
-                          min_dot=1, bwd_strip_rows=16)
+                          min_dot=1, bwd_strip_rows=16, pad_chunks=True)
   fused = kpallas.make_fused_blend(tiling)
   fwd = lambda *a, **k: common.forward(*a, fused=fused, **k)
   spec, params, seeds, x, u, tel = make_layer("uneven_parallel", jax.random.PRNGKey(5))
@@ -271,3 +272,37 @@ def test_all_dormant_layer_is_identity():
   for g in jax.tree.leaves(grads[0]):
     assert not np.asarray(g).any()
   check_against_reference(spec, params, seeds, x, u, tel, tol=1e-5)
+
+
+@pytest.mark.parametrize("dim,num_seeds,blueprints", [
+    (256, 4, bp.default_blueprints()),  # chunks of 64: matmuls, GLU, diagonal
+    (100, 3, bp.default_blueprints(parallel_hidden=6)),  # uneven, padded widths, parallel
+    (64, 64, NODE_BLUEPRINTS),  # per-node mode
+])
+def test_gpu_lowering(monkeypatch, dim, num_seeds, blueprints):
+  """The GPU build (Triton lowering: power-of-two tensors, masked tails) lowers, checked on
+  CPU by lowering for the CUDA platform without compiling."""
+  spec = layer.KasminaSpec(dim=dim, num_seeds=num_seeds, blueprints=blueprints, input_dim=7)
+  seeds = lifecycle.init_seed_state(num_seeds).replace(
+      stage=jnp.arange(num_seeds, dtype=jnp.int32) % len(Stage),
+      blueprint=jnp.arange(num_seeds, dtype=jnp.int32) % len(blueprints))
+  params = layer.init_children(spec)
+  x = jnp.ones((100, dim), jnp.bfloat16)
+  u = jnp.ones((100, 7), jnp.bfloat16)
+  tel = layer.init_telemetry(spec)
+  monkeypatch.setattr(kpallas, "_on_gpu", lambda: True)
+
+  def loss(params, x, u):
+    out, aux = common.forward(spec, params, seeds, x, u=u, telemetry=tel,
+                              fused=kpallas.fused_blend)
+    return jnp.sum(out.astype(jnp.float32)) + aux.child_loss + jnp.sum(aux.telemetry.gram)
+
+  traced = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(params, x, u)
+  try:
+    text = traced.lower(lowering_platforms=("cuda",)).as_text()
+  except (NotImplementedError, RuntimeError) as e:  # a jaxlib built without GPU lowering
+    if "cuda" in str(e).lower() or "platform" in str(e).lower():
+      pytest.skip(f"no CUDA lowering in this jaxlib: {e}")
+    raise
+  launches = 2 if dim % num_seeds else 1
+  assert text.count("__gpu$xla.gpu.triton") == 2 * launches

@@ -60,12 +60,14 @@ class Tiling:
   `jnp.dot` (Triton needs 16), smaller ones broadcast and reduce; dot_precision: "highest"
   (exact float32) or "tf32x3" (GPU only); num_warps / num_stages: Triton compiler parameters;
   bwd_strip_rows / bwd_max_seeds: the same for the backward kernels (longer strips there keep
-  the per-strip partial parameter gradients small; fewer seeds a program keep the grid full).
+  the per-strip partial parameter gradients small; fewer seeds a program keep the grid full);
+  pad_chunks: compute on chunk widths padded to a power of two with masked loads and stores
+  (None: on GPU, where Triton needs it).
   """
 
   strip_rows: int = 256
   tile_rows: int = 32
-  max_seeds: int = 8
+  max_seeds: int = 2
   max_cols: int = 512
   nodes: int = 128
   min_dot: int = 16
@@ -74,6 +76,7 @@ class Tiling:
   num_stages: int | None = None
   bwd_strip_rows: int = 1024
   bwd_max_seeds: int = 2
+  pad_chunks: bool | None = None
 
 
 GPU_TILING = Tiling()
@@ -146,6 +149,7 @@ class _Cfg:
   n: int
   ks: int
   cs: int
+  cw: int  # width the kernel computes on: cs, or cs padded to a power of two (GPU)
   k0: int
   col0: int
   h: int
@@ -201,7 +205,9 @@ def _make_cfg(spec, launch: _Launch, n: int, h: int, tiling: Tiling, telemetry: 
     raise ValueError(f"Tiling.dot_precision: expected 'highest' or 'tf32x3', got "
                      f"{tiling.dot_precision!r}")
   acts = tuple(sorted(set(int(a) for a in np.asarray(cat.act_id))))
-  return _Cfg(n=n, ks=launch.ks, cs=launch.cs, k0=launch.k0, col0=launch.col0, h=h, acts=acts,
+  pad = tiling.pad_chunks if tiling.pad_chunks is not None else not interpret
+  cw = _pow2_ceil(launch.cs) if pad and launch.cs > 1 else launch.cs
+  return _Cfg(n=n, ks=launch.ks, cs=launch.cs, cw=cw, k0=launch.k0, col0=launch.col0, h=h, acts=acts,
               glu=cat.any_glu, diag=cat.any_diagonal, par=par, telemetry=telemetry,
               corr=telemetry and spec.correlation, corr_rows=min(spec.corr_rows, n),
               dead_eps=float(spec.dead_eps), strip=strip, tile=tile, group=group,
@@ -320,6 +326,28 @@ def _row_valid(cfg, t, strip_id):
   return rows, ids < cfg.n
 
 
+def _tile_mask(cfg, valid):
+  """(R, cw) bool mask of the tile's valid rows and real chunk columns, or None (all)."""
+  colm = None
+  if cfg.cw != cfg.cs:
+    colm = jax.lax.broadcasted_iota(jnp.int32, (1, cfg.cw), 1) < cfg.cs
+  if valid is None and colm is None:
+    return None
+  if colm is None:
+    return jnp.broadcast_to(valid, (cfg.tile, cfg.cw))
+  if valid is None:
+    return jnp.broadcast_to(colm, (cfg.tile, cfg.cw))
+  return valid & colm
+
+
+def _chunk_cols(cfg, g, strip_id):
+  if cfg.cw == cfg.cs:
+    return slice(g * cfg.cs, (g + 1) * cfg.cs)
+  # The padded tile of the group's last seed reaches past the block (masked): a traced start
+  # keeps the static bounds check of ref slices out of the way.
+  return pl.ds(strip_id * 0 + g * cfg.cs, cfg.cw)
+
+
 def _tel_init(cfg, width):
   z = jnp.zeros((width,), _F32)
   acc = {"x2": z}
@@ -331,7 +359,7 @@ def _tel_init(cfg, width):
   return acc
 
 
-def _tel_update(cfg, acc, xv, valid, shift, t, strip_id):
+def _tel_update(cfg, acc, xv, valid, shift, t, strip_id, mask=None):
   """Adds one tile's telemetry sums (xv: (R, W) float32, 0 on invalid rows)."""
   acc = dict(acc)
   acc["x2"] = acc["x2"] + jnp.sum(xv * xv, axis=0)
@@ -341,7 +369,8 @@ def _tel_update(cfg, acc, xv, valid, shift, t, strip_id):
   dead = jnp.abs(xv) <= cfg.dead_eps
   if valid is not None:
     d = jnp.where(valid, d, 0.0)
-    dead = dead & valid
+  if mask is not None:
+    dead = dead & mask
   acc["tsum"] = acc["tsum"] + jnp.sum(d, axis=0)
   acc["tsumsq"] = acc["tsumsq"] + jnp.sum(d * d, axis=0)
   acc["tdead"] = acc["tdead"] + jnp.sum(jnp.where(dead, 1.0, 0.0), axis=0)
@@ -410,10 +439,10 @@ def _load_params(cfg, r, g):
 
 
 def _chunk_fwd_kernel(cfg: _Cfg, r):
-  cs, steps = cfg.cs, cfg.strip // cfg.tile
+  cs, steps = cfg.cw, cfg.strip // cfg.tile
   strip_id = pl.program_id(0)
   for g in range(cfg.group):
-    cols = slice(g * cs, (g + 1) * cs)
+    cols = _chunk_cols(cfg, g, strip_id)
     sc = lambda j, g=g: r["sc"][g, j]
     shift = r["shift"][g] if cfg.telemetry else None
 
@@ -425,7 +454,7 @@ def _chunk_fwd_kernel(cfg: _Cfg, r):
 
       def tile(t, acc):
         rows, valid = _row_valid(cfg, t, strip_id)
-        mask = None if valid is None else jnp.broadcast_to(valid, (cfg.tile, cs))
+        mask = _tile_mask(cfg, valid)
         xt = _ld(r["x"], (rows, cols), mask).astype(_F32)
         xv = xt if valid is None else jnp.where(valid, xt, 0.0)
         acc = dict(acc)
@@ -445,7 +474,7 @@ def _chunk_fwd_kernel(cfg: _Cfg, r):
         else:
           out = xv
         _st(r["out"], (rows, cols), out.astype(r["out"].dtype), mask)
-        return _tel_update(cfg, acc, xv, valid, shift, t, strip_id)
+        return _tel_update(cfg, acc, xv, valid, shift, t, strip_id, mask)
 
       acc = jax.lax.fori_loop(0, steps, tile, acc0)
       _tel_store(cfg, r, acc, g, strip_id)
@@ -457,10 +486,10 @@ def _chunk_fwd_kernel(cfg: _Cfg, r):
 
 
 def _chunk_bwd_kernel(cfg: _Cfg, r):
-  cs, h, steps = cfg.cs, cfg.h, cfg.strip // cfg.tile
+  cs, h, steps = cfg.cw, cfg.h, cfg.strip // cfg.tile
   strip_id = pl.program_id(0)
   for g in range(cfg.group):
-    cols = slice(g * cs, (g + 1) * cs)
+    cols = _chunk_cols(cfg, g, strip_id)
     sc = lambda j, g=g: r["sc"][g, j]
 
     def grads_init():
@@ -477,7 +506,7 @@ def _chunk_bwd_kernel(cfg: _Cfg, r):
 
       def tile(t, acc):
         rows, valid = _row_valid(cfg, t, strip_id)
-        mask = None if valid is None else jnp.broadcast_to(valid, (cfg.tile, cs))
+        mask = _tile_mask(cfg, valid)
         pmask = None if valid is None else jnp.broadcast_to(valid, (cfg.tile, h))
         ct = _ld(r["ct"], (rows, cols), mask).astype(_F32)
         if not with_child:
@@ -607,7 +636,7 @@ def _node_fwd_kernel(cfg: _Cfg, r):
       else:
         out = xv
       _st(r["out"], (rows, slice(None)), out.astype(r["out"].dtype), mask)
-      return _tel_update(cfg, acc, xv, valid, shift, t, strip_id)
+      return _tel_update(cfg, acc, xv, valid, shift, t, strip_id, mask)
 
     acc = jax.lax.fori_loop(0, steps, tile, acc0)
     _tel_store(cfg, r, acc, None, strip_id)
@@ -739,20 +768,23 @@ def _launch_params(cfg: _Cfg, params: bp_lib.ChildParams, hm: jax.Array):
   `cfg.h`, float32 (small arrays: XLA slices them)."""
   sl = slice(cfg.k0, cfg.k0 + cfg.ks)
   hp = cfg.h - params.b1.shape[-1]
+  cp = cfg.cw - cfg.cs
   padh = lambda a, axis: a if hp == 0 else jnp.pad(
       a, [(0, 0)] * axis + [(0, hp)] + [(0, 0)] * (a.ndim - axis - 1))
-  out = {"w1": padh(params.w1[sl, :cfg.cs], 2), "b1": padh(params.b1[sl], 1),
-         "w2": padh(params.w2[sl, :, :cfg.cs], 1), "b2": params.b2[sl, :cfg.cs],
+  padc = lambda a, axis: a if cp == 0 else jnp.pad(
+      a, [(0, 0)] * axis + [(0, cp)] + [(0, 0)] * (a.ndim - axis - 1))
+  out = {"w1": padc(padh(params.w1[sl, :cfg.cs], 2), 1), "b1": padh(params.b1[sl], 1),
+         "w2": padc(padh(params.w2[sl, :, :cfg.cs], 1), 2), "b2": padc(params.b2[sl, :cfg.cs], 1),
          "hm": padh(hm[sl], 1)}
   if cfg.glu:
-    out.update(wg=padh(params.wg[sl, :cfg.cs], 2), bg=padh(params.bg[sl], 1))
+    out.update(wg=padc(padh(params.wg[sl, :cfg.cs], 2), 1), bg=padh(params.bg[sl], 1))
   if cfg.diag:
-    out["s"] = params.s[sl, :cfg.cs]
+    out["s"] = padc(params.s[sl, :cfg.cs], 1)
   return {k: v.astype(_F32) for k, v in out.items()}
 
 
 def _param_specs(cfg: _Cfg, p):
-  g, cs, h = cfg.group, cfg.cs, cfg.h
+  g, cs, h = cfg.group, cfg.cw, cfg.h
   shapes = {"w1": (g, cs, h), "wg": (g, cs, h), "w2": (g, h, cs), "b1": (g, h), "bg": (g, h),
             "b2": (g, cs), "s": (g, cs), "hm": (g, h)}
   return [(k, v, pl.BlockSpec(shapes[k], lambda i, j, n=len(shapes[k]): (j,) + (0,) * (n - 1)))
@@ -793,9 +825,9 @@ def _partial_spec(cfg: _Cfg, extra=(), gram=False):
     if gram:
       return pl.BlockSpec((None, w), lambda i, j: (jnp.minimum(i, cfg.gram_strips - 1), j))
     return pl.BlockSpec((None, w) + extra, lambda i, j: (i, j) + (0,) * len(extra))
-  tail = (cfg.cs,) + extra
+  tail = (cfg.cw,) + extra
   if gram:
-    tail = (cfg.cs, cfg.cs)
+    tail = (cfg.cw, cfg.cw)
     return pl.BlockSpec((None, w) + tail,
                         lambda i, j: (jnp.minimum(i, cfg.gram_strips - 1), j, 0, 0))
   return pl.BlockSpec((None, w) + tail, lambda i, j: (i, j) + (0,) * len(tail))
@@ -808,29 +840,7 @@ def _pad_hidden(h: int, interpret: bool) -> int:
   return h if interpret else _pow2_ceil(h)
 
 
-def gpu_supported(spec) -> bool:
-  """Whether the GPU (Triton) lowering can run this layer: every chunk width a power of two
-  (Triton tensors must have power-of-two sizes). Others run the contract under XLA."""
-  return all(_is_pow2(l.cs) for l in _launches(spec))
-
-
-_FALLBACK_NOTED = set()
-
-
-def _fallback(spec) -> bool:
-  if _on_gpu() and not gpu_supported(spec):
-    if spec.chunk_sizes not in _FALLBACK_NOTED:
-      _FALLBACK_NOTED.add(spec.chunk_sizes)
-      _LOG.info("kasmina_jax: impl='pallas' needs power-of-two chunk widths on GPU; chunk "
-                "widths %s run the jnp contract under XLA instead",
-                sorted(set(spec.chunk_sizes)))
-    return True
-  return False
-
-
 def _forward(tiling: Tiling | None, spec, telemetry, x2d, params, seed_in, pre_u, shift):
-  if _fallback(spec):
-    return common.fused_blend_reference(spec, telemetry, x2d, params, seed_in, pre_u, shift)
   interpret = not _on_gpu()
   tiling = tiling or (INTERPRET_TILING if interpret else GPU_TILING)
   n = x2d.shape[0]
@@ -860,16 +870,18 @@ def _forward(tiling: Tiling | None, spec, telemetry, x2d, params, seed_in, pre_u
       ins.append(("sc", sc_all[sl], pl.BlockSpec((cfg.group, _NSC), lambda i, j: (j, 0))))
       ins += _param_specs(cfg, p)
       kernel = _chunk_fwd_kernel
-      part_shape = lambda s: (s, cfg.ks, cfg.cs)
-      gram_shape = (s_g, cfg.ks, cfg.cs, cfg.cs)
+      part_shape = lambda s: (s, cfg.ks, cfg.cw)
+      gram_shape = (s_g, cfg.ks, cfg.cw, cfg.cw)
     if cfg.par:
       ins.append(("pu", pre_u, _pu_spec(cfg, h)))
     if cfg.telemetry:
       sh = shift[sl, :cfg.cs]
+      if cfg.cw != cfg.cs:
+        sh = jnp.pad(sh, [(0, 0), (0, cfg.cw - cfg.cs)])
       if cfg.node:
         ins.append(("shift", jnp.transpose(sh), pl.BlockSpec((1, cfg.group), lambda i, j: (0, j))))
       else:
-        ins.append(("shift", sh, pl.BlockSpec((cfg.group, cfg.cs), lambda i, j: (j, 0))))
+        ins.append(("shift", sh, pl.BlockSpec((cfg.group, cfg.cw), lambda i, j: (j, 0))))
     aliases = None
     if out is not None:
       ins.append(("out_in", out, _x_spec(cfg)))
@@ -880,7 +892,7 @@ def _forward(tiling: Tiling | None, spec, telemetry, x2d, params, seed_in, pre_u
     outs += [(k, sds(part_shape(s_n)), _partial_spec(cfg)) for k in part_names]
     if cfg.corr:
       outs.append(("csum", sds(part_shape(s_g)), _partial_spec(cfg, gram=cfg.node)
-                   if cfg.node else pl.BlockSpec((None, cfg.group, cfg.cs),
+                   if cfg.node else pl.BlockSpec((None, cfg.group, cfg.cw),
                                                  lambda i, j: (jnp.minimum(i, s_g - 1), j, 0))))
       outs.append(("gram", sds(gram_shape), _partial_spec(cfg, gram=True)))
     res = _call(kernel, cfg, tiling, grid, ins, outs, aliases, name="kasmina_fwd")
@@ -892,6 +904,8 @@ def _forward(tiling: Tiling | None, spec, telemetry, x2d, params, seed_in, pre_u
     pieces = []
     for cfg, res in parts:
       v = jnp.sum(res[key], axis=reduce_axis)
+      if cfg.cw != cfg.cs:
+        v = v[:, :cfg.cs, :cfg.cs] if key == "gram" else v[:, :cfg.cs]
       if cfg.node:
         v = v[:, None] if key != "gram" else v[:, None, None]
       pad = c - cfg.cs
@@ -918,9 +932,6 @@ def _forward(tiling: Tiling | None, spec, telemetry, x2d, params, seed_in, pre_u
 
 
 def _backward(tiling: Tiling | None, spec, x2d, params, seed_in, pre_u, ok, ct_out, ct_sum_r2):
-  if _fallback(spec):
-    return common.fused_blend_backward_reference(spec, x2d, params, seed_in, pre_u, ok, ct_out,
-                                                 ct_sum_r2)
   interpret = not _on_gpu()
   tiling = tiling or (INTERPRET_TILING if interpret else GPU_TILING)
   n = x2d.shape[0]
@@ -955,8 +966,9 @@ def _backward(tiling: Tiling | None, spec, x2d, params, seed_in, pre_u, ok, ct_o
       ins.append(("sc", sc_all[sl], pl.BlockSpec((cfg.group, _NSC), lambda i, j: (j, 0))))
       ins += _param_specs(cfg, p)
       kernel = _chunk_bwd_kernel
-      per = {"dw1": (cfg.cs, h), "dwg": (cfg.cs, h), "dw2": (h, cfg.cs), "db1": (h,),
-             "dbg": (h,), "db2": (cfg.cs,), "ds": (cfg.cs,)}
+      cw = cfg.cw
+      per = {"dw1": (cw, h), "dwg": (cw, h), "dw2": (h, cw), "db1": (h,), "dbg": (h,),
+             "db2": (cw,), "ds": (cw,)}
       gshape = {k: (s_n, cfg.ks) + per[k] for k in gnames}
       gspec = lambda k: pl.BlockSpec((None, cfg.group) + per[k],
                                      lambda i, j, n=len(per[k]): (i, j) + (0,) * n)
@@ -994,15 +1006,15 @@ def _backward(tiling: Tiling | None, spec, x2d, params, seed_in, pre_u, ok, ct_o
           v = v[:, None, :]
         elif name == "w2":
           v = v[:, :, None]
-      # hidden padding off, chunk padding on
+      # kernel padding off, the layout's chunk padding on
       if name in ("w1", "wg"):
-        v = jnp.pad(v[..., :h0], [(0, 0), (0, c - cfg.cs), (0, 0)])
+        v = jnp.pad(v[:, :cfg.cs, :h0], [(0, 0), (0, c - cfg.cs), (0, 0)])
       elif name == "w2":
-        v = jnp.pad(v[:, :h0, :], [(0, 0), (0, 0), (0, c - cfg.cs)])
+        v = jnp.pad(v[:, :h0, :cfg.cs], [(0, 0), (0, 0), (0, c - cfg.cs)])
       elif name in ("b1", "bg"):
         v = v[:, :h0]
       else:  # b2, s
-        v = jnp.pad(v, [(0, 0), (0, c - cfg.cs)])
+        v = jnp.pad(v[:, :cfg.cs], [(0, 0), (0, c - cfg.cs)])
       pieces.append(v)
     v = pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=0)
     return v.reshape(like.shape).astype(like.dtype)
