@@ -26,9 +26,9 @@ from kasmina_jax.kernels import common
 
 IMPLS = ("auto", "reference", "pallas", "triton")
 
-# GPU model (`jax.Device.device_kind`) -> the backend measured fastest there, forward and
-# backward together, in `benchmarks/` (see benchmarks/RESULTS.md). Models not listed get
-# `DEFAULT_GPU_IMPL`.
+# GPU model (`jax.Device.device_kind`, e.g. "NVIDIA H100 80GB HBM3") -> the backend measured
+# fastest there, forward and backward together, in `benchmarks/` (see benchmarks/RESULTS.md).
+# Models not listed get `DEFAULT_GPU_IMPL`.
 AUTO_BY_GPU: dict[str, str] = {}
 DEFAULT_GPU_IMPL = "pallas"
 
@@ -38,7 +38,7 @@ def cuda_device_kind() -> str | None:
   if jax.default_backend() != "gpu":
     return None
   dev = jax.devices()[0]
-  version = str(getattr(dev.client, "platform_version", "")).lower()
+  version = str(getattr(getattr(dev, "client", None), "platform_version", "")).lower()
   if "rocm" in version or "hip" in version:
     return None
   return dev.device_kind

@@ -1,25 +1,32 @@
 """The fused primitive (`kernels.common`) as Pallas kernels.
 
 On an NVIDIA GPU `pl.pallas_call` lowers through Triton; on any other platform the kernels run
-in interpret mode (that is how CI checks them, on CPU).
+in interpret mode (that is how CI checks them, on CPU). Newer JAX versions warn that the
+Triton lowering of Pallas is deprecated: the warning is filtered and explained once in the
+log; `impl="triton"` (jax-triton) is the maintained GPU path.
 
 Layout. `x` stays in its natural `(N, D)` layout. A launch covers chunks of one width `cs`
 (an uneven split, `D % K != 0`, takes two launches: the `D % K` wide chunks, then the narrow
-ones, the second writing into the first's output through `input_output_aliases`).
+ones, the second writing into the first's output through `input_output_aliases`). On GPU a
+chunk width that is not a power of two is computed on a tile padded to one, with masked loads
+and stores (Triton tensors have power-of-two sizes); so is the hidden width.
 
 * Chunk kernels (`cs > 1`): grid (row strips, seed groups). A program owns `G` seeds and a
   strip of rows; for each of its seeds it walks the strip in tiles of `tile_rows` rows,
-  evaluates the child on the `(tile_rows, cs)` tile (matmuls on the MXU/tensor cores where
-  every dimension is at least `min_dot`, broadcast-and-reduce otherwise), blends, writes the
-  output tile and keeps the telemetry sums of the strip in registers; the per-strip partial
-  sums are written once and reduced by XLA. A seed without a live child runs a loop without
-  any child work (`lax.cond` on its stage).
+  evaluates the child on the `(tile_rows, cs)` tile (`jnp.dot` where every dimension is at
+  least `min_dot`, broadcast-and-reduce otherwise), blends, writes the output tile and keeps
+  the telemetry sums of the strip in registers; the per-strip partial sums are written once
+  and reduced by XLA. A seed without a live child runs a loop without any child work
+  (`lax.cond` on its stage): it reads `x`, takes the telemetry and writes `x` back.
 * The per-node kernel (`cs == 1`, per-node mode): grid (row strips, node blocks). A program
   owns a block of nodes (one seed each) and evaluates every child element-wise, unrolled over
   the hidden units: no tiny per-seed tiles.
 
+The output is written before the pass knows whether a child's output is finite on every row;
+`common.apply_guard` rewrites the chunks of non-finite seeds afterwards, only when one exists.
 The backward kernels recompute the children (they are small) from `x` and read the output
-cotangent once; they write the input cotangent and per-strip partial parameter cotangents.
+cotangent once; they write the input cotangent and per-strip partial parameter cotangents
+(reduced by XLA).
 """
 
 from __future__ import annotations
@@ -424,9 +431,6 @@ def _chunk_child(cfg, p, sc, xv, pu, grad=False):
   if cfg.diag:
     f = f + sc(_DIAG) * p["s"][None, :] * xv
   return pre, dact, a0, gate, a, f
-
-
-_PARAM_NAMES = ("w1", "b1", "wg", "bg", "w2", "b2", "s", "hm")
 
 
 def _load_params(cfg, r, g):
@@ -990,7 +994,7 @@ def _backward(tiling: Tiling | None, spec, x2d, params, seed_in, pre_u, ok, ct_o
     dpu = res.get("dpu")
     grads.append((cfg, {k: jnp.sum(res[k], axis=0) for k in gnames}))
 
-  c, k_all = spec.chunk_width, spec.num_seeds
+  c = spec.chunk_width
 
   def assemble(name, like):
     """Per-launch gradients back into the (K, ...) padded layout of `like`."""
@@ -1025,7 +1029,6 @@ def _backward(tiling: Tiling | None, spec, x2d, params, seed_in, pre_u, ok, ct_o
     dpu = dpu[..., :h0] if h != h0 else dpu
   else:
     dpu = None
-  del k_all
   return dx, dparams, dpu
 
 
