@@ -56,11 +56,12 @@ def demo_config(epochs: int) -> training.TrainConfig:
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--seeds", type=int, default=3, help="RNG seeds per variant")
-  parser.add_argument("--epochs", type=int, default=24)
+  parser.add_argument("--epochs", type=int, default=16)
   parser.add_argument("--train", type=int, default=2560, help="training points")
   parser.add_argument("--test", type=int, default=2000, help="held-out points")
   parser.add_argument("--small", type=int, default=8, help="hidden width of the small host")
   parser.add_argument("--large", type=int, default=64, help="hidden width of fixed-large")
+  parser.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate")
   parser.add_argument("--out", default="runs/spirals")
   parser.add_argument("--no-plots", action="store_true")
   parser.add_argument("--progress", action="store_true", help="progress bar per run")
@@ -78,7 +79,7 @@ def main(argv=None):
       log = os.path.join(args.out, f"grown_seed{seed}.jsonl") if variant == "grown" else None
       r = experiments.run_variant(
           variant, models.__getitem__, train, test, training.cross_entropy_loss,
-          epochs=args.epochs, batch_size=64, seed=seed, learning_rate=1e-2, config=config,
+          epochs=args.epochs, batch_size=64, seed=seed, learning_rate=args.lr, config=config,
           log_path=log, progress=args.progress)
       results.append(r)
       print(f"seed {seed} {variant:12s} acc {100 * r.metric:6.2f}%  params {r.params:6d}  "

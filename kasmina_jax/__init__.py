@@ -11,13 +11,19 @@ Modules: `lifecycle`, `grafting`, `blueprints`, `telemetry`, `layer` (the `jnp` 
 """
 
 from kasmina_jax import blueprints
+from kasmina_jax import datasets
+from kasmina_jax import distributed
+from kasmina_jax import experiments
 from kasmina_jax import grafting
+from kasmina_jax import kernels
 from kasmina_jax import layer
 from kasmina_jax import lifecycle
 from kasmina_jax import nn
+from kasmina_jax import nnx
 from kasmina_jax import optim
 from kasmina_jax import tamiyo
 from kasmina_jax import telemetry
+from kasmina_jax import training
 from kasmina_jax.blueprints import Blueprint, ChildParams, default_blueprints
 from kasmina_jax.grafting import (
     DEFAULT_STRATEGIES,
@@ -59,5 +65,6 @@ __all__ = [
     "StepAux", "TamiyoConfig", "apply_commands", "blueprints", "cancel_germination", "decide",
     "default_blueprints", "forward", "grafting", "grafting_step", "health_report",
     "init_seed_state", "layer", "lifecycle", "make_commands", "nn", "no_commands", "optim",
-    "request_germination", "tamiyo", "telemetry", "update_readiness",
+    "request_germination", "tamiyo", "telemetry", "update_readiness", "datasets",
+    "distributed", "experiments", "kernels", "nnx", "training",
 ]

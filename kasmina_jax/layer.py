@@ -342,7 +342,7 @@ def forward(spec: KasminaSpec, params: bp_lib.ChildParams, seeds, x: jax.Array, 
     raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
   if impl != "reference":
     from kasmina_jax import kernels  # pylint: disable=g-import-not-at-top
-    resolved = kernels.resolve_impl(impl)
+    resolved = kernels.resolve_impl(impl, spec)
     if resolved != "reference":
       return kernels.forward(spec, params, seeds, x, u=u, telemetry=telemetry,
                              eval_alpha=eval_alpha, impl=resolved)

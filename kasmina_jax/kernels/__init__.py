@@ -26,10 +26,15 @@ from kasmina_jax.kernels import common
 
 IMPLS = ("auto", "reference", "pallas", "triton")
 
-# GPU model (`jax.Device.device_kind`, e.g. "NVIDIA H100 80GB HBM3") -> the backend measured
-# fastest there, forward and backward together, in `benchmarks/` (see benchmarks/RESULTS.md).
+# GPU model (`jax.Device.device_kind`) -> {layer mode: the backend measured fastest there,
+# forward and forward+backward, by benchmarks/bench_layer.py (benchmarks/RESULTS.md)}. Modes:
+# "chunk" (chunks of several nodes) and "per_node" (num_seeds == dim). H100, 2026-11-25,
+# float32, 16384 x 4096: 64 seeds, Triton 0.358 / 1.237 ms against Pallas 0.562 / 2.107 ms
+# (fwd / fwd+bwd, all seeds blending); per-node forward, Pallas 0.795 ms against Triton 1.243.
 # Models not listed get `DEFAULT_GPU_IMPL`.
-AUTO_BY_GPU: dict[str, str] = {}
+AUTO_BY_GPU: dict[str, dict[str, str]] = {
+    "NVIDIA H100 80GB HBM3": {"chunk": "triton", "per_node": "pallas"},
+}
 DEFAULT_GPU_IMPL = "pallas"
 
 
@@ -49,8 +54,11 @@ def triton_available() -> bool:
   return importlib.util.find_spec("jax_triton") is not None
 
 
-def resolve_impl(impl: str) -> str:
+def resolve_impl(impl: str, spec=None) -> str:
   """Maps a user's `impl` to the backend that will run: "reference", "pallas" or "triton".
+
+  For "auto", `spec` (a `KasminaSpec`, optional) selects the layer mode looked up in
+  `AUTO_BY_GPU`: "per_node" when every chunk has one node, else "chunk".
 
   Raises ValueError for an unknown name, and for "triton" where jax-triton or an NVIDIA GPU
   is missing (an explicit request is never silently replaced).
@@ -71,7 +79,8 @@ def resolve_impl(impl: str) -> str:
   # auto
   if kind is None:
     return "reference"
-  choice = AUTO_BY_GPU.get(kind, DEFAULT_GPU_IMPL)
+  mode = "per_node" if (spec is not None and spec.chunk_width == 1) else "chunk"
+  choice = AUTO_BY_GPU.get(kind, {}).get(mode, DEFAULT_GPU_IMPL)
   if choice == "triton" and not triton_available():
     return "pallas"
   return choice
