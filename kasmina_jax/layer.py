@@ -258,6 +258,17 @@ def _mim_bwd(res, ct):
 _masked_input_matmul.defvjp(_mim_fwd, _mim_bwd)
 
 
+def parallel_first_layer(u2: jax.Array, w1u: jax.Array, host_grad: jax.Array,
+                         live_parallel: jax.Array) -> jax.Array:
+  """The parallel children's first layer `u @ W1u` for every seed, one GEMM; skipped (zeros)
+  while no parallel-wired child is live, so dormant parallel seeds cost no GEMM."""
+  k, _, h = w1u.shape
+  return jax.lax.cond(
+      jnp.any(live_parallel),
+      lambda: _masked_input_matmul(u2, w1u, host_grad),
+      lambda: jnp.zeros((u2.shape[0], k, h), jnp.float32))
+
+
 @jax.custom_vjp
 def _guarded_child(params, tables, xb, pre_u):
   """`child_branch` with the non-finite guard: returns `(f, ok)`, `f` zero for bad seeds;
@@ -378,7 +389,8 @@ def forward_reference(spec: KasminaSpec, params: bp_lib.ChildParams, seeds, x: j
   pre_u = None
   if catalog.any_parallel:
     u2 = u.reshape((rows, spec.input_dim)).astype(jnp.float32)
-    pre_u = _masked_input_matmul(u2, p_eff.w1u, host_grad.astype(jnp.float32))
+    pre_u = parallel_first_layer(u2, p_eff.w1u, host_grad.astype(jnp.float32),
+                                 live & (tables.parallel > 0))
   f, ok = _guarded_child(p_eff, tables, x_child, pre_u)
   ok = ok | ~live
   f = f * (node_mask[None] & live[None, :, None])

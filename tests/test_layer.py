@@ -45,7 +45,9 @@ PER_NODE = layer.KasminaSpec(dim=5, num_seeds=5)
 
 @functools.lru_cache(maxsize=None)
 def _dormant_state(num_seeds):
-  return init_seed_state(num_seeds)
+  # Concrete even when first asked for inside a jit trace (a cached tracer would leak).
+  with jax.ensure_compile_time_eval():
+    return init_seed_state(num_seeds)
 
 
 def make_seeds(num_seeds, stage, blueprint=0, alpha=0.0):

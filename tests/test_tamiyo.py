@@ -680,7 +680,9 @@ def test_property_decide_only_emits_commands_apply_accepts(scenario):
     before = np.asarray(new_ctrl.layers[n].bp_count)
     after = np.asarray(observed.layers[n].bp_count)
     ok = np.isfinite(before)
-    assert np.all(after[ok] >= before[ok])
+    # XLA on CPU flushes subnormals to zero: compare counts at float32's smallest normal.
+    tiny = np.finfo(np.float32).tiny
+    assert np.all(after[ok] >= np.where(np.abs(before[ok]) < tiny, 0.0, before[ok]))
   assert int(sum((np.asarray(c.op) == Op.GERMINATE).sum() for c in cmds.values())) <= 2
   if bool(new_ctrl.rollback_requested):
     for n in seeds:

@@ -305,7 +305,8 @@ def forward(spec: layer_lib.KasminaSpec, params: bp_lib.ChildParams, seeds, x: j
   pre_u = None
   if catalog.any_parallel:
     u2 = u.reshape((rows, spec.input_dim)).astype(jnp.float32)
-    pre_u = layer_lib._masked_input_matmul(u2, p_eff.w1u, host_grad.astype(jnp.float32))  # pylint: disable=protected-access
+    pre_u = layer_lib.parallel_first_layer(u2, p_eff.w1u, host_grad.astype(jnp.float32),
+                                           live & (seed_in.tables.parallel > 0))
 
   take_telemetry = telemetry is not None and not evaluating
   tel = shift = None
