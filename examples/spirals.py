@@ -15,8 +15,6 @@ import os
 import sys
 
 import flax.linen as nn
-import jax
-import jax.numpy as jnp
 
 from kasmina_jax import blueprints, experiments, grafting, lifecycle, tamiyo, training
 from kasmina_jax import datasets

@@ -64,7 +64,6 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from kasmina_jax import _checks
-from kasmina_jax import lifecycle
 from kasmina_jax import nn as knn
 from kasmina_jax import tamiyo
 from kasmina_jax import training
@@ -428,23 +427,12 @@ def fit(state: training.TrainState, train_data: dict, val_data: dict, loss_fn: t
       val = dp.place_val_batch(val_local, process_local=multi)
       state, out, rolled_back = dp.end_of_epoch(state, val, loss_fn, policy=policy,
                                                 last_good=last_good, log=log)
-      counts = training.param_counts(state)
-      active = sum(int(np.sum(np.asarray(lifecycle.stage_in(v.seeds.stage,
-                                                            lifecycle.ACTIVE_STAGES))))
-                   for v in knn.find_layers(state.kasmina).values())
-      record = {
-          "epoch": int(out.report.epoch), "train_loss": float(out.train_loss),
-          "val_loss": float(out.val_loss),
-          **{f"val_{k}": float(v) for k, v in out.val_metrics.items()},
-          "params": counts["model"], "active_seeds": active, "rolled_back": rolled_back,
-          "stages": {k: [lifecycle.Stage(int(s)).name for s in np.asarray(v)]
-                     for k, v in out.new_stage.items()},
-          "time": time.perf_counter() - start,
-      }
+      record = training.epoch_record(state, out, rolled_back, start)
       history.append(record)
       if bar is not None:
         bar.set_postfix(loss=f"{record['train_loss']:.3f}",
-                        acc=f"{record.get('val_accuracy', float('nan')):.3f}", seeds=active)
+                        acc=f"{record.get('val_accuracy', float('nan')):.3f}",
+                        seeds=record["active_seeds"])
   finally:
     if bar is not None:
       bar.close()

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import time
 from typing import Any, Callable
 
@@ -513,6 +512,21 @@ def _batches(data: dict, batch_size: int, rng: np.random.Generator):
     yield {k: v[idx] for k, v in data.items()}
 
 
+def epoch_record(state: TrainState, out: EpochOutput, rolled_back: bool, start: float) -> dict:
+  """One epoch's entry of `fit`'s history (plain Python values)."""
+  counts = param_counts(state)
+  active = sum(int(np.sum(np.asarray(lifecycle.stage_in(v.seeds.stage, lifecycle.ACTIVE_STAGES))))
+               for v in knn.find_layers(state.kasmina).values())
+  return {
+      "epoch": int(out.report.epoch), "train_loss": float(out.train_loss),
+      "val_loss": float(out.val_loss),
+      **{f"val_{k}": float(v) for k, v in out.val_metrics.items()},
+      "params": counts["model"], "active_seeds": active, "rolled_back": rolled_back,
+      "stages": {k: _stage_names(v) for k, v in out.new_stage.items()},
+      "time": time.perf_counter() - start,
+  }
+
+
 def fit(state: TrainState, train_data: dict, val_data: dict, loss_fn: LossFn, *,
         epochs: int, batch_size: int, policy: Callable = tamiyo.decide, seed: int = 0,
         log_path: str | None = None, progress: bool = True, rollback: bool = True,
@@ -553,22 +567,12 @@ def fit(state: TrainState, train_data: dict, val_data: dict, loss_fn: LossFn, *,
           bar.update(1)
       state, out, rolled_back = end_of_epoch(state, val_data, loss_fn, policy=policy,
                                              last_good=last_good, log=log)
-      counts = param_counts(state)
-      active = sum(int(np.sum(np.asarray(lifecycle.stage_in(v.seeds.stage, lifecycle.ACTIVE_STAGES))))
-                   for v in knn.find_layers(state.kasmina).values())
-      record = {
-          "epoch": int(out.report.epoch), "train_loss": float(out.train_loss),
-          "val_loss": float(out.val_loss),
-          **{f"val_{k}": float(v) for k, v in out.val_metrics.items()},
-          "params": counts["model"], "active_seeds": active, "rolled_back": rolled_back,
-          "stages": {k: _stage_names(v) for k, v in out.new_stage.items()},
-          "time": time.perf_counter() - start,
-      }
+      record = epoch_record(state, out, rolled_back, start)
       history.append(record)
       if bar is not None:
         bar.set_postfix(loss=f"{record['train_loss']:.3f}",
                         acc=f"{record.get('val_accuracy', float('nan')):.3f}",
-                        seeds=active)
+                        seeds=record["active_seeds"])
   finally:
     if bar is not None:
       bar.close()

@@ -44,7 +44,6 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from kasmina_jax import blueprints as bp_lib
-from kasmina_jax import layer as layer_lib
 from kasmina_jax import telemetry as tel_lib
 from kasmina_jax.kernels import common
 
