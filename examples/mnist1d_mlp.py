@@ -11,7 +11,6 @@ behave like added width (DESIGN.md, "Wiring").
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -98,19 +97,7 @@ def main(argv=None):
   args = parser.parse_args(argv)
   os.makedirs(args.out, exist_ok=True)
   results = run(args, args.out)
-  rows = experiments.summarize(results)
-  table = experiments.markdown_table(rows)
-  print(table)
-  with open(os.path.join(args.out, "results.md"), "w") as fh:
-    fh.write(table + "\n")
-  with open(os.path.join(args.out, "results.json"), "w") as fh:
-    json.dump({"args": vars(args), "rows": rows}, fh, indent=1)
-  if not args.no_plots:
-    from kasmina_jax import plots  # pylint: disable=g-import-not-at-top
-    paths = plots.plot_run(os.path.join(args.out, "grown_seed0.jsonl"), args.out)
-    paths.append(plots.plot_comparison(rows, os.path.join(args.out, "accuracy_vs_params.png")))
-    print("plots:", *paths, sep="\n  ")
-
+  experiments.write_report(results, args.out, config=vars(args), plots=not args.no_plots)
 
 if __name__ == "__main__":
   main(sys.argv[1:])

@@ -10,7 +10,6 @@ grown model's lifecycle timeline, health heatmap and curves (from its event log)
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -82,20 +81,8 @@ def main(argv=None):
       results.append(r)
       print(f"seed {seed} {variant:12s} acc {100 * r.metric:6.2f}%  params {r.params:6d}  "
             f"fossilized {r.fossilized}  {r.wall_time:5.1f}s", flush=True)
-  rows = experiments.summarize(results)
-  table = experiments.markdown_table(rows)
-  print(table)
-  with open(os.path.join(args.out, "results.md"), "w") as fh:
-    fh.write(table + "\n")
-  with open(os.path.join(args.out, "results.json"), "w") as fh:
-    json.dump({"rows": rows, "runs": [{"variant": r.variant, "seed": r.seed, "metric": r.metric,
-                                       "params": r.params, "fossilized": r.fossilized,
-                                       "history": r.history} for r in results]}, fh, indent=1)
-  if not args.no_plots:
-    from kasmina_jax import plots  # pylint: disable=g-import-not-at-top
-    paths = plots.plot_run(os.path.join(args.out, "grown_seed0.jsonl"), args.out)
-    paths.append(plots.plot_comparison(rows, os.path.join(args.out, "accuracy_vs_params.png")))
-    print("plots:", *paths, sep="\n  ")
+  rows = experiments.write_report(results, args.out, config=vars(args),
+                                  plots=not args.no_plots)
   return rows, results
 
 

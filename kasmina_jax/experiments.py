@@ -146,3 +146,32 @@ def markdown_table(rows: Sequence[dict], metric_name: str = "accuracy") -> str:
         f"| {r['val_loss_mean']:.4f} ± {r['val_loss_std']:.4f} | {r['params']:.0f} | {r['wall_time']:.1f} "
         f"| {r['fossilized']:.1f} |")
   return "\n".join(lines)
+
+
+def write_report(results: Sequence[RunResult], out_dir: str, *, config: dict | None = None,
+                 plots: bool = True, metric_name: str = "accuracy") -> list[dict]:
+  """Writes `results.md` (the table), `results.json` (rows, settings, every run's history)
+  and, with `plots`, the grown run's pictures (from `grown_seed0.jsonl` where it exists) and
+  the metric-against-parameters plot. Prints the table and the plot paths; returns the rows."""
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  rows = summarize(results)
+  table = markdown_table(rows, metric_name)
+  print(table)
+  with open(os.path.join(out_dir, "results.md"), "w") as fh:
+    fh.write(table + "\n")
+  with open(os.path.join(out_dir, "results.json"), "w") as fh:
+    json.dump({"config": config or {}, "rows": rows,
+               "runs": [{"variant": r.variant, "seed": r.seed, "metric": r.metric,
+                         "val_loss": r.val_loss, "params": r.params,
+                         "fossilized": r.fossilized, "wall_time": r.wall_time,
+                         "history": r.history} for r in results]}, fh, indent=1)
+  if plots:
+    from kasmina_jax import plots as plots_lib  # pylint: disable=g-import-not-at-top
+    paths = []
+    log = os.path.join(out_dir, "grown_seed0.jsonl")
+    if os.path.exists(log):
+      paths += plots_lib.plot_run(log, out_dir)
+    paths.append(plots_lib.plot_comparison(rows, os.path.join(out_dir, f"{metric_name}_vs_params.png")))
+    print("plots:", *paths, sep="\n  ")
+  return rows
