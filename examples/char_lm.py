@@ -119,16 +119,12 @@ def run(args, out_dir: str | None = None):
     idx = rng.permutation(len(train["x"]))[: steps_per_epoch * args.batch_size]
     epoch_train = {k: v[idx] for k, v in train.items()}
     for variant in args.variants.split(","):
-      log = (os.path.join(out_dir, f"grown_seed{seed}.jsonl")
-             if (out_dir and variant == "grown") else None)
       r = experiments.run_variant(
           variant, models.__getitem__, epoch_train, val, training.cross_entropy_loss,
           epochs=epochs, batch_size=args.batch_size, seed=seed, learning_rate=args.lr,
-          config=lm_config(), log_path=log, progress=args.progress)
+          config=lm_config(), log_dir=out_dir, progress=args.progress)
       results.append(r)
-      print(f"char-lm seed {seed} {variant:12s} acc {100 * r.metric:6.2f}%  "
-            f"val loss {r.val_loss:.4f}  params {r.params:7d}  fossilized {r.fossilized}  "
-            f"{r.wall_time:6.1f}s", flush=True)
+      print(r.summary("char-lm"), flush=True)
   return results
 
 

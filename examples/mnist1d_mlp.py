@@ -77,15 +77,12 @@ def run(args, out_dir: str | None = None):
   results = []
   for seed in range(args.seeds):
     for variant in args.variants.split(","):
-      log = (os.path.join(out_dir, f"grown_seed{seed}.jsonl")
-             if (out_dir and variant == "grown") else None)
       r = experiments.run_variant(
           variant, models.__getitem__, train, test, training.cross_entropy_loss,
           epochs=epochs, batch_size=args.batch_size, seed=seed, learning_rate=args.lr,
-          config=config, log_path=log, progress=args.progress)
+          config=config, log_dir=out_dir, progress=args.progress)
       results.append(r)
-      print(f"mnist1d seed {seed} {variant:12s} acc {100 * r.metric:6.2f}%  params {r.params:6d}  "
-            f"fossilized {r.fossilized}  {r.wall_time:6.1f}s", flush=True)
+      print(r.summary("mnist1d"), flush=True)
   return results
 
 

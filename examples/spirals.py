@@ -73,14 +73,12 @@ def main(argv=None):
   results = []
   for seed in range(args.seeds):
     for variant in experiments.VARIANTS:
-      log = os.path.join(args.out, f"grown_seed{seed}.jsonl") if variant == "grown" else None
       r = experiments.run_variant(
           variant, models.__getitem__, train, test, training.cross_entropy_loss,
           epochs=args.epochs, batch_size=64, seed=seed, learning_rate=args.lr, config=config,
-          log_path=log, progress=args.progress)
+          log_dir=args.out, progress=args.progress)
       results.append(r)
-      print(f"seed {seed} {variant:12s} acc {100 * r.metric:6.2f}%  params {r.params:6d}  "
-            f"fossilized {r.fossilized}  {r.wall_time:5.1f}s", flush=True)
+      print(r.summary("spirals"), flush=True)
   rows = experiments.write_report(results, args.out, config=vars(args),
                                   plots=not args.no_plots)
   return rows, results

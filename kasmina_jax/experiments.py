@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import time
 from typing import Callable, Sequence
 
@@ -82,12 +83,18 @@ class RunResult:
   fossilized: int
   state: training.TrainState | None = None
 
+  def summary(self, task: str) -> str:
+    """One progress line for this run."""
+    return (f"{task} seed {self.seed} {self.variant:12s} acc {100 * self.metric:6.2f}%  "
+            f"val loss {self.val_loss:.4f}  params {self.params:7d}  "
+            f"fossilized {self.fossilized}  {self.wall_time:6.1f}s")
+
 
 def run_variant(variant: str, make_model: Callable[[str], object], train: dict, test: dict,
                 loss_fn: training.LossFn, *, epochs: int, batch_size: int, seed: int,
                 learning_rate: float = 3e-3, config: training.TrainConfig = training.TrainConfig(),
                 ceiling_blueprint: str | Sequence[str] = ("parallel_mlp", "residual_mlp"), metric_key: str = "val_accuracy",
-                log_path: str | None = None, progress: bool = False,
+                log_dir: str | None = None, progress: bool = False,
                 keep_state: bool = False) -> RunResult:
   """Trains one variant. `make_model(variant)` builds its Linen model ("fixed_large" may
   be a wider host; the others share the small host)."""
@@ -100,6 +107,9 @@ def run_variant(variant: str, make_model: Callable[[str], object], train: dict, 
   if variant == "ceiling":
     state = children_from_start(state, ceiling_blueprint, jax.random.fold_in(key, 7))
   policy = tamiyo.decide if variant == "grown" else no_growth
+  # Only the grown run has a lifecycle worth logging.
+  log_path = (os.path.join(log_dir, f"grown_seed{seed}.jsonl")
+              if (log_dir and variant == "grown") else None)
   start = time.perf_counter()
   state, history = training.fit(state, train, test, loss_fn, epochs=epochs,
                                 batch_size=batch_size, policy=policy, seed=seed,
@@ -154,7 +164,6 @@ def write_report(results: Sequence[RunResult], out_dir: str, *, config: dict | N
   and, with `plots`, the grown run's pictures (from `grown_seed0.jsonl` where it exists) and
   the metric-against-parameters plot. Prints the table and the plot paths; returns the rows."""
   import json  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
   rows = summarize(results)
   table = markdown_table(rows, metric_name)
   print(table)
