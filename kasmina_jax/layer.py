@@ -11,7 +11,8 @@ the chunks are concatenated back. The stage rules (DESIGN.md's table):
   GRAFTING                   (1-a) x + a g(x)        x + a (g(sg x) - sg x)
   STABILIZATION/EVALUATING   g(x)                    g(x), child frozen
   FINE_TUNING                g(x)                    g(x), child learns
-  FOSSILIZED                 g(x)                    g(x), child frozen
+  FOSSILIZED                 g(x)                    g(x), child learns (fossil="integrated")
+                                                     or frozen (fossil="frozen")
 
 A child whose output is non-finite on a step contributes identity for that step: its output
 is masked by a `where` and its cotangents are zeroed in the backward, so no NaN reaches any
@@ -305,7 +306,9 @@ def _stage_masks(stage: jax.Array):
   grafting = s == Stage.GRAFTING
   full_on = (s >= Stage.STABILIZATION) & (s <= Stage.FOSSILIZED)
   live = training | grafting | full_on
-  learning = training | grafting | (s == Stage.FINE_TUNING)
+  # Gradients reach FOSSILIZED children too: whether a fossil learns is the optimizer's call
+  # (`LifecycleConfig.fossil`; `optim.learning_mask` freezes it in "frozen" mode).
+  learning = training | grafting | (s == Stage.FINE_TUNING) | (s == Stage.FOSSILIZED)
   return training, grafting, full_on, live, learning
 
 

@@ -110,8 +110,19 @@ BLENDING_STAGES = (
     Stage.FINE_TUNING,
     Stage.FOSSILIZED,
 )
-# Stages whose child parameters learn (see DESIGN.md's stage table).
+# Stages whose child parameters learn (see DESIGN.md's stage table); with
+# `LifecycleConfig.fossil == "integrated"` (the default) FOSSILIZED children learn too.
 LEARNING_STAGES = (Stage.TRAINING, Stage.GRAFTING, Stage.FINE_TUNING)
+# What a FOSSILIZED child does after it leaves the lifecycle (DESIGN.md, amendment 2).
+FOSSIL_MODES = ("integrated", "frozen")
+
+
+def learning_stages(fossil: str = "integrated") -> tuple:
+  """The stages whose child parameters learn: `LEARNING_STAGES`, plus FOSSILIZED when
+  `fossil == "integrated"` (a fossil is part of the host and keeps training with it)."""
+  if fossil not in FOSSIL_MODES:
+    raise ValueError(f"fossil: expected one of {FOSSIL_MODES}, got {fossil!r}")
+  return LEARNING_STAGES + ((Stage.FOSSILIZED,) if fossil == "integrated" else ())
 # Stages that count as "in flight" for emergency rollback.
 ROLLBACK_STAGES = (
     Stage.TRAINING,
@@ -153,8 +164,14 @@ class LifecycleConfig:
   fine_tuning_steps: int = 500
   fine_tuning_patience: int = 2
   embargo_epochs: int = 5
+  # "integrated": a fossilized child keeps training with the host (it is host capacity now);
+  # "frozen": the spec's literal reading, frozen forever. Either way it has left the
+  # lifecycle: no gate, cull or per-seed rollback touches it.
+  fossil: str = "integrated"
 
   def __post_init__(self):
+    if self.fossil not in FOSSIL_MODES:
+      raise ValueError(f"fossil: expected one of {FOSSIL_MODES}, got {self.fossil!r}")
     for name in ("min_training_steps", "max_training_steps", "stabilization_steps",
                  "fine_tuning_steps", "fine_tuning_patience", "embargo_epochs"):
       _checks.non_negative_int(name, getattr(self, name))

@@ -230,12 +230,12 @@ def set_seed_states(model: nnx.Module, states: dict[tuple, lifecycle.SeedState])
     layers[p].seeds.set_value(s)
 
 
-def learning_mask(model: nnx.Module, wrt: Any = nnx.Param) -> Any:
+def learning_mask(model: nnx.Module, wrt: Any = nnx.Param, *, fossil: str = "integrated") -> Any:
   """`optim.learning_mask` for an NNX model: a tree shaped like the params the optimizer sees
   (`nnx.as_pure(nnx.state(model, wrt))`); pass it as
   `optimizer.update(model, grads, learn_mask=learning_mask(model))`."""
   params = nnx.as_pure(nnx.state(model, wrt))
-  return optim.learning_mask(params, seed_states(model))
+  return optim.learning_mask(params, seed_states(model), fossil=fossil)
 
 
 def reset_optimizer_children(optimizer: nnx.Optimizer, model: nnx.Module,

@@ -125,19 +125,36 @@ def _mask_tree(params: Any, seeds: dict[tuple, Any], name: str,
   return jax.tree_util.tree_map_with_path(leaf, params, is_leaf=_is_child)
 
 
-def learning_mask(params: Any, kasmina: Any) -> Any:
+def learning_mask(params: Any, kasmina: Any, *, fossil: str = "integrated") -> Any:
   """Which parameters may learn this step: a tree of `params`' structure.
 
   Host leaves: `True` (a scalar bool array). `ChildParams` leaves: bool arrays shaped
   `(K, 1, ..., 1)` (broadcastable to the leaf): the seed's stage is in
-  `lifecycle.LEARNING_STAGES` and its child has not gone non-finite (`seeds.nonfinite`).
+  `lifecycle.learning_stages(fossil)` (TRAINING, GRAFTING, FINE_TUNING, and FOSSILIZED unless
+  `fossil="frozen"`) and its child has not gone non-finite (`seeds.nonfinite`).
 
   `kasmina`: the Linen `kasmina` collection, or a mapping `{layer path: SeedState}`.
   """
+  stages = lifecycle.learning_stages(fossil)
   seeds = _seeds_by_layer(kasmina, "kasmina")
-  return _mask_tree(
-      params, seeds, "learning_mask",
-      lambda s: lifecycle.stage_in(s.stage, lifecycle.LEARNING_STAGES) & ~s.nonfinite, True)
+  return _mask_tree(params, seeds, "learning_mask",
+                    lambda s: lifecycle.stage_in(s.stage, stages) & ~s.nonfinite, True)
+
+
+def host_partition_mask(params: Any, kasmina: Any, *, fossil: str = "integrated") -> Any:
+  """Which parameters are clipped with the host: a tree of `params`' structure.
+
+  Host leaves: `True`. `ChildParams` leaves: `(K, 1, ..., 1)` bool, set for the seeds whose
+  child is an integrated fossil (FOSSILIZED with `fossil="integrated"`): such a child is host
+  capacity now, so its gradient shares the host's clipping norm. Every other child is its own
+  partition. Pass it to the optimizer as `host_partition=` (see `clip_by_partition_norm`).
+  """
+  if fossil not in lifecycle.FOSSIL_MODES:
+    raise ValueError(f"fossil: expected one of {lifecycle.FOSSIL_MODES}, got {fossil!r}")
+  seeds = _seeds_by_layer(kasmina, "kasmina")
+  integrated = fossil == "integrated"
+  return _mask_tree(params, seeds, "host_partition_mask",
+                    lambda s: (s.stage == lifecycle.Stage.FOSSILIZED) & integrated, True)
 
 
 def reset_mask(params: Any, kasmina_old: Any, kasmina_new: Any) -> Any:
@@ -263,7 +280,8 @@ def stage_masked(inner: optax.GradientTransformation) -> optax.GradientTransform
   def init_fn(params):
     return StageMaskedState(inner_state=inner.init(params))
 
-  def update_fn(updates, state, params=None, *, learn_mask=None, **extra):
+  def update_fn(updates, state, params=None, *, learn_mask=None, host_partition=None, **extra):
+    del host_partition  # the clipping's argument (`clip_by_partition_norm`), not the inner's
     if learn_mask is None:
       raise TypeError("stage_masked: update needs learn_mask= (optim.learning_mask(params, "
                       "kasmina)); got none")
@@ -318,17 +336,38 @@ def _child_norm(child: ChildParams) -> jax.Array:
   return jnp.sqrt(total)
 
 
-def partition_norms(grads: Any) -> tuple[jax.Array, dict[tuple, jax.Array]]:
-  """`(host_norm, child_norms)`: the global L2 norm of every non-child leaf, and per layer
-  (keyed by layer path, as `nn.find_layers`) the `(K,)` L2 norm of each seed's child."""
+def partition_norms(grads: Any, host_partition: Any = None
+                    ) -> tuple[jax.Array, dict[tuple, jax.Array]]:
+  """`(host_norm, child_norms)`: the global L2 norm of the host partition, and per layer
+  (keyed by layer path, as `nn.find_layers`) the `(K,)` L2 norm of each seed's child.
+
+  The host partition is every non-child leaf, plus, with `host_partition` (from
+  `host_partition_mask`), the children it marks (integrated fossils)."""
   host_sq = jnp.zeros((), jnp.float32)
   children = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(grads, is_leaf=_is_child)[0]:
+  flat = jax.tree_util.tree_flatten_with_path(grads, is_leaf=_is_child)[0]
+  masks = (None,) * len(flat) if host_partition is None else _flat_masks(
+      grads, host_partition, "host_partition")
+  for (path, leaf), mask in zip(flat, masks):
     if _is_child(leaf):
-      children[layer_path(_plain_path(path))] = _child_norm(leaf)
+      norms = _child_norm(leaf)
+      children[layer_path(_plain_path(path))] = norms
+      if mask is not None:
+        in_host = jnp.reshape(jax.tree.leaves(mask)[0], (-1,))
+        host_sq = host_sq + jnp.sum(jnp.where(in_host, jnp.square(norms), 0.0))
     else:
       host_sq = host_sq + _sq_sum(leaf).astype(jnp.float32)
   return jnp.sqrt(host_sq), children
+
+
+def _flat_masks(tree: Any, mask_tree: Any, name: str) -> list:
+  """`mask_tree`'s nodes aligned with `tree`'s (children as one node each)."""
+  treedef = jax.tree.structure(tree, is_leaf=_is_child)
+  try:
+    return treedef.flatten_up_to(mask_tree)
+  except (ValueError, TypeError) as e:
+    raise ValueError(f"{name}: expected a tree of the gradients' structure "
+                     f"(optim.host_partition_mask(params, kasmina)); {e}") from None
 
 
 def _clip(t: jax.Array, norm: jax.Array, max_norm: float) -> jax.Array:
@@ -338,10 +377,14 @@ def _clip(t: jax.Array, norm: jax.Array, max_norm: float) -> jax.Array:
   return jnp.where(trigger, t, (t / norm.astype(t.dtype)) * max_norm)
 
 
-def clip_by_partition_norm(max_norm: float) -> optax.GradientTransformation:
+def clip_by_partition_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
   """`optax.clip_by_global_norm` with the norm taken per partition: the host (every non-child
   leaf) is clipped by its own global norm and each seed's child by its own norm, so a child's
-  gradient never changes the host's update (and vice versa)."""
+  gradient never changes the host's update (and vice versa).
+
+  `update(..., host_partition=mask)` (from `host_partition_mask`) moves the marked children
+  (integrated fossils) into the host partition: they join the host's norm and are clipped by
+  it. Without it every child is its own partition."""
   max_norm = _checks.finite_float("max_norm", max_norm, min_value=0.0)
   if max_norm <= 0:
     raise ValueError(f"max_norm: expected > 0, got {max_norm!r}")
@@ -350,26 +393,35 @@ def clip_by_partition_norm(max_norm: float) -> optax.GradientTransformation:
     del params
     return optax.EmptyState()
 
-  def update_fn(updates, state, params=None):
-    del params
-    host_norm, _ = partition_norms(updates)
+  def update_fn(updates, state, params=None, *, host_partition=None, **extra):
+    del params, extra
+    host_norm, _ = partition_norms(updates, host_partition)
+    masks = ((None,) * len(jax.tree.leaves(updates, is_leaf=_is_child))
+             if host_partition is None else _flat_masks(updates, host_partition,
+                                                       "host_partition"))
+    treedef = jax.tree.structure(updates, is_leaf=_is_child)
 
-    def leaf(x):
+    def node(x, mask):
       if _is_child(x):
         norms = _child_norm(x)
+        if mask is not None:
+          in_host = jnp.reshape(jax.tree.leaves(mask)[0], (-1,))
+          norms = jnp.where(in_host, host_norm, norms)
         return jax.tree.map(
             lambda g: _clip(g, norms.reshape((-1,) + (1,) * (g.ndim - 1)), max_norm), x)
       return _clip(x, host_norm, max_norm)
 
-    return jax.tree.map(leaf, updates, is_leaf=_is_child), state
+    nodes = treedef.flatten_up_to(updates)
+    return jax.tree.unflatten(treedef, [node(x, m) for x, m in zip(nodes, masks)]), state
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def kasmina_optimizer(inner: optax.GradientTransformation, *,
                       max_grad_norm: float | None = None) -> optax.GradientTransformationExtraArgs:
   """`[clip_by_partition_norm(max_grad_norm)] + stage_masked(inner)`; `update` needs
-  `learn_mask=learning_mask(params, kasmina)`."""
+  `learn_mask=learning_mask(params, kasmina)` and takes
+  `host_partition=host_partition_mask(params, kasmina)` (integrated fossils clip with the host)."""
   if not isinstance(inner, optax.GradientTransformation):
     raise TypeError(f"inner: expected an optax.GradientTransformation, got {type(inner).__name__}")
   parts = []

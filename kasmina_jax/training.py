@@ -209,9 +209,11 @@ def train_step(state: TrainState, batch: dict, loss_fn: LossFn) -> tuple[TrainSt
   summaries = mutated[knn.KASMINA_AUX]
   host_norm = host_grad_norm(grads)
   finite = jnp.isfinite(total) & jnp.isfinite(host_norm)
-  learn_mask = optim.learning_mask(state.params, kasmina)
-  updates, opt_state = state.tx.update(grads, state.opt_state, state.params,
-                                       learn_mask=learn_mask)
+  fossil = state.config.lifecycle.fossil
+  learn_mask = optim.learning_mask(state.params, kasmina, fossil=fossil)
+  updates, opt_state = state.tx.update(
+      grads, state.opt_state, state.params, learn_mask=learn_mask,
+      host_partition=optim.host_partition_mask(state.params, kasmina, fossil=fossil))
   params = optax.apply_updates(state.params, updates)
   keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
   params = keep(params, state.params)
@@ -230,7 +232,7 @@ def train_step(state: TrainState, batch: dict, loss_fn: LossFn) -> tuple[TrainSt
                                      host_grad_norm=host_norm)
     seeds = graft_lib.grafting_step(seeds, signals, cfg.grafting)
     seeds = seeds.replace(nonfinite=seeds.nonfinite | summary.nonfinite)
-    learning = lifecycle.stage_in(seeds.stage, lifecycle.LEARNING_STAGES)
+    learning = lifecycle.stage_in(seeds.stage, lifecycle.learning_stages(fossil))
     from kasmina_jax import telemetry as tel_lib  # pylint: disable=g-import-not-at-top
     tel = tel_lib.record_gradients(lv.telemetry, child_grad_norms(grads, path), learning)
     new_kasmina = knn.set_path(new_kasmina, path + ("state",),

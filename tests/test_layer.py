@@ -26,7 +26,8 @@ from kasmina_jax.lifecycle import Stage, init_seed_state
 IDENTITY_STAGES = (Stage.DORMANT, Stage.GERMINATED, Stage.CULLED, Stage.CANCELLED,
                    Stage.ROLLED_BACK)
 FULL_STAGES = (Stage.STABILIZATION, Stage.EVALUATING, Stage.FINE_TUNING, Stage.FOSSILIZED)
-FROZEN_STAGES = (Stage.STABILIZATION, Stage.EVALUATING, Stage.FOSSILIZED)
+FROZEN_STAGES = (Stage.STABILIZATION, Stage.EVALUATING)
+# FOSSILIZED children get their gradient (`LifecycleConfig.fossil` decides in the optimizer).
 HP = jax.lax.Precision.HIGHEST
 
 DEFAULTS = bp_lib.default_blueprints()
@@ -356,6 +357,24 @@ def test_grafting_child_gradient_is_alpha_times_g_on_stopped_input():
   for g, h, m in zip(jax.tree.leaves(got), jax.tree.leaves(want), jax.tree.leaves(live)):
     np.testing.assert_allclose(np.where(m, g, 0.0), h, rtol=1e-5, atol=1e-6)
   assert tree_all(lambda a: a.any(), jax.tree.map(lambda a: a[..., :1], live).w2)
+
+
+def test_fossil_children_get_the_fine_tuning_gradient():
+  # A fossil computes exactly what a FINE_TUNING child computes; only the optimizer's mask
+  # (`optim.learning_mask(..., fossil=...)`) decides whether it moves.
+  spec = UNEVEN
+  bps = (0, 2, 4)
+  v, w, ct = _host_problem(spec, 14)
+  params = random_children(spec, 15)
+  grads = []
+  for stage in (Stage.FINE_TUNING, Stage.FOSSILIZED):
+    seeds = make_seeds(3, stage, bps)
+    def loss(p, x, seeds=seeds):
+      out, aux = fwd(spec, p, seeds, x)
+      return jnp.sum(out * ct) + aux.child_loss
+    grads.append(jit_grad(loss, argnums=(0, 1))(params, v @ w))
+  assert tree_all(lambda a: a.any(), jax.tree.map(lambda a: a[..., :1], grads[1][0]).w2)
+  chex.assert_trees_all_close(grads[0], grads[1], rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("stage", FROZEN_STAGES)

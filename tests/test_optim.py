@@ -21,7 +21,7 @@ from kasmina_jax.lifecycle import Stage
 K = len(Stage)  # one seed per stage
 FEATURES = 2 * K
 IN = 5
-LEARNING = (Stage.TRAINING, Stage.GRAFTING, Stage.FINE_TUNING)
+LEARNING = lifecycle.learning_stages()  # the default fossil mode, "integrated"
 BLUEPRINTS = bp.default_blueprints(parallel_hidden=3)
 
 
@@ -115,19 +115,22 @@ def make_step(tx):
 # ------------------------------------------------------------------------------ the mask
 
 
-def test_learning_mask_shapes_and_values(variables):
+@pytest.mark.parametrize("fossil", lifecycle.FOSSIL_MODES)
+def test_learning_mask_shapes_and_values(variables, fossil):
   params = variables["params"]
   nonfinite = np.zeros(K, bool)
   nonfinite[Stage.FINE_TUNING] = True
   kas = with_stages(variables["kasmina"], np.arange(K), nonfinite)
-  mask = optim.learning_mask(params, kas)
+  mask = optim.learning_mask(params, kas, fossil=fossil)
   chex.assert_trees_all_equal_structs(mask, params)
   for leaf in jax.tree.leaves(host_of(mask)):
     assert leaf.shape == () and leaf.dtype == jnp.bool_ and bool(leaf)
   children = children_of(params)
   for m, p in zip(jax.tree.leaves(children_of(mask)), jax.tree.leaves(children)):
     assert m.shape == (K,) + (1,) * (p.ndim - 1) and m.dtype == jnp.bool_
-    expected = np.array([s in (Stage.TRAINING, Stage.GRAFTING) for s in Stage])
+    learns = (Stage.TRAINING, Stage.GRAFTING) + (
+        (Stage.FOSSILIZED,) if fossil == "integrated" else ())
+    expected = np.array([s in learns for s in Stage])
     np.testing.assert_array_equal(np.asarray(m).reshape(K), expected)
 
 
@@ -417,3 +420,55 @@ def test_linen_train_step_freezes_children_exactly(variables):
   for (path, s), _ in zip(child_state_leaves(opt_state), range(100)):
     if "count" not in path:
       assert np.all(np.asarray(s)[~learning] == 0.0), path
+
+
+# ----------------------------------------------------------------------- fossil modes
+
+
+def test_fossil_mode_is_checked(variables):
+  with pytest.raises(ValueError, match="fossil"):
+    optim.learning_mask(variables["params"], variables["kasmina"], fossil="melted")
+  with pytest.raises(ValueError, match="fossil"):
+    lifecycle.LifecycleConfig(fossil="melted")
+
+
+@pytest.mark.parametrize("fossil", lifecycle.FOSSIL_MODES)
+def test_fossil_child_updates_follow_the_mode(variables, fossil):
+  params = variables["params"]
+  kas = with_stages(variables["kasmina"], np.full(K, Stage.FOSSILIZED))
+  grads = random_like(params, jax.random.key(3))
+  tx = kasmina_tx("adam", None)
+  mask = optim.learning_mask(params, kas, fossil=fossil)
+  updates, _ = tx.update(grads, tx.init(params), params, learn_mask=mask)
+  child = np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree.leaves(children_of(updates))])
+  if fossil == "integrated":
+    assert np.count_nonzero(child) > 0  # fossils keep training with the host
+  else:
+    assert np.count_nonzero(child) == 0  # frozen forever
+
+
+@pytest.mark.parametrize("fossil", lifecycle.FOSSIL_MODES)
+def test_integrated_fossils_clip_with_the_host(variables, fossil):
+  params = variables["params"]
+  stage = np.full(K, Stage.TRAINING)
+  stage[:3] = Stage.FOSSILIZED
+  kas = with_stages(variables["kasmina"], stage)
+  grads = random_like(params, jax.random.key(9), scale=10.0)
+  part = optim.host_partition_mask(params, kas, fossil=fossil)
+  host_norm, child_norms = optim.partition_norms(grads, part)
+  host_sq = sum(float(np.sum(np.asarray(x, np.float64) ** 2))
+                for x in jax.tree.leaves(host_of(grads)))
+  per_seed = np.asarray(child_norms[("hidden", "kasmina")], np.float64)
+  fossil_sq = float(np.sum(per_seed[:3] ** 2)) if fossil == "integrated" else 0.0
+  np.testing.assert_allclose(float(host_norm), np.sqrt(host_sq + fossil_sq), rtol=1e-5)
+  clip = optim.clip_by_partition_norm(1.0)
+  out, _ = jax.jit(clip.update)(grads, clip.init(params), host_partition=part)
+  _, out_norms = optim.partition_norms(out)
+  out_norms = np.asarray(out_norms[("hidden", "kasmina")])
+  # Non-fossil children: each clipped to norm 1 by its own norm.
+  np.testing.assert_allclose(out_norms[3:], 1.0, rtol=1e-5)
+  if fossil == "integrated":
+    # Fossils share the host's scale factor 1 / host_norm.
+    np.testing.assert_allclose(out_norms[:3], per_seed[:3] / float(host_norm), rtol=1e-5)
+  else:
+    np.testing.assert_allclose(out_norms[:3], 1.0, rtol=1e-5)
