@@ -1,8 +1,22 @@
-"""Growth experiments: a model grown by Tamiyo beside fixed-small, fixed-large and the
-ceiling (the same model with every seed's child present and learning from step 0).
+"""Growth experiments under a fair protocol: does growing beat training the right fixed model?
 
-Used by the examples and `benchmarks/growth.py`; every variant trains with the same data
-order, optimizer and step budget.
+Four variants train on the same data, in the same order, with the same step budget:
+fixed-small, fixed-large, the *ceiling* (the small model with every seed's child present and
+learning from step 0) and *grown* (starts as fixed-small; Tamiyo decides).
+
+The protocol (DESIGN.md, amendment 1):
+
+* a validation split carved from the training split drives every decision: Tamiyo's
+  plateau and counterfactual Δ inside `fit`, and the learning-rate choice of each variant;
+* every variant gets its own learning rate, chosen on validation from a sweep (`lrs`);
+* the test split is read once per run of the chosen rate, for the report (`evaluate_test`
+  runs after the choice; nothing before it sees the test split);
+* results are means ± standard deviations over RNG seeds, with final parameters, training
+  FLOPs (forward + backward of the live parameters, summed over steps) and wall time.
+
+A `Task` bundles a model family, data and settings; `sweep` runs a task's grid (optionally
+in worker processes, one run each) and `select_and_test` chooses each variant's rate and reads
+the test split. `report_rows` / `markdown_table` summarise.
 """
 
 from __future__ import annotations
@@ -11,7 +25,7 @@ import dataclasses
 import functools
 import os
 import time
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +39,7 @@ from kasmina_jax import tamiyo
 from kasmina_jax import training
 
 VARIANTS = ("fixed_small", "fixed_large", "ceiling", "grown")
+DEFAULT_LRS = (1e-3, 3e-3, 1e-2)
 
 
 def no_growth(report, seeds, ctrl, config):
@@ -66,6 +81,54 @@ def children_from_start(state: training.TrainState, blueprint: str | Sequence[st
                        host_snapshot=jax.tree.map(jnp.copy, params))
 
 
+# ----------------------------------------------------------------------------- data
+
+
+def carve_validation(train: dict, fraction: float = 0.2, *, seed: int = 0) -> tuple[dict, dict]:
+  """Splits `fraction` of the training rows off as a validation set (a fixed permutation by
+  `seed`). Returns `(train, val)`; the test split is never touched here."""
+  if not 0.0 < float(fraction) < 1.0:
+    raise ValueError(f"fraction: expected a number in (0, 1), got {fraction!r}")
+  n = len(next(iter(train.values())))
+  n_val = int(round(n * fraction))
+  if n_val < 1 or n_val >= n:
+    raise ValueError(f"fraction: {fraction} of {n} rows leaves no training or validation rows")
+  order = np.random.default_rng(seed).permutation(n)
+  val_idx, fit_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
+  return ({k: v[fit_idx] for k, v in train.items()}, {k: v[val_idx] for k, v in train.items()})
+
+
+# ----------------------------------------------------------------------------- tasks
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """A growth experiment: a model family, its data and the run's settings.
+
+  make_model(variant): the Linen model of a variant ("fixed_large" usually a wider host; the
+    others share the small host).
+  data(): `(train, val, test)` dicts of arrays, `val` carved from the training data.
+  metric: the key in `fit`'s history (and of `evaluate_variables`) that the report shows:
+    "accuracy" or "loss"; `higher_is_better` says which way is better.
+  select_on: what picks the learning rate on validation ("loss" or "accuracy").
+  eval_batch: rows per evaluation pass on the test split.
+  """
+
+  name: str
+  make_model: Callable[[str], Any]
+  data: Callable[[], tuple[dict, dict, dict]]
+  epochs: int
+  batch_size: int
+  config: training.TrainConfig
+  loss_fn: training.LossFn = training.cross_entropy_loss
+  metric: str = "accuracy"
+  higher_is_better: bool = True
+  select_on: str = "accuracy"
+  ceiling_blueprint: str | tuple[str, ...] = ("parallel_mlp", "residual_mlp")
+  epoch_rows: int | None = None  # rows per epoch (a fixed slice per RNG seed); None: all
+  eval_batch: int = 4096
+
+
 @functools.lru_cache(maxsize=None)
 def _adam(learning_rate: float):
   return optax.adam(learning_rate)
@@ -73,114 +136,310 @@ def _adam(learning_rate: float):
 
 @dataclasses.dataclass
 class RunResult:
+  """One run of one variant at one learning rate and RNG seed."""
+
   variant: str
   seed: int
-  metric: float  # held-out metric (accuracy, or loss where `metric_key` names a loss)
+  lr: float
+  val_metric: float  # the task's metric on the validation split, final epoch
   val_loss: float
   params: int  # parameters the final model uses (host + active children)
+  train_flops: float  # forward + backward of the live parameters, summed over steps
   wall_time: float
   history: list
   fossilized: int
-  state: training.TrainState | None = None
+  test_metric: float = float("nan")  # filled by `select_and_test`, for the chosen rate only
+  test_loss: float = float("nan")
+  variables: bytes | None = None  # the final params and seed states (flax msgpack)
 
   def summary(self, task: str) -> str:
-    """One progress line for this run."""
-    return (f"{task} seed {self.seed} {self.variant:12s} acc {100 * self.metric:6.2f}%  "
-            f"val loss {self.val_loss:.4f}  params {self.params:7d}  "
-            f"fossilized {self.fossilized}  {self.wall_time:6.1f}s")
+    """One progress line for this run (validation only: the test split is not read yet)."""
+    return (f"{task} seed {self.seed} {self.variant:12s} lr {self.lr:.0e}  "
+            f"val {self.val_metric:.4f}  val loss {self.val_loss:.4f}  "
+            f"params {self.params:7d}  fossilized {self.fossilized}  {self.wall_time:6.1f}s")
 
 
-def run_variant(variant: str, make_model: Callable[[str], object], train: dict, test: dict,
-                loss_fn: training.LossFn, *, epochs: int, batch_size: int, seed: int,
-                learning_rate: float = 3e-3, config: training.TrainConfig = training.TrainConfig(),
-                ceiling_blueprint: str | Sequence[str] = ("parallel_mlp", "residual_mlp"), metric_key: str = "val_accuracy",
+def _epoch_data(task: Task, train: dict, seed: int) -> dict:
+  if task.epoch_rows is None:
+    return train
+  n = len(next(iter(train.values())))
+  idx = np.random.default_rng([seed, 7]).permutation(n)[: task.epoch_rows]
+  return {k: v[idx] for k, v in train.items()}
+
+
+def train_flops(history: Sequence[dict], initial_params: int, steps_per_epoch: int,
+                batch_size: int) -> float:
+  """Forward + backward FLOPs of the live parameters, summed over steps: `6 × params × rows`
+  a step (2 a parameter forward, 4 backward), with each epoch's live count the one it started
+  with (stages change only at epoch ends)."""
+  counts = [initial_params] + [int(h["params"]) for h in history[:-1]]
+  return float(sum(6.0 * c * steps_per_epoch * batch_size for c in counts))
+
+
+def run_variant(task: Task, variant: str, *, seed: int, learning_rate: float,
                 log_dir: str | None = None, progress: bool = False,
-                keep_state: bool = False) -> RunResult:
-  """Trains one variant. `make_model(variant)` builds its Linen model ("fixed_large" may
-  be a wider host; the others share the small host)."""
+                policy: Callable | None = None) -> RunResult:
+  """Trains one variant on the task's training split; decisions see only its validation
+  split. The final variables are kept (serialized) for `select_and_test`."""
   if variant not in VARIANTS:
     raise ValueError(f"variant: expected one of {VARIANTS}, got {variant!r}")
-  model = make_model(variant)
+  from flax import serialization  # pylint: disable=g-import-not-at-top
+  train, val, _ = task.data()
+  train = _epoch_data(task, train, seed)
+  model = task.make_model(variant)
   key = jax.random.key(seed)
-  state = training.create_train_state(model, _adam(learning_rate), jnp.asarray(train["x"][:2]),
-                                      key, config)
+  state = training.create_train_state(model, _adam(float(learning_rate)),
+                                      jnp.asarray(train["x"][:2]), key, task.config)
   if variant == "ceiling":
-    state = children_from_start(state, ceiling_blueprint, jax.random.fold_in(key, 7))
-  policy = tamiyo.decide if variant == "grown" else no_growth
-  # Only the grown run has a lifecycle worth logging.
+    state = children_from_start(state, task.ceiling_blueprint, jax.random.fold_in(key, 7))
+  if policy is None:
+    policy = tamiyo.decide if variant == "grown" else no_growth
   log_path = (os.path.join(log_dir, f"grown_seed{seed}.jsonl")
               if (log_dir and variant == "grown") else None)
+  initial = training.param_counts(state)["model"]
   start = time.perf_counter()
-  state, history = training.fit(state, train, test, loss_fn, epochs=epochs,
-                                batch_size=batch_size, policy=policy, seed=seed,
+  state, history = training.fit(state, train, val, task.loss_fn, epochs=task.epochs,
+                                batch_size=task.batch_size, policy=policy, seed=seed,
                                 log_path=log_path, progress=progress,
-                                description=f"{variant} seed {seed}")
+                                description=f"{task.name} {variant} seed {seed}")
   wall = time.perf_counter() - start
   last = history[-1]
   fossilized = sum(int(np.sum(np.asarray(v.seeds.stage) == lifecycle.Stage.FOSSILIZED))
                    for v in knn.find_layers(state.kasmina).values())
-  return RunResult(variant=variant, seed=seed, metric=float(last.get(metric_key, np.nan)),
-                   val_loss=float(last["val_loss"]), params=int(last["params"]),
-                   wall_time=wall, history=history, fossilized=fossilized,
-                   state=state if keep_state else None)
+  n = len(next(iter(train.values())))
+  steps_per_epoch = n // task.batch_size
+  variables = serialization.to_bytes({"params": state.params, knn.KASMINA: state.kasmina})
+  return RunResult(
+      variant=variant, seed=seed, lr=float(learning_rate),
+      val_metric=float(last.get(f"val_{task.metric}", last["val_loss"])),
+      val_loss=float(last["val_loss"]), params=int(last["params"]),
+      train_flops=train_flops(history, initial, steps_per_epoch, task.batch_size),
+      wall_time=wall, history=history, fossilized=fossilized, variables=variables)
 
 
-def summarize(results: Sequence[RunResult]) -> list[dict]:
-  """Mean and standard deviation per variant (over RNG seeds)."""
-  rows = []
+def evaluate_variables(task: Task, variant: str, variables: bytes, data: dict) -> dict:
+  """The task's loss and metrics of a run's final model on `data` (evaluation pass, seeds
+  as they are), in batches of `task.eval_batch` rows, weighted by rows."""
+  from flax import serialization  # pylint: disable=g-import-not-at-top
+  model = task.make_model(variant)
+  x0 = jnp.asarray(data["x"][:2])
+  template = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0), x0)
+  template = {"params": template["params"], knn.KASMINA: template[knn.KASMINA]}
+  restored = serialization.from_bytes(template, variables)
+
+  @jax.jit
+  def batch_eval(v, batch):
+    out = model.apply(v, batch["x"], train=False)
+    return task.loss_fn(out, batch)
+
+  n = len(data["x"])
+  totals: dict[str, float] = {}
+  for i in range(0, n, task.eval_batch):
+    batch = {k: jnp.asarray(v[i:i + task.eval_batch]) for k, v in data.items()}
+    rows = len(batch["x"])
+    loss, metrics = batch_eval(restored, batch)
+    for k, v in {"loss": loss, **metrics}.items():
+      totals[k] = totals.get(k, 0.0) + float(v) * rows
+  return {k: v / n for k, v in totals.items()}
+
+
+# ----------------------------------------------------------------------------- the protocol
+
+
+def _run_job(job):
+  """One (task factory, variant, lr, seed) run; module-level so worker processes can run it."""
+  factory, kwargs, variant, lr, seed, log_dir = job
+  task = factory(**kwargs)
+  return run_variant(task, variant, seed=seed, learning_rate=lr, log_dir=log_dir)
+
+
+def sweep(task_factory: Callable[..., Task], task_kwargs: dict, *,
+          variants: Sequence[str] = VARIANTS, lrs: Sequence[float] = DEFAULT_LRS,
+          seeds: int = 5, workers: int = 1, log_dir: str | None = None,
+          on_result: Callable[[RunResult], None] | None = None) -> list[RunResult]:
+  """Every (variant, lr, seed) run of a task. `task_factory(**task_kwargs)` builds the task
+  (in each worker process too, so it must be a module-level function). With `workers > 1`
+  the runs go to that many processes. Only the grown run of the first rate and seed writes an
+  event log (to `log_dir`). Validation only: the test split is not read here."""
+  for v in variants:
+    if v not in VARIANTS:
+      raise ValueError(f"variants: unknown variant {v!r}; expected some of {VARIANTS}")
+  if not lrs:
+    raise ValueError("lrs: expected at least one learning rate")
+  jobs = [(task_factory, task_kwargs, v, float(lr), s,
+           log_dir if (s == 0 and v == "grown") else None)
+          for s in range(seeds) for lr in lrs for v in variants]
+  results = []
+  if workers <= 1:
+    for job in jobs:
+      r = _run_job(job)
+      results.append(r)
+      if on_result is not None:
+        on_result(r)
+    return results
+  import concurrent.futures  # pylint: disable=g-import-not-at-top
+  import multiprocessing  # pylint: disable=g-import-not-at-top
+  ctx = multiprocessing.get_context("spawn")
+  # Small models: one single-threaded process a run beats one run over many threads. The
+  # workers inherit the environment at their start.
+  saved = os.environ.get("XLA_FLAGS")
+  os.environ["XLA_FLAGS"] = ((saved + " ") if saved else "") + (
+      "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+  try:
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+      futures = [pool.submit(_run_job, job) for job in jobs]
+      for f in concurrent.futures.as_completed(futures):
+        r = f.result()
+        results.append(r)
+        if on_result is not None:
+          on_result(r)
+  finally:
+    if saved is None:
+      os.environ.pop("XLA_FLAGS", None)
+    else:
+      os.environ["XLA_FLAGS"] = saved
+  return results
+
+
+def _better(task: Task, a: float, b: float) -> bool:
+  if task.select_on == "loss":
+    return a < b
+  return a > b
+
+
+def select_rates(task: Task, results: Sequence[RunResult]) -> dict[str, float]:
+  """Each variant's learning rate: the best mean over seeds of the validation `select_on`
+  (ties: the smaller rate). Non-finite runs count as the worst value."""
+  chosen = {}
   for variant in VARIANTS:
     rs = [r for r in results if r.variant == variant]
     if not rs:
       continue
-    m = np.array([r.metric for r in rs])
-    vl = np.array([r.val_loss for r in rs])
-    p = np.array([r.params for r in rs])
-    w = np.array([r.wall_time for r in rs])
-    rows.append({"name": variant, "runs": len(rs), "metric_mean": float(m.mean()),
-                 "metric_std": float(m.std(ddof=1)) if len(rs) > 1 else 0.0,
-                 "val_loss_mean": float(vl.mean()), "val_loss_std": float(vl.std(ddof=1)) if len(rs) > 1 else 0.0,
-                 "params": float(p.mean()), "params_std": float(p.std()),
-                 "wall_time": float(w.mean()),
-                 "fossilized": float(np.mean([r.fossilized for r in rs]))})
+    best_lr, best = None, None
+    for lr in sorted({r.lr for r in rs}):
+      vals = [(r.val_loss if task.select_on == "loss" else r.val_metric)
+              for r in rs if r.lr == lr]
+      worst = np.inf if task.select_on == "loss" else -np.inf
+      score = float(np.mean([v if np.isfinite(v) else worst for v in vals]))
+      if best is None or _better(task, score, best):
+        best_lr, best = lr, score
+    chosen[variant] = best_lr
+  return chosen
+
+
+def select_and_test(task: Task, results: Sequence[RunResult]) -> tuple[dict, list[RunResult]]:
+  """Chooses each variant's rate on validation, then reads the test split once for each run
+  of the chosen rate. Returns `(chosen rates, the chosen runs with test figures)`."""
+  chosen = select_rates(task, results)
+  _, _, test = task.data()
+  picked = []
+  for r in results:
+    if chosen.get(r.variant) != r.lr:
+      continue
+    m = evaluate_variables(task, r.variant, r.variables, test)
+    r.test_metric = float(m.get(task.metric, m["loss"]))
+    r.test_loss = float(m["loss"])
+    picked.append(r)
+  return chosen, picked
+
+
+def _mean_std(xs) -> tuple[float, float]:
+  xs = np.asarray(xs, np.float64)
+  return float(xs.mean()), float(xs.std(ddof=1)) if len(xs) > 1 else 0.0
+
+
+def report_rows(task: Task, results: Sequence[RunResult], chosen: dict,
+                picked: Sequence[RunResult]) -> list[dict]:
+  """One row per variant at its chosen rate: `variant`, `lr`, `seeds`, `test_mean`,
+  `test_std`, `val_mean`, `val_std`, `params`, `train_flops`, `wall_time`, `fossilized`, and
+  `val_by_lr` (the sweep: mean validation metric per rate)."""
+  rows = []
+  for variant in VARIANTS:
+    rs = [r for r in picked if r.variant == variant]
+    if not rs:
+      continue
+    test_mean, test_std = _mean_std([r.test_metric for r in rs])
+    test_loss, test_loss_std = _mean_std([r.test_loss for r in rs])
+    val_mean, val_std = _mean_std([r.val_metric for r in rs])
+    val_loss, val_loss_std = _mean_std([r.val_loss for r in rs])
+    sweep_rows = {}
+    for lr in sorted({r.lr for r in results if r.variant == variant}):
+      at = [r for r in results if r.variant == variant and r.lr == lr]
+      sweep_rows[f"{lr:g}"] = {"val_mean": _mean_std([r.val_metric for r in at])[0],
+                               "val_loss": _mean_std([r.val_loss for r in at])[0]}
+    rows.append({
+        "variant": variant, "lr": chosen[variant], "seeds": len(rs),
+        "test_mean": test_mean, "test_std": test_std,
+        "test_loss_mean": test_loss, "test_loss_std": test_loss_std,
+        "val_mean": val_mean, "val_std": val_std,
+        "val_loss_mean": val_loss, "val_loss_std": val_loss_std,
+        "params": float(np.mean([r.params for r in rs])),
+        "params_std": float(np.std([r.params for r in rs])),
+        "train_flops": float(np.mean([r.train_flops for r in rs])),
+        "wall_time": float(np.mean([r.wall_time for r in rs])),
+        "fossilized": float(np.mean([r.fossilized for r in rs])),
+        "val_by_lr": sweep_rows,
+    })
   return rows
 
 
-def markdown_table(rows: Sequence[dict], metric_name: str = "accuracy") -> str:
-  lines = [f"| model | runs | held-out {metric_name} | val loss | params | wall time (s) | seeds fossilized |",
-           "| --- | --- | --- | --- | --- | --- | --- |"]
+def markdown_table(rows: Sequence[dict], metric: str = "accuracy") -> str:
+  """The report's table: test metric (mean ± std over seeds) at each variant's chosen rate."""
+  pct = metric == "accuracy"
+  fmt = (lambda m, s: f"{100 * m:.2f}% ± {100 * s:.2f}") if pct else (
+      lambda m, s: f"{m:.4f} ± {s:.4f}")
+  lines = [f"| variant | lr (chosen on val) | seeds | test {metric} | val {metric} | "
+           "params | training FLOPs | wall time (s) | fossilized |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
   for r in rows:
-    scale = 100.0 if metric_name == "accuracy" else 1.0
-    unit = "%" if metric_name == "accuracy" else ""
     lines.append(
-        f"| {r['name']} | {r['runs']} | {scale * r['metric_mean']:.2f}{unit} ± {scale * r['metric_std']:.2f} "
-        f"| {r['val_loss_mean']:.4f} ± {r['val_loss_std']:.4f} | {r['params']:.0f} | {r['wall_time']:.1f} "
-        f"| {r['fossilized']:.1f} |")
+        f"| {r['variant']} | {r['lr']:g} | {r['seeds']} | {fmt(r['test_mean'], r['test_std'])} "
+        f"| {fmt(r['val_mean'], r['val_std'])} | {r['params']:.0f} | {r['train_flops']:.3g} "
+        f"| {r['wall_time']:.1f} | {r['fossilized']:.1f} |")
   return "\n".join(lines)
 
 
-def write_report(results: Sequence[RunResult], out_dir: str, *, config: dict | None = None,
-                 plots: bool = True, metric_name: str = "accuracy") -> list[dict]:
-  """Writes `results.md` (the table), `results.json` (rows, settings, every run's history)
-  and, with `plots`, the grown run's pictures (from `grown_seed0.jsonl` where it exists) and
-  the metric-against-parameters plot. Prints the table and the plot paths; returns the rows."""
-  import json  # pylint: disable=g-import-not-at-top
-  rows = summarize(results)
-  table = markdown_table(rows, metric_name)
-  print(table)
-  with open(os.path.join(out_dir, "results.md"), "w") as fh:
-    fh.write(table + "\n")
-  with open(os.path.join(out_dir, "results.json"), "w") as fh:
-    json.dump({"config": config or {}, "rows": rows,
-               "runs": [{"variant": r.variant, "seed": r.seed, "metric": r.metric,
-                         "val_loss": r.val_loss, "params": r.params,
-                         "fossilized": r.fossilized, "wall_time": r.wall_time,
-                         "history": r.history} for r in results]}, fh, indent=1)
-  if plots:
-    from kasmina_jax import plots as plots_lib  # pylint: disable=g-import-not-at-top
-    paths = []
-    log = os.path.join(out_dir, "grown_seed0.jsonl")
-    if os.path.exists(log):
-      paths += plots_lib.plot_run(log, out_dir)
-    paths.append(plots_lib.plot_comparison(rows, os.path.join(out_dir, f"{metric_name}_vs_params.png")))
-    print("plots:", *paths, sep="\n  ")
-  return rows
+def verdict(rows: Sequence[dict], *, higher_is_better: bool = True) -> dict:
+  """Grown against the others, in the report's terms: differences of test means and how
+  many (larger) standard deviations separate them."""
+  by = {r["variant"]: r for r in rows}
+  if "grown" not in by:
+    return {}
+  g = by["grown"]
+  sign = 1.0 if higher_is_better else -1.0
+  out = {"grown_params": g["params"], "grown_train_flops": g["train_flops"]}
+  for other in ("fixed_small", "fixed_large", "ceiling"):
+    if other in by:
+      o = by[other]
+      diff = sign * (g["test_mean"] - o["test_mean"])
+      out[f"vs_{other}"] = diff
+      out[f"vs_{other}_stds"] = diff / max(g["test_std"], o["test_std"], 1e-12)
+      out[f"{other}_params"] = o["params"]
+      out[f"{other}_train_flops"] = o["train_flops"]
+  return out
+
+
+def run_protocol(task_factory: Callable[..., Task], task_kwargs: dict, *,
+                 variants: Sequence[str] = VARIANTS, lrs: Sequence[float] = DEFAULT_LRS,
+                 seeds: int = 5, workers: int = 1, log_dir: str | None = None,
+                 verbose: bool = True) -> dict:
+  """The whole protocol for one task: sweep, choose on validation, test once, summarise.
+  Returns `{"task", "rows", "verdict", "chosen", "runs"}` (JSON-ready but for `runs`'
+  histories, which are plain too)."""
+  task = task_factory(**task_kwargs)
+  start = time.perf_counter()
+  results = sweep(task_factory, task_kwargs, variants=variants, lrs=lrs, seeds=seeds,
+                  workers=workers, log_dir=log_dir,
+                  on_result=(lambda r: print(r.summary(task.name), flush=True))
+                  if verbose else None)
+  chosen, picked = select_and_test(task, results)
+  rows = report_rows(task, results, chosen, picked)
+  return {
+      "task": task.name, "metric": task.metric, "higher_is_better": task.higher_is_better,
+      "rows": rows, "verdict": verdict(rows, higher_is_better=task.higher_is_better),
+      "chosen": chosen, "wall_time": time.perf_counter() - start,
+      "runs": [{"variant": r.variant, "seed": r.seed, "lr": r.lr, "val_metric": r.val_metric,
+                "val_loss": r.val_loss, "test_metric": r.test_metric, "test_loss": r.test_loss,
+                "params": r.params, "train_flops": r.train_flops, "fossilized": r.fossilized,
+                "wall_time": r.wall_time, "history": r.history} for r in results],
+  }

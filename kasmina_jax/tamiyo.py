@@ -44,7 +44,10 @@ What `decide` does, in this order of precedence per seed (one command per seed):
    with the highest need score (at least `min_need`) are germinated, at most
    `max_germinations_per_epoch` over the whole model and at most `max_queued_per_layer` seeds
    waiting in GERMINATED per layer. After a germinating epoch no seed germinates for
-   `germination_cooldown_epochs` epochs.
+   `germination_cooldown_epochs` epochs. A layer stops growing for good once
+   `growth_patience` of its children in a row did not pay (culled, rolled back, or fossilized
+   with a validation counterfactual `delta <= pay_margin`; `observe` keeps the count): the
+   grown size is found, not told.
 
 The need score of a seed is a weighted mean of three numbers in [0, 1] from its health report:
 `stuck = clip(1 - v / mean_layer(v), 0, 1)` with `v` the chunk variance (a chunk far below its
@@ -146,6 +149,11 @@ class TamiyoConfig:
     max_queued_per_layer: seeds a layer may have waiting in GERMINATED (its queue).
     max_concurrent_training: seeds a layer may have in TRAINING at once (slots are per layer).
     min_need: a DORMANT seed germinates only if its need score is at least this.
+    growth_patience: a layer stops germinating for good after this many children in a row
+      that did not pay (culled, rolled back, or fossilized with `delta <= pay_margin`); one
+      child that pays resets the count. So the grown size is found, not told.
+    pay_margin: the validation counterfactual (loss units) a fossilized child must beat to
+      count as paying.
   Where to grow (the need score, a weighted mean in [0, 1]; higher = needs help more):
     variance_weight, dead_weight, correlation_weight: weights of `stuck` (low chunk variance
       relative to the layer's mean), the dead-node ratio and the inter-node correlation.
@@ -186,6 +194,8 @@ class TamiyoConfig:
   germination_cooldown_epochs: int = 1
   germinate_without_plateau: bool = False
   min_need: float = 0.0
+  growth_patience: int = 2
+  pay_margin: float = 0.0
   variance_weight: float = 1.0
   dead_weight: float = 1.0
   correlation_weight: float = 1.0
@@ -221,6 +231,8 @@ class TamiyoConfig:
       raise TypeError("germinate_without_plateau: expected a bool, got "
                       f"{self.germinate_without_plateau!r}")
     _checks.finite_float("min_need", self.min_need, min_value=0.0, max_value=1.0)
+    _checks.positive_int("growth_patience", self.growth_patience)
+    _checks.finite_float("pay_margin", self.pay_margin)
     for name in ("variance_weight", "dead_weight", "correlation_weight"):
       _checks.finite_float(name, getattr(self, name), min_value=0.0)
     if self.variance_weight + self.dead_weight + self.correlation_weight <= 0:
@@ -325,6 +337,7 @@ class LayerControllerState:
   bp_tries: jax.Array  # (B,) float32: germinations commanded per blueprint
   germ_health: jax.Array  # (K, 3) float32: HEALTH_FIELDS at the seed's last germination
   germ_need: jax.Array  # (K,) float32: need score at the seed's last germination
+  unpaid_streak: jax.Array  # () int32: children in a row that did not pay (see growth_patience)
 
 
 @struct.dataclass
@@ -398,7 +411,7 @@ def init_controller(seeds, num_blueprints,
     layer_states.append(LayerControllerState(
         bp_count=zb, bp_reward_sum=zb, bp_failures=zb, bp_tries=zb,
         germ_health=jnp.full((k, len(HEALTH_FIELDS)), jnp.nan, jnp.float32),
-        germ_need=jnp.zeros((k,), jnp.float32)))
+        germ_need=jnp.zeros((k,), jnp.float32), unpaid_streak=jnp.zeros((), jnp.int32)))
   h = config.history
   nan_h = jnp.full((h,), jnp.nan, jnp.float32)
   return ControllerState(
@@ -699,8 +712,10 @@ def _layer_commands(s: SeedState, lr: LayerReport, lc: LayerControllerState,
   # Germination candidates: DORMANT, no embargo, room in the layer's queue.
   queued_after = jnp.sum((queued & (op == Op.NONE)).astype(jnp.int32))
   room = config.max_queued_per_layer - queued_after
+  # A layer whose recent children stopped paying grows no more.
+  growing = lc.unpaid_streak < config.growth_patience
   candidate = ((st == Stage.DORMANT) & (s.embargo_left <= 0) & (op == Op.NONE)
-               & (need >= config.min_need))
+               & (need >= config.min_need) & growing)
   eligible = candidate & (_stable_rank(need, candidate) < room)
   return {"op": op, "eligible": eligible, "need": need, "signature": sig}
 
@@ -786,7 +801,12 @@ def observe(ctrl: ControllerState, reports,
     reward = base + config.delta_reward_weight * jnp.tanh(delta / config.delta_reward_scale)
     hot = jax.nn.one_hot(jnp.clip(r.blueprint, 0, b - 1), b, dtype=jnp.float32)
     add = lambda m: jnp.sum(hot * m[:, None], 0)
+    # Growth stop: a child pays when it fossilized with a counterfactual above pay_margin.
+    paid = counted & (outcome == Stage.FOSSILIZED) & (delta > config.pay_margin)
+    unpaid = jnp.sum((counted & ~paid).astype(jnp.int32))
+    streak = jnp.where(jnp.any(paid), 0, lc.unpaid_streak + unpaid).astype(jnp.int32)
     new_layers.append(lc.replace(
+        unpaid_streak=streak,
         bp_count=lc.bp_count + add(counted.astype(jnp.float32)),
         bp_reward_sum=lc.bp_reward_sum + add(jnp.where(counted, reward, 0.0)),
         bp_failures=lc.bp_failures + add(failed.astype(jnp.float32))))

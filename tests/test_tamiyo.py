@@ -7,6 +7,7 @@ Every scenario runs over a model of two Kasmina layers with different seed count
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import chex
@@ -367,7 +368,8 @@ def test_harmful_counterfactual_is_culled():
 
 
 def test_bandit_moves_away_from_a_blueprint_that_keeps_getting_culled():
-  config = GROW
+  # The growth stop would end this layer's growth after two culls; the bandit is tested here.
+  config = dataclasses.replace(GROW, growth_patience=100)
   assert config.selection == tamiyo.SelectionStrategy.PERFORMANCE
   sick = {"enc": health(3, dead=[0.0, 0.9, 0.0])}
   ctrl = tamiyo.init_controller(fresh_seeds(), NUM_BP, config)
@@ -687,3 +689,38 @@ def test_property_decide_only_emits_commands_apply_accepts(scenario):
   if bool(new_ctrl.rollback_requested):
     for n in seeds:
       chex.assert_trees_all_equal(cmds[n], tamiyo.rollback_commands(seeds)[n])
+
+
+@pytest.mark.parametrize("patience", [1, 2, 3])
+def test_layer_stops_growing_after_children_that_do_not_pay(patience):
+  config = dataclasses.replace(GROW, growth_patience=patience, pay_margin=0.01)
+  sick = {"enc": health(3, dead=[0.0, 0.9, 0.0])}
+  ctrl = tamiyo.init_controller(fresh_seeds(), NUM_BP, config)
+  # A fossil below pay_margin and culls count as unpaid; each epoch one child ends.
+  outcomes = [(Stage.FOSSILIZED, 0.005)] + [(Stage.CULLED, -0.05)] * 5
+  for i, (outcome, delta) in enumerate(outcomes):
+    seeds = fresh_seeds()
+    cmds, _ = decide_jit(report(sick, epoch=i), seeds, ctrl, config=config)
+    germinates = ops(cmds)["enc"][1] == Op.GERMINATE
+    assert germinates == (i < patience), (i, ops(cmds))
+    old = set_seed(seeds, "enc", 1, stage=Stage.EVALUATING if outcome == Stage.CULLED
+                   else Stage.FINE_TUNING, blueprint=0, strategy=0)
+    new = set_seed(old, "enc", 1, stage=outcome, delta=delta)
+    ctrl = observe_jit(ctrl, field_reports_jit(old, new, report(sick), ctrl), config=config)
+  assert int(ctrl.layers["enc"].unpaid_streak) == len(outcomes)
+  # Another layer's growth is not stopped by this one's record.
+  assert int(ctrl.layers["dec"].unpaid_streak) == 0
+
+
+def test_a_child_that_pays_resets_the_growth_stop():
+  config = dataclasses.replace(GROW, growth_patience=2, pay_margin=0.0)
+  ctrl = tamiyo.init_controller(fresh_seeds(), NUM_BP, config)
+  for outcome, delta in [(Stage.CULLED, -0.1), (Stage.FOSSILIZED, 0.02), (Stage.CULLED, -0.1)]:
+    seeds = fresh_seeds()
+    old = set_seed(seeds, "enc", 1, stage=Stage.FINE_TUNING, blueprint=0, strategy=0)
+    new = set_seed(old, "enc", 1, stage=outcome, delta=delta)
+    ctrl = observe_jit(ctrl, field_reports_jit(old, new, report(), ctrl), config=config)
+  assert int(ctrl.layers["enc"].unpaid_streak) == 1
+  cmds, _ = decide_jit(report({"enc": health(3, dead=[0.0, 0.9, 0.0])}), fresh_seeds(), ctrl,
+                       config=config)
+  assert ops(cmds)["enc"][1] == Op.GERMINATE
