@@ -1,13 +1,17 @@
-"""The efficacy report: does growth pay? One run, mean ± std over RNG seeds, for MNIST-1D and
-the character LM: fixed-small, fixed-large, the ceiling (every seed's child present from the
-start) and grown (starts as fixed-small; Tamiyo decides).
+"""The efficacy report: does growth pay against tuned fixed models?
 
-    python benchmarks/growth.py                       # the defaults (MNIST-1D 4000/1000, 6000 steps, 3 seeds)
-    python benchmarks/growth.py --tasks mnist1d --samples 10000 --noise 0.5 --small 16 --steps 3000
-    python benchmarks/growth.py --tasks char_lm --lm-steps 2000 --seeds 3
+For each task, four variants (fixed-small, fixed-large, the ceiling, grown) each sweep their
+own learning rate (`--lrs`) over `--seeds` RNG seeds; every decision (Tamiyo's plateau,
+counterfactuals and culls, and the rate of each variant) sees only a validation split carved
+from the training data; the test split is read once, for the chosen rate's runs.
 
-Every dataset setting, width, step budget and RNG seed is a command-line argument; results
-go to `--out` (markdown tables, JSON, and accuracy-against-parameters plots).
+    python benchmarks/growth.py --tasks mnist1d --workers 16
+    python benchmarks/growth.py --tasks mnist1d,mnist1d_10k,spirals,char_lm --workers 30
+
+Writes `benchmarks/results/growth_<task>.json` (a list `rows`, one per variant, with `variant`,
+`lr`, `seeds`, `test_mean`, `test_std`, `val_mean`, `params`, `train_flops`, ...; the run's
+settings under `args`; the verdict; every run's validation figures), and under `--out` the
+markdown tables, the accuracy-against-parameters plots and the grown run's lifecycle plots.
 """
 
 from __future__ import annotations
@@ -23,74 +27,77 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "examples"))
 
 import char_lm  # noqa: E402  pylint: disable=g-import-not-at-top
 import mnist1d_mlp as mnist1d  # noqa: E402  pylint: disable=g-import-not-at-top
+import spirals  # noqa: E402  pylint: disable=g-import-not-at-top
 
 from kasmina_jax import experiments  # noqa: E402  pylint: disable=g-import-not-at-top
 
-
-def _lm_args(args) -> argparse.Namespace:
-  return argparse.Namespace(
-      seeds=args.seeds, steps=args.lm_steps, batch_size=args.lm_batch_size, context=args.context,
-      train_bytes=args.train_bytes, val_bytes=args.val_bytes, small=args.lm_small,
-      large=args.lm_large, child_width=args.lm_child_width, lr=args.lm_lr,
-      variants=args.variants, progress=args.progress)
+# task name -> (factory, keyword arguments, metric shown)
+TASKS = {
+    "mnist1d": (mnist1d.make_task, {}, "accuracy"),
+    # The second MNIST-1D setting: twice the samples.
+    "mnist1d_10k": (mnist1d.make_task, {"samples": 10000, "name": "mnist1d_10k"}, "accuracy"),
+    "spirals": (spirals.make_task, {}, "accuracy"),
+    "char_lm": (char_lm.make_task, {}, "loss"),
+}
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--tasks", default="mnist1d,char_lm")
-  parser.add_argument("--out", default="runs/growth")
-  mnist1d.add_arguments(parser)  # --seeds --steps --samples --noise --small --large ...
-  parser.add_argument("--lm-steps", type=int, default=1500)
-  parser.add_argument("--lm-batch-size", type=int, default=32)
-  parser.add_argument("--context", type=int, default=64)
-  parser.add_argument("--train-bytes", type=int, default=400_000)
-  parser.add_argument("--val-bytes", type=int, default=16_448)
-  parser.add_argument("--lm-small", type=int, default=32)
-  parser.add_argument("--lm-large", type=int, default=64)
-  parser.add_argument("--lm-child-width", type=int, default=32)
-  parser.add_argument("--lm-lr", type=float, default=3e-3)
+  parser.add_argument("--tasks", default="mnist1d,mnist1d_10k,spirals,char_lm")
+  parser.add_argument("--lrs", default="1e-3,3e-3,1e-2")
+  parser.add_argument("--seeds", type=int, default=5)
+  parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+  parser.add_argument("--variants", default=",".join(experiments.VARIANTS))
+  parser.add_argument("--steps", type=int, default=None, help="override every task's steps")
+  parser.add_argument("--controller", default=None,
+                      help="JSON dict of TamiyoConfig overrides for the grown runs")
+  parser.add_argument("--life", default=None,
+                      help="JSON dict of LifecycleConfig overrides for the grown runs")
+  parser.add_argument("--results", default=os.path.join(HERE, "results"),
+                      help="where growth_<task>.json goes")
+  parser.add_argument("--tag", default="", help="suffix of the JSON file names")
+  parser.add_argument("--out", default="runs/growth", help="tables, plots, event logs")
   parser.add_argument("--no-plots", action="store_true")
   args = parser.parse_args(argv)
-  os.makedirs(args.out, exist_ok=True)
-  report = {"args": vars(args), "tasks": {}}
+  lrs = mnist1d.parse_lrs(args.lrs)
+  os.makedirs(args.results, exist_ok=True)
   sections = []
-  for task in args.tasks.split(","):
+  for name in args.tasks.split(","):
+    if name not in TASKS:
+      raise ValueError(f"--tasks: unknown task {name!r}; expected some of {sorted(TASKS)}")
+    factory, kwargs, metric = TASKS[name]
+    kwargs = dict(kwargs)
+    if args.steps is not None:
+      kwargs["steps"] = args.steps
+    if args.controller:
+      kwargs["controller"] = json.loads(args.controller)
+    if args.life:
+      kwargs["life"] = json.loads(args.life)
+    out_dir = os.path.join(args.out, name)
+    os.makedirs(out_dir, exist_ok=True)
     start = time.perf_counter()
-    if task == "mnist1d":
-      results = mnist1d.run(args, os.path.join(args.out, "mnist1d"))
-      metric = "accuracy"
-    elif task == "char_lm":
-      results = char_lm.run(_lm_args(args), os.path.join(args.out, "char_lm"))
-      metric = "accuracy"
-    else:
-      raise ValueError(f"--tasks: unknown task {task!r} (mnist1d, char_lm)")
-    rows = experiments.summarize(results)
-    table = experiments.markdown_table(rows, metric)
-    grown = {r["name"]: r for r in rows}
-    verdict = ""
-    if "grown" in grown and "fixed_small" in grown and "ceiling" in grown:
-      g, s, c = grown["grown"], grown["fixed_small"], grown["ceiling"]
-      gap = 100 * (c["metric_mean"] - g["metric_mean"])
-      margin = (g["metric_mean"] - s["metric_mean"]) / max(s["metric_std"], g["metric_std"], 1e-9)
-      verdict = (f"grown − fixed-small: {100 * (g['metric_mean'] - s['metric_mean']):+.2f} points "
-                 f"({margin:.1f}× the larger std); ceiling − grown: {gap:+.2f} points; "
-                 f"grown params {g['params']:.0f} (ceiling {c['params']:.0f}).")
-    sections.append(f"### {task}\n\n{table}\n\n{verdict}\n\n(wall time of the task: "
-                    f"{time.perf_counter() - start:.0f} s)\n")
-    report["tasks"][task] = {"rows": rows, "verdict": verdict,
-                             "runs": [{"variant": r.variant, "seed": r.seed, "metric": r.metric,
-                                       "val_loss": r.val_loss, "params": r.params,
-                                       "fossilized": r.fossilized, "wall_time": r.wall_time,
-                                       "history": r.history} for r in results]}
-    print(sections[-1], flush=True)
+    result = experiments.run_protocol(factory, kwargs, variants=args.variants.split(","),
+                                      lrs=lrs, seeds=args.seeds, workers=args.workers,
+                                      log_dir=out_dir)
+    table = experiments.markdown_table(result["rows"], metric)
+    section = (f"### {name}\n\n{table}\n\nverdict: {json.dumps(result['verdict'])}\n\n"
+               f"(wall time of the task: {time.perf_counter() - start:.0f} s)\n")
+    print(section, flush=True)
+    sections.append(section)
+    runs = [{k: v for k, v in r.items() if k != "history"} for r in result["runs"]]
+    report = {"task": name, "args": {**vars(args), "task_kwargs": kwargs}, "rows": result["rows"],
+              "verdict": result["verdict"], "chosen": result["chosen"], "runs": runs,
+              "date": time.strftime("%Y-%m-%d"), "wall_time": result["wall_time"]}
+    with open(os.path.join(args.results, f"growth_{name}{args.tag}.json"), "w") as fh:
+      json.dump(report, fh, indent=1)
     if not args.no_plots:
       from kasmina_jax import plots  # pylint: disable=g-import-not-at-top
-      plots.plot_comparison(rows, os.path.join(args.out, f"{task}_accuracy_vs_params.png"),
-                            title=f"{task}: held-out accuracy against parameters")
-  with open(os.path.join(args.out, "growth.md"), "w") as fh:
+      plots.plot_protocol(result["rows"], os.path.join(out_dir, f"{metric}_vs_params.png"),
+                          metric=metric, title=f"{name}: test {metric} against parameters")
+      if result["grown_log"]:
+        plots.plot_run(result["grown_log"], out_dir)
+  with open(os.path.join(args.out, f"growth{args.tag}.md"), "w") as fh:
     fh.write("\n".join(sections))
-  with open(os.path.join(args.out, "growth.json"), "w") as fh:
-    json.dump(report, fh, indent=1)
 
 
 if __name__ == "__main__":

@@ -2,15 +2,18 @@
 (ships with every Python), with Kasmina layers after the attention output and in the MLP
 blocks; grown beside fixed-small, fixed-large and the ceiling.
 
-    python examples/char_lm.py [--seeds 2] [--steps 1500] [--out runs/char_lm]
+    python examples/char_lm.py [--seeds 3] [--lrs 1e-3,3e-3,1e-2] [--workers 4]
 
-Held-out metric: next-character accuracy and loss (nats per character) on files not seen in
-training.
+Each variant's learning rate is chosen on a validation slice of the corpus (after the training
+slice); the held-out metric, next-character loss (nats per character), is read once on a
+test slice of files seen by nothing before the report.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import json
 import os
 import sys
 
@@ -69,74 +72,83 @@ class CharLM(nn.Module):
     return nn.Dense(self.vocab, name="head")(x)
 
 
-def lm_config() -> training.TrainConfig:
-  life = lifecycle.LifecycleConfig(min_training_steps=50, max_training_steps=600,
-                                   stabilization_steps=50, fine_tuning_steps=100,
-                                   fine_tuning_patience=2, embargo_epochs=3)
-  ctl = tamiyo.TamiyoConfig(plateau_patience=1, plateau_min_delta=1e-3,
-                            max_concurrent_training=2, max_germinations_per_epoch=2,
-                            germinate_without_plateau=True, lifecycle=life,
-                            selection=tamiyo.SelectionStrategy.ACCURACY)
+def lm_config(controller: dict | None = None, life: dict | None = None
+              ) -> training.TrainConfig:
+  """Lifecycle timings scaled to a 1500-step run (100 steps an epoch); the controller's
+  defaults (optionally overridden by keyword dicts)."""
+  life = lifecycle.LifecycleConfig(**{
+      **dict(min_training_steps=50, max_training_steps=600, stabilization_steps=50,
+             fine_tuning_steps=100, fine_tuning_patience=2, embargo_epochs=3),
+      **(life or {})})
+  ctl = tamiyo.TamiyoConfig(**(controller or {}), lifecycle=life)
   return training.TrainConfig(grafting=grafting.GraftingConfig(fixed_steps=30), tamiyo=ctl,
                               max_judged=8, counterfactual_batch=2)
 
 
-def load_data(context: int, train_bytes: int, val_bytes: int, seed: int = 0):
-  text = datasets.stdlib_corpus(train_bytes + val_bytes, seed=seed)
+@functools.lru_cache(maxsize=4)
+def load_data(context: int, train_bytes: int, val_bytes: int, test_bytes: int):
+  """`(train, val, test, vocab)`: consecutive slices of the corpus (whole files shuffled),
+  the validation slice right after the training one, the test slice last."""
+  text = datasets.stdlib_corpus(train_bytes + val_bytes + test_bytes, seed=0)
   vocab = "".join(sorted(set(text)))
-  train_w, _ = datasets.char_windows(text[:train_bytes], context, vocab=vocab)
-  val_w, _ = datasets.char_windows(text[train_bytes:], context, vocab=vocab)
+  cut1, cut2 = train_bytes, train_bytes + val_bytes
   as_batch = lambda w: {"x": w[:, :-1].astype(np.int32), "y": w[:, 1:].astype(np.int32)}
-  return as_batch(train_w), as_batch(val_w), vocab
+  parts = [datasets.char_windows(t, context, vocab=vocab)[0]
+           for t in (text[:cut1], text[cut1:cut2], text[cut2:])]
+  return tuple(as_batch(w) for w in parts) + (vocab,)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--seeds", type=int, default=2)
-  parser.add_argument("--steps", type=int, default=1500)
-  parser.add_argument("--batch-size", type=int, default=32)
-  parser.add_argument("--context", type=int, default=64)
-  parser.add_argument("--train-bytes", type=int, default=400_000)
-  parser.add_argument("--val-bytes", type=int, default=16_448)
-  parser.add_argument("--small", type=int, default=32, help="model width of the small model")
-  parser.add_argument("--large", type=int, default=64, help="model width of fixed-large")
-  parser.add_argument("--child-width", type=int, default=32)
-  parser.add_argument("--lr", type=float, default=3e-3)
-  parser.add_argument("--variants", default=",".join(experiments.VARIANTS))
-  parser.add_argument("--progress", action="store_true")
+def make_task(*, steps: int = 1500, batch_size: int = 32, context: int = 64,
+              train_bytes: int = 400_000, val_bytes: int = 16_448, test_bytes: int = 16_448,
+              small: int = 32, large: int = 64, child_width: int = 32,
+              controller: dict | None = None, life: dict | None = None) -> experiments.Task:
+  """The character-LM growth task (module level, so worker processes can build it).
 
-
-def run(args, out_dir: str | None = None):
-  train, val, vocab = load_data(args.context, args.train_bytes, args.val_bytes)
-  steps_per_epoch = max(1, min(100, len(train["x"]) // args.batch_size))
-  epochs = max(1, args.steps // steps_per_epoch)
-  # Epochs here are fixed-size slices of the stream, so the controller sees steady telemetry.
-  rng = np.random.default_rng(0)
-  small = CharLM(len(vocab), args.small, args.context, child_width=args.child_width)
-  models = {"fixed_small": small, "grown": small, "ceiling": small,
-            "fixed_large": CharLM(len(vocab), args.large, args.context, child_width=args.child_width)}
-  results = []
-  for seed in range(args.seeds):
-    idx = rng.permutation(len(train["x"]))[: steps_per_epoch * args.batch_size]
-    epoch_train = {k: v[idx] for k, v in train.items()}
-    for variant in args.variants.split(","):
-      r = experiments.run_variant(
-          variant, models.__getitem__, epoch_train, val, training.cross_entropy_loss,
-          epochs=epochs, batch_size=args.batch_size, seed=seed, learning_rate=args.lr,
-          config=lm_config(), log_dir=out_dir, progress=args.progress)
-      results.append(r)
-      print(r.summary("char-lm"), flush=True)
-  return results
+  An epoch is a fixed slice of 100 batches of the training windows (per RNG seed), so the
+  controller sees steady telemetry at every epoch end."""
+  train, val, test, vocab = load_data(context, train_bytes, val_bytes, test_bytes)
+  steps_per_epoch = max(1, min(100, len(train["x"]) // batch_size))
+  small_lm = CharLM(len(vocab), small, context, child_width=child_width)
+  models = {"fixed_small": small_lm, "grown": small_lm, "ceiling": small_lm,
+            "fixed_large": CharLM(len(vocab), large, context, child_width=child_width)}
+  return experiments.Task(
+      name="char_lm", make_model=models.__getitem__,
+      data=lambda: (train, val, test), epochs=max(1, steps // steps_per_epoch),
+      batch_size=batch_size, config=lm_config(controller, life), metric="loss",
+      higher_is_better=False, select_on="loss", epoch_rows=steps_per_epoch * batch_size,
+      eval_batch=256)
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  add_arguments(parser)
+  parser.add_argument("--seeds", type=int, default=3, help="RNG seeds per variant and rate")
+  parser.add_argument("--lrs", default="1e-3,3e-3,1e-2", help="Adam rates swept per variant")
+  parser.add_argument("--steps", type=int, default=1500)
+  parser.add_argument("--small", type=int, default=32, help="model width of the small model")
+  parser.add_argument("--large", type=int, default=64, help="model width of fixed-large")
+  parser.add_argument("--workers", type=int, default=1, help="worker processes (one run each)")
   parser.add_argument("--out", default="runs/char_lm")
   parser.add_argument("--no-plots", action="store_true")
   args = parser.parse_args(argv)
   os.makedirs(args.out, exist_ok=True)
-  results = run(args, args.out)
-  experiments.write_report(results, args.out, config=vars(args), plots=not args.no_plots)
+  lrs = tuple(float(x) for x in args.lrs.split(","))
+  result = experiments.run_protocol(
+      make_task, dict(steps=args.steps, small=args.small, large=args.large), lrs=lrs,
+      seeds=args.seeds, workers=args.workers, log_dir=args.out)
+  table = experiments.markdown_table(result["rows"], "loss")
+  print(table)
+  with open(os.path.join(args.out, "results.md"), "w") as fh:
+    fh.write(table + "\n")
+  with open(os.path.join(args.out, "results.json"), "w") as fh:
+    json.dump({"args": vars(args), **result}, fh, indent=1)
+  if not args.no_plots:
+    from kasmina_jax import plots  # pylint: disable=g-import-not-at-top
+    plots.plot_protocol(result["rows"], os.path.join(args.out, "loss_vs_params.png"),
+                        metric="loss", title="Char LM: test loss (nats/char) against parameters")
+    if result["grown_log"]:
+      plots.plot_run(result["grown_log"], args.out)
+  return result
+
 
 if __name__ == "__main__":
   main(sys.argv[1:])

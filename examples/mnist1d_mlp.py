@@ -1,7 +1,9 @@
 """MNIST-1D (generated procedurally, never downloaded): an MLP that starts too small grows
-with Kasmina, beside fixed-small, fixed-large and its own ceiling.
+with Kasmina, beside fixed-small, fixed-large and its own ceiling, under the fair protocol
+(each variant's learning rate chosen on a validation split carved from the training data; the
+test split read once, for the report).
 
-    python examples/mnist1d_mlp.py [--seeds 3] [--steps 6000] [--out runs/mnist1d]
+    python examples/mnist1d_mlp.py [--seeds 5] [--lrs 1e-3,3e-3,1e-2] [--workers 4]
 
 The model is 40 -> w -> w -> 10 with both hidden layers wrapped by `KasminaDense`; the grown
 and ceiling variants hold parallel-wired children (4 seeds a layer, hidden 64 each), which
@@ -11,6 +13,8 @@ behave like added width (DESIGN.md, "Wiring").
 from __future__ import annotations
 
 import argparse
+import functools
+import json
 import os
 import sys
 
@@ -34,56 +38,74 @@ class MLP(nn.Module):
     return nn.Dense(10, name="head")(x)
 
 
-def growth_config(steps_per_epoch: int) -> training.TrainConfig:
-  """Lifecycle defaults of DESIGN.md, with the controller free to grow every slot."""
-  del steps_per_epoch
-  life = lifecycle.LifecycleConfig(min_training_steps=100, max_training_steps=2000,
-                                   stabilization_steps=100, fine_tuning_steps=300,
-                                   fine_tuning_patience=3, embargo_epochs=5)
-  ctl = tamiyo.TamiyoConfig(plateau_patience=1, plateau_min_delta=1e-3,
-                            max_concurrent_training=1, max_germinations_per_epoch=1,
-                            germinate_without_plateau=False, lifecycle=life,
-                            selection=tamiyo.SelectionStrategy.ACCURACY)
-  return training.TrainConfig(grafting=grafting.GraftingConfig(fixed_steps=30), tamiyo=ctl,
-                              max_judged=8)
+def growth_config(controller: dict | None = None, life: dict | None = None
+                  ) -> training.TrainConfig:
+  """The library's lifecycle and controller defaults, with optional overrides (keyword
+  dicts of `TamiyoConfig` / `LifecycleConfig` fields)."""
+  cfg = tamiyo.TamiyoConfig(**(controller or {}),
+                            lifecycle=lifecycle.LifecycleConfig(**(life or {})))
+  return training.TrainConfig(grafting=grafting.GraftingConfig(), tamiyo=cfg, max_judged=8)
+
+
+@functools.lru_cache(maxsize=4)
+def load_data(samples: int, noise: float | None, data_seed: int, val_fraction: float):
+  """`(train, val, test)`: MNIST-1D's own train/test split, validation carved from train."""
+  train, test = datasets.mnist1d(num_samples=samples, noise=noise, seed=data_seed)
+  fit, val = experiments.carve_validation(train, val_fraction, seed=data_seed)
+  return fit, val, test
+
+
+def make_task(*, samples: int = 5000, noise: float | None = None, data_seed: int = 42,
+              val_fraction: float = 0.2, small: int = 32, large: int = 128,
+              child_width: int = 64, seeds_per_layer: int = 4, steps: int = 6000,
+              batch_size: int = 100, name: str = "mnist1d", controller: dict | None = None,
+              life: dict | None = None) -> experiments.Task:
+  """The MNIST-1D growth task (module level, so worker processes can build it)."""
+  fit, _, _ = load_data(samples, noise, data_seed, val_fraction)
+  steps_per_epoch = len(fit["x"]) // batch_size
+  small_mlp = MLP(small, seeds_per_layer, child_width)
+  models = {"fixed_small": small_mlp, "grown": small_mlp, "ceiling": small_mlp,
+            "fixed_large": MLP(large, seeds_per_layer, child_width)}
+  return experiments.Task(
+      name=name, make_model=models.__getitem__,
+      data=functools.partial(load_data, samples, noise, data_seed, val_fraction),
+      epochs=max(1, steps // steps_per_epoch), batch_size=batch_size,
+      config=growth_config(controller, life))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--seeds", type=int, default=3, help="RNG seeds per variant")
+  parser.add_argument("--seeds", type=int, default=5, help="RNG seeds per variant and rate")
+  parser.add_argument("--lrs", default="1e-3,3e-3,1e-2", help="Adam rates swept per variant")
   parser.add_argument("--steps", type=int, default=6000, help="training steps per run")
   parser.add_argument("--batch-size", type=int, default=100)
   parser.add_argument("--samples", type=int, default=5000, help="MNIST-1D samples (train+test)")
-  parser.add_argument("--train-split", type=float, default=0.8)
   parser.add_argument("--noise", type=float, default=None, help="MNIST-1D correlated noise scale")
   parser.add_argument("--data-seed", type=int, default=42, help="MNIST-1D generator seed")
+  parser.add_argument("--val-fraction", type=float, default=0.2,
+                      help="share of the training split held out for validation")
   parser.add_argument("--small", type=int, default=32, help="hidden width of the small host")
   parser.add_argument("--large", type=int, default=128, help="hidden width of fixed-large")
   parser.add_argument("--child-width", type=int, default=64, help="hidden width of a child")
   parser.add_argument("--seeds-per-layer", type=int, default=4)
-  parser.add_argument("--lr", type=float, default=1e-3)
   parser.add_argument("--variants", default=",".join(experiments.VARIANTS))
-  parser.add_argument("--progress", action="store_true")
+  parser.add_argument("--workers", type=int, default=1, help="worker processes (one run each)")
 
 
-def run(args, out_dir: str | None = None):
-  train, test = datasets.mnist1d(num_samples=args.samples, train_split=args.train_split,
-                                 noise=args.noise, seed=args.data_seed)
-  steps_per_epoch = len(train["x"]) // args.batch_size
-  epochs = max(1, args.steps // steps_per_epoch)
-  small = MLP(args.small, args.seeds_per_layer, args.child_width)
-  models = {"fixed_small": small, "grown": small, "ceiling": small,
-            "fixed_large": MLP(args.large, args.seeds_per_layer, args.child_width)}
-  config = growth_config(steps_per_epoch)
-  results = []
-  for seed in range(args.seeds):
-    for variant in args.variants.split(","):
-      r = experiments.run_variant(
-          variant, models.__getitem__, train, test, training.cross_entropy_loss,
-          epochs=epochs, batch_size=args.batch_size, seed=seed, learning_rate=args.lr,
-          config=config, log_dir=out_dir, progress=args.progress)
-      results.append(r)
-      print(r.summary("mnist1d"), flush=True)
-  return results
+def task_kwargs(args) -> dict:
+  return dict(samples=args.samples, noise=args.noise, data_seed=args.data_seed,
+              val_fraction=args.val_fraction, small=args.small, large=args.large,
+              child_width=args.child_width, seeds_per_layer=args.seeds_per_layer,
+              steps=args.steps, batch_size=args.batch_size)
+
+
+def parse_lrs(text: str) -> tuple[float, ...]:
+  try:
+    lrs = tuple(float(x) for x in text.split(",") if x.strip())
+  except ValueError:
+    raise ValueError(f"--lrs: expected comma-separated numbers, got {text!r}") from None
+  if not lrs or any(not lr > 0 for lr in lrs):
+    raise ValueError(f"--lrs: expected positive learning rates, got {text!r}")
+  return lrs
 
 
 def main(argv=None):
@@ -93,8 +115,24 @@ def main(argv=None):
   parser.add_argument("--no-plots", action="store_true")
   args = parser.parse_args(argv)
   os.makedirs(args.out, exist_ok=True)
-  results = run(args, args.out)
-  experiments.write_report(results, args.out, config=vars(args), plots=not args.no_plots)
+  result = experiments.run_protocol(make_task, task_kwargs(args),
+                                    variants=args.variants.split(","), lrs=parse_lrs(args.lrs),
+                                    seeds=args.seeds, workers=args.workers, log_dir=args.out)
+  table = experiments.markdown_table(result["rows"], "accuracy")
+  print(table)
+  with open(os.path.join(args.out, "results.md"), "w") as fh:
+    fh.write(table + "\n")
+  with open(os.path.join(args.out, "results.json"), "w") as fh:
+    json.dump({"args": vars(args), **result}, fh, indent=1)
+  if not args.no_plots:
+    from kasmina_jax import plots  # pylint: disable=g-import-not-at-top
+    paths = plots.plot_protocol(result["rows"], os.path.join(args.out, "accuracy_vs_params.png"),
+                                title="MNIST-1D: test accuracy against parameters")
+    if result["grown_log"]:
+      paths = [paths] + plots.plot_run(result["grown_log"], args.out)
+    print("plots:", paths)
+  return result
+
 
 if __name__ == "__main__":
   main(sys.argv[1:])

@@ -1,15 +1,19 @@
 """Two spirals: a small MLP that grows with Kasmina, beside fixed-small, fixed-large and the
 ceiling (the same children present from the start). CPU, about a minute.
 
-    python examples/spirals.py [--seeds 3] [--epochs 30] [--out runs/spirals]
+    python examples/spirals.py [--seeds 3] [--lrs 3e-3,1e-2,3e-2] [--workers 2]
 
-Writes the results table (results.md, results.json), the accuracy-vs-parameters plot, and the
-grown model's lifecycle timeline, health heatmap and curves (from its event log).
+Each variant's learning rate is chosen on a validation split carved from the training points;
+the test points are read once, for the report. Writes the results table (results.md,
+results.json), the accuracy-vs-parameters plot, and the grown model's lifecycle timeline,
+health heatmap and curves (from its event log).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import json
 import os
 import sys
 
@@ -36,52 +40,79 @@ class SpiralNet(nn.Module):
     return nn.Dense(2, name="head")(x)
 
 
-def demo_config(epochs: int) -> training.TrainConfig:
-  """Lifecycle timings scaled to a short run (counts are in steps, 40 steps an epoch)."""
-  life = lifecycle.LifecycleConfig(min_training_steps=40, max_training_steps=400,
-                                   stabilization_steps=20, fine_tuning_steps=40,
-                                   fine_tuning_patience=2, embargo_epochs=2,
-                                   improvement_margin=0.0)
-  ctl = tamiyo.TamiyoConfig(plateau_patience=1, plateau_min_delta=1e-3,
-                            max_concurrent_training=2, max_germinations_per_epoch=2,
-                            germinate_without_plateau=True, lifecycle=life,
-                            selection=tamiyo.SelectionStrategy.ACCURACY)
+def demo_config(controller: dict | None = None, life: dict | None = None
+                ) -> training.TrainConfig:
+  """Lifecycle timings scaled to a short run (counts are in steps, 32 steps an epoch); the
+  controller's defaults (optionally overridden by keyword dicts)."""
+  life = lifecycle.LifecycleConfig(**{
+      **dict(min_training_steps=40, max_training_steps=400, stabilization_steps=20,
+             fine_tuning_steps=40, fine_tuning_patience=2, embargo_epochs=2),
+      **(life or {})})
+  ctl = tamiyo.TamiyoConfig(**(controller or {}), lifecycle=life)
   return training.TrainConfig(grafting=grafting.GraftingConfig(fixed_steps=20), tamiyo=ctl,
                               max_judged=8)
 
 
+@functools.lru_cache(maxsize=4)
+def load_data(train: int, test: int, val_fraction: float):
+  """`(train, val, test)` spiral points; validation carved from the training points."""
+  fit, val = experiments.carve_validation(datasets.two_spirals(train, seed=1), val_fraction)
+  return fit, val, datasets.two_spirals(test, seed=2)
+
+
+def make_task(*, train: int = 2560, test: int = 2000, val_fraction: float = 0.2,
+              small: int = 8, large: int = 64, child_width: int = 16, epochs: int = 16,
+              batch_size: int = 64, steps: int | None = None, controller: dict | None = None,
+              life: dict | None = None) -> experiments.Task:
+  """The spirals growth task (module level, so worker processes can build it). `steps`, when
+  given, sets the epochs from the step budget."""
+  fit, _, _ = load_data(train, test, val_fraction)
+  if steps is not None:
+    epochs = max(1, steps // (len(fit["x"]) // batch_size))
+  models = {"fixed_small": SpiralNet(small, child_width=child_width),
+            "grown": SpiralNet(small, child_width=child_width),
+            "ceiling": SpiralNet(small, child_width=child_width),
+            "fixed_large": SpiralNet(large, child_width=child_width)}
+  return experiments.Task(
+      name="spirals", make_model=models.__getitem__,
+      data=functools.partial(load_data, train, test, val_fraction), epochs=epochs,
+      batch_size=batch_size, config=demo_config(controller, life))
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--seeds", type=int, default=3, help="RNG seeds per variant")
+  parser.add_argument("--seeds", type=int, default=3, help="RNG seeds per variant and rate")
+  parser.add_argument("--lrs", default="3e-3,1e-2,3e-2", help="Adam rates swept per variant")
   parser.add_argument("--epochs", type=int, default=16)
-  parser.add_argument("--train", type=int, default=2560, help="training points")
+  parser.add_argument("--train", type=int, default=2560, help="training points (validation "
+                      "is carved from them)")
   parser.add_argument("--test", type=int, default=2000, help="held-out points")
   parser.add_argument("--small", type=int, default=8, help="hidden width of the small host")
   parser.add_argument("--large", type=int, default=64, help="hidden width of fixed-large")
-  parser.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate")
+  parser.add_argument("--workers", type=int, default=1, help="worker processes (one run each)")
   parser.add_argument("--out", default="runs/spirals")
   parser.add_argument("--no-plots", action="store_true")
-  parser.add_argument("--progress", action="store_true", help="progress bar per run")
   args = parser.parse_args(argv)
   os.makedirs(args.out, exist_ok=True)
-
-  train = datasets.two_spirals(args.train, seed=1)
-  test = datasets.two_spirals(args.test, seed=2)
-  models = {"fixed_small": SpiralNet(args.small), "grown": SpiralNet(args.small),
-            "ceiling": SpiralNet(args.small), "fixed_large": SpiralNet(args.large)}
-  config = demo_config(args.epochs)
-  results = []
-  for seed in range(args.seeds):
-    for variant in experiments.VARIANTS:
-      r = experiments.run_variant(
-          variant, models.__getitem__, train, test, training.cross_entropy_loss,
-          epochs=args.epochs, batch_size=64, seed=seed, learning_rate=args.lr, config=config,
-          log_dir=args.out, progress=args.progress)
-      results.append(r)
-      print(r.summary("spirals"), flush=True)
-  rows = experiments.write_report(results, args.out, config=vars(args),
-                                  plots=not args.no_plots)
-  return rows, results
+  lrs = tuple(float(x) for x in args.lrs.split(","))
+  result = experiments.run_protocol(
+      make_task, dict(train=args.train, test=args.test, small=args.small, large=args.large,
+                      epochs=args.epochs),
+      lrs=lrs, seeds=args.seeds, workers=args.workers, log_dir=args.out)
+  table = experiments.markdown_table(result["rows"], "accuracy")
+  print(table)
+  with open(os.path.join(args.out, "results.md"), "w") as fh:
+    fh.write(table + "\n")
+  with open(os.path.join(args.out, "results.json"), "w") as fh:
+    json.dump({"args": vars(args), **result}, fh, indent=1)
+  if not args.no_plots:
+    from kasmina_jax import plots  # pylint: disable=g-import-not-at-top
+    paths = [plots.plot_protocol(result["rows"], os.path.join(args.out, "accuracy_vs_params.png"),
+                                 title="Two spirals: test accuracy against parameters")]
+    if result["grown_log"]:
+      paths += plots.plot_run(result["grown_log"], args.out)
+    print("plots:", *paths, sep="\n  ")
+  return result
 
 
 if __name__ == "__main__":

@@ -176,6 +176,11 @@ def train_flops(history: Sequence[dict], initial_params: int, steps_per_epoch: i
   return float(sum(6.0 * c * steps_per_epoch * batch_size for c in counts))
 
 
+def grown_log_path(log_dir: str, learning_rate: float, seed: int) -> str:
+  """Where the grown run of (`learning_rate`, `seed`) writes its event log."""
+  return os.path.join(log_dir, f"grown_lr{float(learning_rate):g}_seed{seed}.jsonl")
+
+
 def run_variant(task: Task, variant: str, *, seed: int, learning_rate: float,
                 log_dir: str | None = None, progress: bool = False,
                 policy: Callable | None = None) -> RunResult:
@@ -194,7 +199,7 @@ def run_variant(task: Task, variant: str, *, seed: int, learning_rate: float,
     state = children_from_start(state, task.ceiling_blueprint, jax.random.fold_in(key, 7))
   if policy is None:
     policy = tamiyo.decide if variant == "grown" else no_growth
-  log_path = (os.path.join(log_dir, f"grown_seed{seed}.jsonl")
+  log_path = (grown_log_path(log_dir, learning_rate, seed)
               if (log_dir and variant == "grown") else None)
   initial = training.param_counts(state)["model"]
   start = time.perf_counter()
@@ -434,10 +439,14 @@ def run_protocol(task_factory: Callable[..., Task], task_kwargs: dict, *,
                   if verbose else None)
   chosen, picked = select_and_test(task, results)
   rows = report_rows(task, results, chosen, picked)
+  grown_log = None
+  if log_dir and "grown" in chosen:
+    path = grown_log_path(log_dir, chosen["grown"], 0)
+    grown_log = path if os.path.exists(path) else None
   return {
       "task": task.name, "metric": task.metric, "higher_is_better": task.higher_is_better,
       "rows": rows, "verdict": verdict(rows, higher_is_better=task.higher_is_better),
-      "chosen": chosen, "wall_time": time.perf_counter() - start,
+      "chosen": chosen, "wall_time": time.perf_counter() - start, "grown_log": grown_log,
       "runs": [{"variant": r.variant, "seed": r.seed, "lr": r.lr, "val_metric": r.val_metric,
                 "val_loss": r.val_loss, "test_metric": r.test_metric, "test_loss": r.test_loss,
                 "params": r.params, "train_flops": r.train_flops, "fossilized": r.fossilized,

@@ -426,6 +426,16 @@ def plot_comparison(rows: Sequence[dict], out_path, *, metric: str = "accuracy",
   return _save(fig, out_path)
 
 
+def plot_protocol(rows: Sequence[dict], out_path, *, metric: str = "accuracy",
+                  title: str | None = None) -> str:
+  """`plot_comparison` of `experiments.report_rows`: each variant's test metric (mean ± std
+  over seeds, at its validation-chosen rate) against its final parameter count."""
+  return plot_comparison(
+      [{"name": f"{r['variant']} (lr {r['lr']:g})", "params": r["params"],
+        "params_std": r.get("params_std"), "metric_mean": r["test_mean"],
+        "metric_std": r["test_std"]} for r in rows], out_path, metric=metric, title=title)
+
+
 def _count_label(value: float) -> str:
   for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
     if abs(value) >= scale:
