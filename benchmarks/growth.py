@@ -58,6 +58,8 @@ def main(argv=None):
   parser.add_argument("--tag", default="", help="suffix of the JSON file names")
   parser.add_argument("--out", default="runs/growth", help="tables, plots, event logs")
   parser.add_argument("--no-plots", action="store_true")
+  parser.add_argument("--val-only", action="store_true",
+                      help="tuning: choose and report on validation, never read the test split")
   args = parser.parse_args(argv)
   lrs = mnist1d.parse_lrs(args.lrs)
   os.makedirs(args.results, exist_ok=True)
@@ -78,7 +80,7 @@ def main(argv=None):
     start = time.perf_counter()
     result = experiments.run_protocol(factory, kwargs, variants=args.variants.split(","),
                                       lrs=lrs, seeds=args.seeds, workers=args.workers,
-                                      log_dir=out_dir)
+                                      log_dir=out_dir, read_test=not args.val_only)
     table = experiments.markdown_table(result["rows"], metric)
     section = (f"### {name}\n\n{table}\n\nverdict: {json.dumps(result['verdict'])}\n\n"
                f"(wall time of the task: {time.perf_counter() - start:.0f} s)\n")

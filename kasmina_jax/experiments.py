@@ -332,14 +332,19 @@ def select_rates(task: Task, results: Sequence[RunResult]) -> dict[str, float]:
   return chosen
 
 
-def select_and_test(task: Task, results: Sequence[RunResult]) -> tuple[dict, list[RunResult]]:
+def select_and_test(task: Task, results: Sequence[RunResult], *, read_test: bool = True
+                    ) -> tuple[dict, list[RunResult]]:
   """Chooses each variant's rate on validation, then reads the test split once for each run
-  of the chosen rate. Returns `(chosen rates, the chosen runs with test figures)`."""
+  of the chosen rate. Returns `(chosen rates, the chosen runs with test figures)`. With
+  `read_test=False` (tuning settings on validation) the test split is not read at all."""
   chosen = select_rates(task, results)
-  _, _, test = task.data()
+  test = task.data()[2] if read_test else None
   picked = []
   for r in results:
     if chosen.get(r.variant) != r.lr:
+      continue
+    if test is None:
+      picked.append(r)
       continue
     m = evaluate_variables(task, r.variant, r.variables, test)
     r.test_metric = float(m.get(task.metric, m["loss"]))
@@ -427,7 +432,7 @@ def verdict(rows: Sequence[dict], *, higher_is_better: bool = True) -> dict:
 def run_protocol(task_factory: Callable[..., Task], task_kwargs: dict, *,
                  variants: Sequence[str] = VARIANTS, lrs: Sequence[float] = DEFAULT_LRS,
                  seeds: int = 5, workers: int = 1, log_dir: str | None = None,
-                 verbose: bool = True) -> dict:
+                 verbose: bool = True, read_test: bool = True) -> dict:
   """The whole protocol for one task: sweep, choose on validation, test once, summarise.
   Returns `{"task", "rows", "verdict", "chosen", "runs"}` (JSON-ready but for `runs`'
   histories, which are plain too)."""
@@ -437,7 +442,7 @@ def run_protocol(task_factory: Callable[..., Task], task_kwargs: dict, *,
                   workers=workers, log_dir=log_dir,
                   on_result=(lambda r: print(r.summary(task.name), flush=True))
                   if verbose else None)
-  chosen, picked = select_and_test(task, results)
+  chosen, picked = select_and_test(task, results, read_test=read_test)
   rows = report_rows(task, results, chosen, picked)
   grown_log = None
   if log_dir and "grown" in chosen:

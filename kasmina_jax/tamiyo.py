@@ -143,11 +143,16 @@ class TamiyoConfig:
     plateau_patience: epochs in a row without improving the best validation loss by more than
       `plateau_min_delta` that make a plateau (germination is allowed from then on).
     plateau_min_delta: the improvement (absolute, in loss units) that counts.
-    germinate_without_plateau: allow germination on health alone, without a plateau.
+    germinate_without_plateau: allow germination on health alone, without a plateau
+      (default; waiting for a global plateau wastes the run, DESIGN.md amendment 3).
     germination_cooldown_epochs: epochs after a germinating epoch in which no seed germinates.
-    max_germinations_per_epoch: germinations an epoch, over the whole model.
-    max_queued_per_layer: seeds a layer may have waiting in GERMINATED (its queue).
-    max_concurrent_training: seeds a layer may have in TRAINING at once (slots are per layer).
+    max_germinations_per_epoch: germinations an epoch, over the whole model (None: no limit).
+    max_queued_per_layer: seeds a layer may have waiting in GERMINATED (None: every seed).
+    max_concurrent_training: seeds a layer may have in TRAINING at once (slots are per layer;
+      None: every slot of the layer at once).
+    The defaults grow every slot at once, on health, and let `growth_patience` stop a layer:
+    measured on MNIST-1D (validation accuracy, 3 RNG seeds, lr 3e-3) 63.0% against 53.8%
+    for one seed at a time after a plateau (README, "Growth that pays").
     min_need: a DORMANT seed germinates only if its need score is at least this.
     growth_patience: a layer stops germinating for good after this many children in a row
       that did not pay (culled, rolled back, or fossilized with `delta <= pay_margin`); one
@@ -160,7 +165,10 @@ class TamiyoConfig:
     recovery_margin: a queued or training (not ready) seed whose need fell by at least this
       since its germination is cancelled.
   What to grow:
-    selection: the `SelectionStrategy`.
+    selection: the `SelectionStrategy` (default ACCURACY, the largest child: on MNIST-1D the
+      PERFORMANCE bandit's first picks were replacement bottlenecks that never met their
+      reconstruction gate, were culled, and stopped the layer's growth: 54.1% validation
+      accuracy against 63.0%).
     ucb_c: exploration constant of the PERFORMANCE (UCB) score.
     signature_weight: weight of the health-signature affinity.
     cost_weight: weight of the normalised (params, FLOPs) cost.
@@ -188,11 +196,11 @@ class TamiyoConfig:
   plateau_patience: int = 2
   plateau_min_delta: float = 1e-3
   history: int = 8
-  max_concurrent_training: int = 1
-  max_germinations_per_epoch: int = 1
-  max_queued_per_layer: int = 1
-  germination_cooldown_epochs: int = 1
-  germinate_without_plateau: bool = False
+  max_concurrent_training: int | None = None
+  max_germinations_per_epoch: int | None = None
+  max_queued_per_layer: int | None = None
+  germination_cooldown_epochs: int = 0
+  germinate_without_plateau: bool = True
   min_need: float = 0.0
   growth_patience: int = 2
   pay_margin: float = 0.0
@@ -200,7 +208,7 @@ class TamiyoConfig:
   dead_weight: float = 1.0
   correlation_weight: float = 1.0
   recovery_margin: float = 0.25
-  selection: SelectionStrategy = SelectionStrategy.PERFORMANCE
+  selection: SelectionStrategy = SelectionStrategy.ACCURACY
   ucb_c: float = 1.0
   signature_weight: float = 0.5
   cost_weight: float = 0.1
@@ -223,9 +231,12 @@ class TamiyoConfig:
     _checks.positive_int("plateau_patience", self.plateau_patience)
     _checks.finite_float("plateau_min_delta", self.plateau_min_delta, min_value=0.0)
     _checks.positive_int("history", self.history)
-    _checks.positive_int("max_concurrent_training", self.max_concurrent_training)
-    _checks.non_negative_int("max_germinations_per_epoch", self.max_germinations_per_epoch)
-    _checks.positive_int("max_queued_per_layer", self.max_queued_per_layer)
+    if self.max_concurrent_training is not None:
+      _checks.positive_int("max_concurrent_training", self.max_concurrent_training)
+    if self.max_germinations_per_epoch is not None:
+      _checks.non_negative_int("max_germinations_per_epoch", self.max_germinations_per_epoch)
+    if self.max_queued_per_layer is not None:
+      _checks.positive_int("max_queued_per_layer", self.max_queued_per_layer)
     _checks.non_negative_int("germination_cooldown_epochs", self.germination_cooldown_epochs)
     if not isinstance(self.germinate_without_plateau, bool):
       raise TypeError("germinate_without_plateau: expected a bool, got "
@@ -623,7 +634,9 @@ def decide(report: EpochReport, seeds, ctrl: ControllerState,
   eligible = jnp.concatenate([p["eligible"] for p in partial])
   need = jnp.concatenate([p["need"] for p in partial])
   rank = _stable_rank(need, eligible)
-  chosen = eligible & (rank < config.max_germinations_per_epoch) & growth_time
+  budget = (eligible.shape[0] if config.max_germinations_per_epoch is None
+            else config.max_germinations_per_epoch)
+  chosen = eligible & (rank < budget) & growth_time
   sizes = np.cumsum([0] + [s.num_seeds for s in seed_leaves])
 
   commands, new_layers = [], []
@@ -694,7 +707,8 @@ def _layer_commands(s: SeedState, lr: LayerReport, lc: LayerControllerState,
 
   # Promotion from the queue into free training slots (slots per layer).
   still_training = training & (op == Op.NONE)
-  free = config.max_concurrent_training - jnp.sum(still_training.astype(jnp.int32))
+  slots = s.num_seeds if config.max_concurrent_training is None else config.max_concurrent_training
+  free = slots - jnp.sum(still_training.astype(jnp.int32))
   waiting = queued & ready & (op == Op.NONE)  # GERMINATED seeds are always ready
   # Oldest germination first, then the neediest, then the lowest index.
   by_need = jnp.argsort(jnp.where(waiting, -need, jnp.inf), stable=True)
@@ -711,7 +725,8 @@ def _layer_commands(s: SeedState, lr: LayerReport, lc: LayerControllerState,
 
   # Germination candidates: DORMANT, no embargo, room in the layer's queue.
   queued_after = jnp.sum((queued & (op == Op.NONE)).astype(jnp.int32))
-  room = config.max_queued_per_layer - queued_after
+  queue = s.num_seeds if config.max_queued_per_layer is None else config.max_queued_per_layer
+  room = queue - queued_after
   # A layer whose recent children stopped paying grows no more.
   growing = lc.unpaid_streak < config.growth_patience
   candidate = ((st == Stage.DORMANT) & (s.embargo_left <= 0) & (op == Op.NONE)

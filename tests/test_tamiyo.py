@@ -28,9 +28,14 @@ NUM_STRATEGIES = tamiyo.NUM_GRAFTING_STRATEGIES
 LCFG = lifecycle.LifecycleConfig()
 
 # Few configs, so that `decide` compiles only a few times in this file.
-BASE = tamiyo.TamiyoConfig()
-# Growth on health alone, every epoch (no plateau, no cooldown).
-GROW = tamiyo.TamiyoConfig(germinate_without_plateau=True, germination_cooldown_epochs=0,
+# One seed at a time after a plateau, a bandit choosing the blueprint (the spec's literal
+# controller; the library's defaults grow every slot at once, see test_defaults_grow_every_slot).
+BASE = tamiyo.TamiyoConfig(max_concurrent_training=1, max_germinations_per_epoch=1,
+                           max_queued_per_layer=1, germination_cooldown_epochs=1,
+                           germinate_without_plateau=False,
+                           selection=tamiyo.SelectionStrategy.PERFORMANCE)
+# Growth on health alone, every epoch (no plateau, no cooldown), one seed an epoch.
+GROW = dataclasses.replace(BASE, germinate_without_plateau=True, germination_cooldown_epochs=0,
                            recovery_margin=0.2)
 
 decide_jit = jax.jit(tamiyo.decide, static_argnames="config")
@@ -417,7 +422,7 @@ def test_selection_strategies():
       train_loss=1.0, val_loss=1.0, host_grad_norm=0.5, host_drift=0.0, epoch=0)
 
   def choose(selection, **stats):
-    config = tamiyo.TamiyoConfig(germinate_without_plateau=True, selection=selection,
+    config = dataclasses.replace(BASE, germinate_without_plateau=True, selection=selection,
                                  max_germinations_per_epoch=2, max_queued_per_layer=2)
     ctrl = tamiyo.init_controller(seeds, spec.num_blueprints, config)
     ctrl = ctrl.replace(layers={"dec": ctrl.layers["dec"].replace(
@@ -596,7 +601,7 @@ def test_bad_arguments_are_named():
 # ----------------------------------------------------------------------------- property
 
 
-PROP_CONFIG = tamiyo.TamiyoConfig(germinate_without_plateau=True, max_germinations_per_epoch=2,
+PROP_CONFIG = dataclasses.replace(BASE, germinate_without_plateau=True, max_germinations_per_epoch=2,
                                   germination_cooldown_epochs=0, max_concurrent_training=2,
                                   max_queued_per_layer=2,
                                   lifecycle=lifecycle.LifecycleConfig(max_training_steps=50))
@@ -724,3 +729,22 @@ def test_a_child_that_pays_resets_the_growth_stop():
   cmds, _ = decide_jit(report({"enc": health(3, dead=[0.0, 0.9, 0.0])}), fresh_seeds(), ctrl,
                        config=config)
   assert ops(cmds)["enc"][1] == Op.GERMINATE
+
+
+def test_defaults_grow_every_slot_on_health():
+  config = tamiyo.TamiyoConfig()
+  assert config.selection == tamiyo.SelectionStrategy.ACCURACY
+  seeds = fresh_seeds()
+  ctrl = tamiyo.init_controller(seeds, NUM_BP, config)
+  # No plateau yet (first epoch): every DORMANT seed of every layer germinates at once.
+  cmds, ctrl = decide_jit(report(epoch=0), seeds, ctrl, config=config)
+  assert all(op == Op.GERMINATE for ops_ in ops(cmds).values() for op in ops_), ops(cmds)
+  seeds, acc = apply_all(seeds, cmds)
+  assert_all_accepted(cmds, acc)
+  seeds = {n: lifecycle.update_readiness(lifecycle.tick_epoch(s), config=LCFG)
+           for n, s in seeds.items()}
+  # ... and every queued seed is promoted into TRAINING at the next epoch end.
+  cmds, _ = decide_jit(report(epoch=1), seeds, ctrl, config=config)
+  assert all(op == Op.ADVANCE for ops_ in ops(cmds).values() for op in ops_), ops(cmds)
+  with pytest.raises(ValueError, match="max_concurrent_training"):
+    tamiyo.TamiyoConfig(max_concurrent_training=0)
