@@ -138,7 +138,10 @@ class StepAux:
   """What one forward pass reports besides its output (per seed unless said otherwise)."""
 
   child_loss: jax.Array  # scalar, differentiable: the TRAINING seeds' objectives, summed
-  objective: jax.Array  # (K,) the child's own objective (NaN where no live child)
+  # (K,) the child's own objective as far as the forward knows it (NaN where no live child):
+  # reconstruction loss, or for residual / parallel children the penalty lambda mean ||f||^2
+  # only; `whole_objective` adds <dL/dout, f> from the gradients (the train step does).
+  objective: jax.Array
   recon_ratio: jax.Array  # (K,) ||g(x)-x||^2 / ||x||^2 (NaN where no live child)
   nonfinite: jax.Array  # (K,) bool: the child's output was non-finite this step
   telemetry: Any  # the updated TelemetryState, or None on evaluation passes
@@ -422,7 +425,8 @@ def forward_reference(spec: KasminaSpec, params: bp_lib.ChildParams, seeds, x: j
   recon_ratio = recon_err / jnp.maximum(sq_x, 1e-30)
   res_seed = tables.residual > 0
   # Residual / parallel children: trust-region penalty lambda * mean_rows ||f||^2 (the linear
-  # part <dL/dout, f> comes through the straight-through estimator). Replacement children:
+  # part <dL/dout, f> comes through the straight-through estimator; its value needs the output
+  # gradient: `whole_objective` adds it where the gradient is known). Replacement children:
   # reconstruction mean_rows ||g(x) - x||^2.
   objective = jnp.where(res_seed, spec.trust_penalty * recon_err, recon_err) / rows
   child_loss = jnp.sum(jnp.where(training & ok, objective, 0.0))
@@ -443,6 +447,50 @@ def forward_reference(spec: KasminaSpec, params: bp_lib.ChildParams, seeds, x: j
   aux = StepAux(child_loss=child_loss, objective=aux_objective, recon_ratio=aux_ratio,
                 nonfinite=live & ~ok, telemetry=new_tel)
   return out_x, aux
+
+
+def _last_layer_moment(params: bp_lib.ChildParams, grads: bp_lib.ChildParams) -> jax.Array:
+  """(K,) `sum(theta * dL/dtheta)` over each child's last layer `(w2, b2, s)`."""
+  e = jnp.zeros(params.b2.shape[:1], jnp.float32)
+  for name in ("w2", "b2", "s"):
+    p = getattr(params, name).astype(jnp.float32)
+    g = getattr(grads, name).astype(jnp.float32)
+    e = e + jnp.sum((p * g).reshape(p.shape[0], -1), axis=-1)
+  return e
+
+
+def whole_objective(spec: KasminaSpec, params: bp_lib.ChildParams, grads: bp_lib.ChildParams,
+                    seeds, objective: jax.Array, nonfinite: jax.Array) -> jax.Array:
+  """(K,) the child's whole training objective this step, as grafting needs it.
+
+  `objective` is the forward's `StepAux.objective` (the penalty `P = lambda mean_rows ||f||^2`
+  of residual / parallel children, the reconstruction loss of replacement children),
+  `nonfinite` its `StepAux.nonfinite`; `grads` the gradients of the training loss (task +
+  `child_loss`) with respect to `params`, `seeds` the state the forward ran with.
+
+  Residual / parallel children get the trust-region objective `<dL/dout, f> + P`
+  (DESIGN.md). The forward cannot report its linear part, which needs the output gradient,
+  and the kernels need not: every child in the catalog is linear in its last layer
+  `(w2, b2, s)` jointly (`f = a w2 + b2 + s * x`), so `E = sum(theta * dL/dtheta)` over
+  those parameters is `<dL/df, f>` exactly (Euler's identity), whichever backend computed the
+  gradient. `dL/df = b dL/dout + 2 (lambda / rows) f [TRAINING]`, `b` the weight of the
+  output gradient in the child's (1 in TRAINING (the STE) and FINE_TUNING, alpha in
+  GRAFTING), hence `<dL/dout, f>` = `E - 2P` (TRAINING), `E / alpha` (GRAFTING),
+  `E` (FINE_TUNING). Where the output gradient does not reach the child (frozen stages,
+  GRAFTING at alpha 0, a non-finite child) it is not measured: NaN, which
+  `grafting.update_objective` skips. Replacement children keep their reconstruction loss.
+  """
+  e = _last_layer_moment(params, grads)
+  tables = seed_tables(spec.catalog, seeds.blueprint)
+  res = tables.residual > 0
+  st = seeds.stage
+  alpha = seeds.alpha.astype(jnp.float32)
+  grafting = (st == Stage.GRAFTING) & (alpha > 0)
+  lin = jnp.select(
+      [st == Stage.TRAINING, grafting, st == Stage.FINE_TUNING],
+      [e - 2.0 * objective, e / jnp.where(grafting, alpha, 1.0), e], default=jnp.nan)
+  lin = jnp.where(nonfinite, jnp.nan, lin)
+  return jnp.where(res, lin + objective, objective)
 
 
 def health_report(spec: KasminaSpec, telemetry: tel_lib.TelemetryState, seeds,

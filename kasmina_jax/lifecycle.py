@@ -204,6 +204,9 @@ class SeedState:
   delta: jax.Array  # float32: last validation counterfactual val_loss(off) - val_loss(on)
   recon_ratio: jax.Array  # float32: last ||g(x)-x||^2 / ||x||^2 (replacement children)
   bad_epochs: jax.Array  # int32: consecutive epoch ends with delta <= margin (FINE_TUNING)
+  # bool: the last `update_readiness` had no counterfactual for a seed whose gate needs one
+  # (left out by `max_judged`): it is neither advanced nor culled on that missing delta.
+  unjudged: jax.Array
   nonfinite: jax.Array  # bool: the child produced a non-finite output since the last epoch end
   stage_epochs: jax.Array  # int32 (num_seeds, 11): epochs spent in each stage this lifecycle
   germinated_epoch: jax.Array  # int32: epoch of the last germination, -1 when none
@@ -237,6 +240,7 @@ def init_seed_state(num_seeds: int) -> SeedState:
       delta=zf,
       recon_ratio=jnp.full((k,), jnp.inf, jnp.float32),
       bad_epochs=zi,
+      unjudged=jnp.zeros((k,), bool),
       nonfinite=jnp.zeros((k,), bool),
       stage_epochs=jnp.zeros((k, NUM_STAGES), jnp.int32),
       germinated_epoch=jnp.full((k,), -1, jnp.int32),
@@ -458,10 +462,15 @@ def update_readiness(state: SeedState, *, delta: jax.Array | None = None,
                      config: LifecycleConfig = LifecycleConfig()) -> SeedState:
   """Epoch end: set each seed's `ready` flag from its stage's gate (DESIGN.md's table).
 
-  `delta` is the validation counterfactual per seed (`val_loss(off) - val_loss(on)`; NaN or
-  absent: not measured, gates that need it stay shut); `recon_ratio` the last
+  `delta` is the validation counterfactual per seed (`val_loss(off) - val_loss(on)`; NaN: not
+  measured this epoch; absent: the stored last one is used); `recon_ratio` the last
   `||g(x)-x||^2/||x||^2`; `is_replacement` per seed whether its blueprint is a replacement
   (reconstruction-gated) child. Non-finite measurements never enter the state.
+
+  A seed whose gate needs the delta (TRAINING with a residual / parallel child, EVALUATING,
+  FINE_TUNING) and has none this epoch (the loop judges at most `max_judged` seeds) is marked
+  `unjudged`: its gate stays shut, its `bad_epochs` are unchanged, and Tamiyo neither advances
+  nor culls it this epoch (a missing measurement is no verdict).
   """
   _check_state(state)
   k = state.num_seeds
@@ -488,6 +497,8 @@ def update_readiness(state: SeedState, *, delta: jax.Array | None = None,
        state.embargo_left <= 0],
       default=jnp.zeros_like(steps, bool),
   )
+  needs_delta = (((s == Stage.TRAINING) & ~repl) | (s == Stage.EVALUATING)
+                 | (s == Stage.FINE_TUNING))
   fine = s == Stage.FINE_TUNING
   bad_epochs = jnp.where(fine & delta_ok & ~improves, state.bad_epochs + 1,
                          jnp.where(fine & improves, 0, state.bad_epochs))
@@ -496,6 +507,7 @@ def update_readiness(state: SeedState, *, delta: jax.Array | None = None,
       delta=jnp.where(delta_ok, delta, state.delta),
       recon_ratio=jnp.where(jnp.isfinite(recon), recon, state.recon_ratio),
       bad_epochs=bad_epochs,
+      unjudged=needs_delta & ~delta_ok,
   )
 
 

@@ -104,8 +104,14 @@ class KasminaLayer(nn.Module):
 
 
 class KasminaDense(nn.Module):
-  """`Dense` host layer wrapped by a Kasmina layer: children may read the Dense's input
-  (parallel wiring) and add to their chunk before the activation."""
+  """`Dense` host layer and its activation, wrapped by a Kasmina layer.
+
+  The Kasmina layer sits AFTER the activation, so its chunks (what telemetry watches and what
+  chunk-wired children read) are the host's activations: dead ReLUs show in
+  `dead_node_ratio` (DESIGN.md, Telemetry and amendment 4). Parallel-wired children read the
+  Dense's input `u` and add to their chunk of those activations, like added width. With no
+  live child the output is `activation(Dense(u))`, as before.
+  """
 
   features: int
   num_seeds: int
@@ -118,10 +124,11 @@ class KasminaDense(nn.Module):
   @nn.compact
   def __call__(self, u: jax.Array, *, train: bool = True):
     h = nn.Dense(self.features, name="host")(u)
-    h = KasminaLayer(num_seeds=self.num_seeds, blueprints=self.blueprints,
-                     corr_rows=self.corr_rows, trust_penalty=self.trust_penalty,
-                     impl=self.impl, name="kasmina")(h, u=u, train=train)
-    return self.activation(h) if self.activation is not None else h
+    if self.activation is not None:
+      h = self.activation(h)
+    return KasminaLayer(num_seeds=self.num_seeds, blueprints=self.blueprints,
+                        corr_rows=self.corr_rows, trust_penalty=self.trust_penalty,
+                        impl=self.impl, name="kasmina")(h, u=u, train=train)
 
 
 # ------------------------------------------------------------------------------ tree helpers

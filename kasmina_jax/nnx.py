@@ -130,8 +130,9 @@ class KasminaLayer(nnx.Module):
 
 
 class KasminaDense(nnx.Module):
-  """`nnx.Linear` host layer wrapped by a Kasmina layer: children may read the Linear's
-  input (parallel wiring) and add to their chunk before the activation."""
+  """`nnx.Linear` host layer and its activation, wrapped by a Kasmina layer after the
+  activation (as the Linen `KasminaDense`: telemetry and chunk-wired children see the host's
+  activations; parallel-wired children read the Linear's input and add to their chunk)."""
 
   def __init__(self, in_features: int, features: int, num_seeds: int, *,
                blueprints: tuple[bp_lib.Blueprint, ...] = bp_lib.default_blueprints(),
@@ -151,8 +152,10 @@ class KasminaDense(nnx.Module):
 
   def __call__(self, u: jax.Array, *, eval_alpha: jax.Array | None = None,
                deterministic: bool | None = None) -> jax.Array:
-    h = self.kasmina(self.host(u), u=u, eval_alpha=eval_alpha, deterministic=deterministic)
-    return self.activation(h) if self.activation is not None else h
+    h = self.host(u)
+    if self.activation is not None:
+      h = self.activation(h)
+    return self.kasmina(h, u=u, eval_alpha=eval_alpha, deterministic=deterministic)
 
 
 # ------------------------------------------------------------------------------ model helpers

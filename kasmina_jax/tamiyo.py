@@ -29,7 +29,9 @@ What `decide` does, in this order of precedence per seed (one command per seed):
 3. Culls: TRAINING seeds not `ready` after `lifecycle.max_training_steps` steps in the stage;
    EVALUATING seeds after >= 1 epoch in the stage that are not `ready` (their last counterfactual
    `delta <= improvement_margin`: harmful or useless); FINE_TUNING seeds with `bad_epochs >=
-   lifecycle.fine_tuning_patience`.
+   lifecycle.fine_tuning_patience`. A seed whose counterfactual was not measured this epoch
+   (`SeedState.unjudged`: left out by the loop's `max_judged`) is never culled (nor cancelled
+   by recovery) on that missing measurement; it keeps its stage until it is judged.
 4. Recovery: a GERMINATED seed, or a TRAINING seed that is not `ready`, whose chunk's need score
    (below) fell by at least `recovery_margin` since its germination is cancelled: the host fixed
    that chunk itself. (A `ready` TRAINING seed has shown a positive counterfactual and goes on.)
@@ -689,10 +691,13 @@ def _layer_commands(s: SeedState, lr: LayerReport, lc: LayerControllerState,
   ready = s.ready
   bad = jnp.asarray(health.nonfinite, bool) | s.nonfinite
 
-  cull = ((training & ~ready & (s.steps_in_stage >= lcfg.max_training_steps))
-          | ((st == Stage.EVALUATING) & (s.epochs_in_stage >= 1) & ~ready)
-          | ((st == Stage.FINE_TUNING) & (s.bad_epochs >= lcfg.fine_tuning_patience)))
-  recovered = ((queued | (training & ~ready))
+  # A seed left unjudged this epoch (no counterfactual: `max_judged`) keeps its stage: its
+  # `ready` is False for want of a measurement, which is no verdict to cull or cancel on.
+  judged = ~s.unjudged
+  cull = judged & ((training & ~ready & (s.steps_in_stage >= lcfg.max_training_steps))
+                   | ((st == Stage.EVALUATING) & (s.epochs_in_stage >= 1) & ~ready)
+                   | ((st == Stage.FINE_TUNING) & (s.bad_epochs >= lcfg.fine_tuning_patience)))
+  recovered = ((queued | (training & ~ready & judged))
                & (need <= lc.germ_need - config.recovery_margin))
   advancing_stage = lifecycle.stage_in(
       st, (Stage.TRAINING, Stage.GRAFTING, Stage.STABILIZATION, Stage.EVALUATING,

@@ -179,9 +179,27 @@ def child_grad_norms(grads, path: tuple) -> jax.Array:
 
 
 def host_drift(params, snapshot) -> jax.Array:
-  """`||theta - theta_snap|| / ||theta_snap||` over the host's parameters."""
+  """`||theta - theta_snap|| / ||theta_snap||` over the host's parameters (the whole model:
+  the epoch report's figure; grafting uses each layer's own, `layer_host_drift`)."""
   diff = jax.tree.map(lambda a, b: a - b, host_only(params), host_only(snapshot))
   return jnp.sqrt(_sq_norm(diff)) / jnp.maximum(jnp.sqrt(_sq_norm(host_only(snapshot))), 1e-12)
+
+
+def wrapped_host_path(path: tuple) -> tuple:
+  """Where the weights of the host layer that the Kasmina layer at `path` wraps live: the
+  module holding that Kasmina layer (`KasminaDense`: its Dense "host" beside "kasmina").
+  A Kasmina layer placed directly in the model's top module wraps no one layer there; it
+  falls back to the whole model's host parameters."""
+  return tuple(path[:-1])
+
+
+def layer_host_drift(params, snapshot, path: tuple) -> jax.Array:
+  """`||theta - theta_snap|| / ||theta_snap||` over the host weights wrapped by the Kasmina
+  layer at `path` (the non-child parameters under `wrapped_host_path(path)`), so that
+  DRIFT_CONTROLLED pauses a seed on its own layer's drift, not on the model's (DESIGN.md,
+  "Grafting strategies")."""
+  host = wrapped_host_path(path)
+  return host_drift(knn.get_path(params, host), knn.get_path(snapshot, host))
 
 
 # --------------------------------------------------------------------------------- train step
@@ -227,9 +245,15 @@ def train_step(state: TrainState, batch: dict, loss_fn: LossFn) -> tuple[TrainSt
 
   for path, lv in knn.find_layers(new_kasmina).items():
     summary = knn.get_path(summaries, path)["step"]
+    cpath = knn.children_path(path)
+    # The whole trust-region objective needs the output gradient: from the child gradients.
+    objective = layer_lib.whole_objective(
+        lv.spec, knn.get_path(state.params, cpath), knn.get_path(grads, cpath), lv.seeds,
+        summary.objective, summary.nonfinite)
     seeds = lifecycle.tick_step(lv.seeds)
-    signals = graft_lib.GraftSignals(objective=summary.objective, host_drift=drift,
-                                     host_grad_norm=host_norm)
+    signals = graft_lib.GraftSignals(
+        objective=objective, host_drift=layer_host_drift(params, state.host_snapshot, path),
+        host_grad_norm=host_norm)
     seeds = graft_lib.grafting_step(seeds, signals, cfg.grafting)
     seeds = seeds.replace(nonfinite=seeds.nonfinite | summary.nonfinite)
     learning = lifecycle.stage_in(seeds.stage, lifecycle.learning_stages(fossil))

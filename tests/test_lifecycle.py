@@ -769,3 +769,18 @@ def test_init_seed_state_shapes_and_dtypes():
   assert s.ready.dtype == jnp.bool_
   np.testing.assert_array_equal(np.asarray(s.stage), np.zeros(5))
   np.testing.assert_array_equal(np.asarray(s.blueprint), -np.ones(5))
+
+
+def test_update_readiness_missing_delta_is_no_verdict():
+  """NaN delta (seed not judged): no ready flag, no bad epoch, and the seed is marked
+  `unjudged`; a measured non-improving delta counts as a bad epoch and is judged."""
+  s = lifecycle.init_seed_state(4).replace(
+      stage=jnp.array([Stage.EVALUATING, Stage.FINE_TUNING, Stage.TRAINING, Stage.FINE_TUNING],
+                      jnp.int32),
+      epochs_in_stage=jnp.full((4,), 2, jnp.int32),
+      steps_in_stage=jnp.full((4,), 10_000, jnp.int32),
+      bad_epochs=jnp.array([0, 1, 0, 1], jnp.int32))
+  out = lifecycle.update_readiness(s, delta=jnp.array([jnp.nan, jnp.nan, jnp.nan, -1.0]))
+  np.testing.assert_array_equal(np.asarray(out.ready), [False] * 4)
+  np.testing.assert_array_equal(np.asarray(out.bad_epochs), [0, 1, 0, 2])
+  np.testing.assert_array_equal(np.asarray(out.unjudged), [True, True, True, False])

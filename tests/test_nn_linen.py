@@ -174,3 +174,55 @@ def test_training_seeds_leave_the_host_trajectory_unchanged():
   moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), params["hidden"]["kasmina"]["children"],
                        children0)
   assert moved.w1u and moved.w2 and moved.w1
+
+
+# ---------------------------------------------------------------- telemetry after the activation
+
+
+def _dense_apply(model, params, kasmina, u):
+  out, mutated = model.apply({"params": params, knn.KASMINA: kasmina}, u, train=True,
+                             mutable=[knn.KASMINA])
+  return out, knn.find_layers(mutated[knn.KASMINA])[("kasmina",)]
+
+
+def test_kasmina_dense_telemetry_sees_dead_relus():
+  """Every ReLU dead (bias -1, zero kernel): the health report reads dead_node_ratio 1."""
+  u = jax.random.normal(jax.random.key(0), (ROWS, IN))
+  for impl in ("reference", "pallas"):
+    model = knn.KasminaDense(features=FEATURES, num_seeds=K, blueprints=BLUEPRINTS,
+                             activation=jax.nn.relu, impl=impl)
+    variables = model.init(jax.random.key(1), u, train=False)
+    params = dict(variables["params"])
+    params["host"] = {"kernel": jnp.zeros((IN, FEATURES)), "bias": jnp.full((FEATURES,), -1.0)}
+    out, lv = _dense_apply(model, params, variables[knn.KASMINA], u)
+    chex.assert_trees_all_equal(out, jnp.zeros((ROWS, FEATURES)))
+    health = layer_lib.health_report(lv.spec, lv.telemetry, lv.seeds)
+    np.testing.assert_allclose(health.dead_node_ratio, np.ones(K), err_msg=impl)
+
+
+def test_kasmina_dense_output_is_the_kasmina_layer_over_the_activations():
+  """Dormant seeds: exactly activation(Dense(u)). Live seeds: the Kasmina layer's stage rules
+  applied to x = activation(Dense(u)) (a parallel child adds to the activations)."""
+  u = jax.random.normal(jax.random.key(0), (ROWS, IN))
+  model = knn.KasminaDense(features=FEATURES, num_seeds=K, blueprints=BLUEPRINTS,
+                           activation=jax.nn.relu)
+  variables = model.init(jax.random.key(1), u, train=False)
+  params = variables["params"]
+  host = params["host"]
+  x = jax.nn.relu(u @ host["kernel"] + host["bias"])
+  out, _ = _dense_apply(model, params, variables[knn.KASMINA], u)
+  chex.assert_trees_all_close(out, x, rtol=1e-6, atol=1e-6)
+
+  s = spec()
+  children = layer_lib.germinate_children(s, layer_lib.init_children(s), jnp.ones((K,), bool),
+                                          PARALLEL, jax.random.key(2))
+  children = jax.tree.map(lambda p: p + 0.3, children)
+  seeds = lifecycle.init_seed_state(K).replace(
+      stage=jnp.full((K,), Stage.GRAFTING, jnp.int32), blueprint=jnp.full((K,), PARALLEL),
+      strategy=jnp.zeros((K,), jnp.int32), alpha=jnp.full((K,), 0.5))
+  kasmina = knn.map_layers(lambda v: v.replace(seeds=seeds), variables[knn.KASMINA])
+  params = {**params, "kasmina": {"children": children}}
+  out, _ = _dense_apply(model, params, kasmina, u)
+  want, _ = layer_lib.forward(s, children, seeds, x, u=u)
+  chex.assert_trees_all_close(out, want, rtol=1e-6, atol=1e-6)
+  assert not np.allclose(out, x)

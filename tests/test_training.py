@@ -161,3 +161,134 @@ def test_spirals_demo_grows_and_beats_fixed_small(tmp_path):
   assert result["chosen"] == {v: 1e-2 for v in by}
   for name in ("lifecycle.png", "health.png", "curves.png", "accuracy_vs_params.png"):
     assert os.path.getsize(tmp_path / name) > 1000
+
+
+def _with_layer(state, path, seeds, children=None):
+  lv = knn.find_layers(state.kasmina)[path]
+  kasmina = knn.set_path(state.kasmina, path + ("state",), lv.replace(seeds=seeds))
+  params = state.params
+  if children is not None:
+    params = knn.set_path(params, knn.children_path(path), children)
+  return state.replace(kasmina=kasmina, params=params)
+
+
+def _live_children(spec, key, blueprint=0):
+  from kasmina_jax import layer as layer_lib  # pylint: disable=g-import-not-at-top
+  children = layer_lib.germinate_children(spec, layer_lib.init_children(spec),
+                                          jnp.ones((spec.num_seeds,), bool), blueprint, key)
+  leaves, treedef = jax.tree.flatten(children)
+  keys = jax.random.split(jax.random.fold_in(key, 1), len(leaves))
+  return jax.tree.unflatten(treedef, [x + 0.1 * jax.random.normal(k, x.shape)
+                                      for k, x in zip(keys, leaves)])
+
+
+def test_unjudged_seeds_keep_their_stage():
+  """More judged-stage seeds than `max_judged`: the ones left without a counterfactual are
+  neither culled (EVALUATING not ready, TRAINING past max steps, FINE_TUNING at patience - 1)
+  nor advanced; only the judged one moves."""
+  config = fast_config()
+  config = training.TrainConfig(grafting=config.grafting, tamiyo=config.tamiyo, max_judged=1)
+  state = training.create_train_state(TinyNet(), TX, jnp.asarray(DATA["x"][:2]),
+                                      jax.random.key(0), config)
+  path = ("hidden0", "kasmina")
+  lv = knn.find_layers(state.kasmina)[path]
+  stage = jnp.array([Stage.EVALUATING, Stage.EVALUATING, Stage.TRAINING, Stage.FINE_TUNING],
+                    jnp.int32)
+  seeds = lv.seeds.replace(
+      stage=stage, blueprint=jnp.zeros((4,), jnp.int32), strategy=jnp.zeros((4,), jnp.int32),
+      alpha=jnp.where(stage == Stage.TRAINING, 0.0, 1.0),
+      epochs_in_stage=jnp.array([1, 1, 3, 3], jnp.int32),
+      steps_in_stage=jnp.array([50, 50, 1000, 50], jnp.int32),
+      bad_epochs=jnp.array([0, 0, 0, 1], jnp.int32))
+  state = _with_layer(state, path, seeds, _live_children(lv.spec, jax.random.key(3)))
+  new, out = training.epoch_transition(state, VAL, training.cross_entropy_loss)
+  delta = np.asarray(out.delta["hidden0/kasmina"])
+  assert np.isfinite(delta[0]) and np.all(np.isnan(delta[1:]))
+  new_stage = np.asarray(out.new_stage["hidden0/kasmina"])
+  assert new_stage[0] in (Stage.FINE_TUNING, Stage.CULLED)  # judged: it moves either way
+  np.testing.assert_array_equal(new_stage[1:], np.asarray(stage[1:]))
+  kept = knn.find_layers(new.kasmina)[path].seeds
+  np.testing.assert_array_equal(np.asarray(kept.unjudged), [False, True, True, True])
+  np.testing.assert_array_equal(np.asarray(kept.bad_epochs)[3], 1)
+
+
+def test_train_step_reports_the_whole_trust_region_objective():
+  """Residual children: grafting sees `<dL/dout, f> + lambda mean_rows ||f||^2`, the linear
+  term taken against the task gradient, in TRAINING (STE) and in GRAFTING (alpha 0.5)."""
+  from kasmina_jax import layer as layer_lib  # pylint: disable=g-import-not-at-top
+  state = make_state()
+  path = ("hidden0", "kasmina")
+  lv = knn.find_layers(state.kasmina)[path]
+  stage = jnp.array([Stage.TRAINING, Stage.GRAFTING, Stage.DORMANT, Stage.DORMANT], jnp.int32)
+  alpha = jnp.array([0.0, 0.5, 0.0, 0.0])
+  seeds = lv.seeds.replace(stage=stage, blueprint=jnp.array([0, 0, -1, -1], jnp.int32),
+                           strategy=jnp.zeros((4,), jnp.int32), alpha=alpha)
+  children = _live_children(lv.spec, jax.random.key(5))
+  state = _with_layer(state, path, seeds, children)
+  batch = {k: v[:64] for k, v in DATA.items()}
+  loss_fn = training.cross_entropy_loss
+
+  # By hand: <dL/dout, f> is the derivative of the task loss along the seed's blend weight
+  # (TRAINING taken at a vanishing weight, where the training pass's value is), f from the
+  # layer's own evaluation pass on the host activations.
+  def task_loss(ea):
+    tree = knn.eval_alpha_tree(
+        state.kasmina, lambda p, v: ea if p == path else knn.current_eval_alpha(v.seeds))
+    return training.evaluate(state, batch, loss_fn, tree)[0]
+
+  lin = jax.grad(task_loss)(jnp.array([1e-7, 0.5, 0.0, 0.0]))[:2]
+  host = state.params["hidden0"]["host"]
+  x = jax.nn.relu(jnp.asarray(batch["x"]) @ host["kernel"] + host["bias"])
+  on, _ = layer_lib.forward(lv.spec, children, seeds, x, u=jnp.asarray(batch["x"]),
+                           eval_alpha=jnp.ones((4,)))
+  f = (on - x).reshape(64, 4, 2)[:, :2]
+  penalty = lv.spec.trust_penalty * jnp.sum(f * f, axis=(0, 2)) / 64
+  # The linear term is far outside the tolerance below (the penalty alone would fail).
+  assert np.all(np.abs(np.asarray(lin)) > 0.05 * np.abs(np.asarray(lin + penalty)))
+
+  new, _ = training.train_step(state, batch, loss_fn)
+  got = knn.find_layers(new.kasmina)[path].seeds
+  np.testing.assert_array_equal(np.asarray(got.objective_count)[:2], [1, 1])
+  np.testing.assert_allclose(np.asarray(got.objective)[:2], np.asarray(lin + penalty),
+                             rtol=2e-3, atol=1e-6)
+
+
+class TwoDense(nn.Module):
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    for name in ("a", "b"):
+      x = knn.KasminaDense(8, 2, activation=nn.relu, corr_rows=8, name=name)(x, train=train)
+    return nn.Dense(2, name="head")(x)
+
+
+def test_drift_controlled_reads_its_own_layers_host_weights():
+  """Only layer "a"'s host weights drifted: its DRIFT_CONTROLLED seed pauses, layer "b"'s
+  (same strategy, no drift of its own) ramps on."""
+  state = training.create_train_state(TwoDense(), optax.sgd(0.0), jnp.asarray(DATA["x"][:2]),
+                                      jax.random.key(0), fast_config())
+  for i, name in enumerate(("a", "b")):
+    path = (name, "kasmina")
+    lv = knn.find_layers(state.kasmina)[path]
+    seeds = lv.seeds.replace(
+        stage=jnp.array([Stage.GRAFTING, Stage.DORMANT], jnp.int32),
+        blueprint=jnp.array([0, -1], jnp.int32),
+        strategy=jnp.full((2,), grafting.GraftingStrategy.DRIFT_CONTROLLED, jnp.int32),
+        alpha=jnp.array([0.2, 0.0]))
+    state = _with_layer(state, path, seeds, _live_children(lv.spec, jax.random.key(i)))
+  snap = state.host_snapshot
+  snap = {**snap, "a": {**snap["a"], "host": {**snap["a"]["host"],
+                                                "kernel": 3.0 * snap["a"]["host"]["kernel"]}}}
+  state = state.replace(host_snapshot=snap)
+  np.testing.assert_allclose(float(training.layer_host_drift(state.params, snap, ("a", "kasmina"))),
+                             2 / 3, rtol=1e-5)
+  assert float(training.layer_host_drift(state.params, snap, ("b", "kasmina"))) == 0.0
+
+  new, _ = training.train_step(state, {k: v[:64] for k, v in DATA.items()},
+                               training.cross_entropy_loss)
+  a = knn.find_layers(new.kasmina)[("a", "kasmina")].seeds
+  b = knn.find_layers(new.kasmina)[("b", "kasmina")].seeds
+  np.testing.assert_allclose(float(a.alpha[0]), 0.2)
+  assert int(a.pause_steps[0]) == 1
+  np.testing.assert_allclose(float(b.alpha[0]), 0.4, rtol=1e-6)
+  assert int(b.pause_steps[0]) == 0
