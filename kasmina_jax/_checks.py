@@ -5,9 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 
 
 def positive_int(name: str, value) -> int:
@@ -50,14 +48,3 @@ def float_array(name: str, value, allowed=(jnp.float32, jnp.bfloat16, jnp.float1
   if dtype not in [jnp.dtype(a) for a in allowed]:
     raise TypeError(f"{name}: expected a floating array ({', '.join(str(jnp.dtype(a)) for a in allowed)}), got dtype {dtype}")
 
-
-def is_concrete(value) -> bool:
-  return not isinstance(value, jax.core.Tracer)
-
-
-def concrete_all_finite(name: str, value) -> None:
-  """Raise if a concrete (non-traced) array holds NaN or inf."""
-  if is_concrete(value):
-    arr = np.asarray(value)
-    if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
-      raise ValueError(f"{name}: holds non-finite values")

@@ -26,7 +26,7 @@ import json
 import math
 import os
 import time
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -217,6 +217,3 @@ def read_events(path) -> list[dict]:
     records.append(record)
   return records
 
-
-def of_type(events: Iterable[dict], type: str) -> list[dict]:  # pylint: disable=redefined-builtin
-  return [e for e in events if e.get("type") == type]

@@ -92,7 +92,6 @@ SUCCESS_NEXT: np.ndarray = np.array(
     dtype=np.int32,
 )
 
-TERMINAL_STAGES = (Stage.FOSSILIZED, Stage.ROLLED_BACK)
 # Stages whose child is alive (has parameters that matter).
 ACTIVE_STAGES = (
     Stage.TRAINING,
