@@ -209,7 +209,7 @@ def train_step(state: TrainState, batch: dict, loss_fn: LossFn) -> tuple[TrainSt
   summaries = mutated[knn.KASMINA_AUX]
   host_norm = host_grad_norm(grads)
   finite = jnp.isfinite(total) & jnp.isfinite(host_norm)
-  learn_mask = optim.learning_mask(state.params, kasmina)
+  learn_mask = optim.learning_mask(state.params, knn.seed_states(kasmina))
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params,
                                        learn_mask=learn_mask)
   params = optax.apply_updates(state.params, updates)
@@ -371,7 +371,7 @@ def epoch_transition(state: TrainState, val_batch: dict, loss_fn: LossFn,
     params = knn.set_path(params, cpath, children)
     kasmina = knn.set_path(kasmina, path + ("state",),
                            lv.replace(seeds=ns, telemetry=layer_lib.init_telemetry(lv.spec)))
-  reset = optim.reset_mask(params, state.kasmina, kasmina)
+  reset = optim.reset_mask(params, knn.seed_states(state.kasmina), knn.seed_states(kasmina))
   opt_state = optim.reset_children(state.opt_state, params, reset)
   fr = tamiyo.field_reports(seeds, new_seeds, report, ctrl)
   # On an emergency rollback the seeds are reported from the restored state instead
@@ -411,7 +411,7 @@ def apply_rollback(state: TrainState, ctrl: tamiyo.ControllerState) -> tuple[Tra
                                          seeds[name].stage, ns, state.rng)
     params = knn.set_path(params, cpath, children)
     kasmina = knn.set_path(kasmina, path + ("state",), lv.replace(seeds=ns))
-  reset = optim.reset_mask(params, state.kasmina, kasmina)
+  reset = optim.reset_mask(params, knn.seed_states(state.kasmina), knn.seed_states(kasmina))
   opt_state = optim.reset_children(state.opt_state, params, reset)
   empty = tamiyo.EpochReport(
       layers={layer_name(p): tamiyo.layer_report(
