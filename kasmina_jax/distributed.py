@@ -405,8 +405,7 @@ def fit(state: training.TrainState, train_data: dict, val_data: dict, loss_fn: t
   steps_per_epoch = n // batch_size
   bar = None
   if progress and jax.process_index() == 0:
-    from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-    bar = tqdm(total=epochs * steps_per_epoch, desc=description, leave=False)
+    bar = training.progress_bar(epochs * steps_per_epoch, description)
   local = _process_rows(batch_size, mesh)
   multi = jax.process_count() > 1
   val_local = val_data

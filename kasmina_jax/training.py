@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 import time
 from typing import Any, Callable
 
@@ -527,6 +528,53 @@ def epoch_record(state: TrainState, out: EpochOutput, rolled_back: bool, start: 
   }
 
 
+class PlainProgress:
+  """A dependency-free progress line on stderr (what `progress_bar` gives without tqdm):
+  `update`, `set_postfix` and `close` as tqdm's, redrawn at most every `interval` seconds."""
+
+  def __init__(self, total: int, description: str, *, stream=None, interval: float = 1.0):
+    self.total, self.description, self.n = int(total), description, 0
+    self.postfix = ""
+    self._stream = stream
+    self._interval = interval
+    self._last = -float("inf")
+
+  @property
+  def stream(self):
+    return sys.stderr if self._stream is None else self._stream
+
+  def _draw(self, force: bool = False) -> None:
+    now = time.perf_counter()
+    if not force and now - self._last < self._interval:
+      return
+    self._last = now
+    self.stream.write(f"\r{self.description}: {self.n}/{self.total} steps {self.postfix}".rstrip())
+    self.stream.flush()
+
+  def update(self, n: int = 1) -> None:
+    self.n += n
+    self._draw()
+
+  def set_postfix(self, **fields) -> None:
+    self.postfix = " ".join(f"{k}={v}" for k, v in fields.items())
+    self._draw(force=True)
+
+  def close(self) -> None:
+    self._draw(force=True)
+    self.stream.write("\n")
+    self.stream.flush()
+
+
+def progress_bar(total: int, description: str):
+  """A tqdm bar when tqdm is installed (an optional extra, not a dependency), else a
+  `PlainProgress` line, so `fit(progress=True)` works on a bare install."""
+  try:
+    from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return PlainProgress(total, description)
+  return tqdm(total=total, desc=description, leave=False)
+
+
 def fit(state: TrainState, train_data: dict, val_data: dict, loss_fn: LossFn, *,
         epochs: int, batch_size: int, policy: Callable = tamiyo.decide, seed: int = 0,
         log_path: str | None = None, progress: bool = True, rollback: bool = True,
@@ -551,10 +599,7 @@ def fit(state: TrainState, train_data: dict, val_data: dict, loss_fn: LossFn, *,
     log = events.EventLog(log_path, run={"description": description, "epochs": epochs,
                                          "batch_size": batch_size, "seed": seed})
   steps_per_epoch = n // batch_size
-  bar = None
-  if progress:
-    from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-    bar = tqdm(total=epochs * steps_per_epoch, desc=description, leave=False)
+  bar = progress_bar(epochs * steps_per_epoch, description) if progress else None
   history = []
   start = time.perf_counter()
   try:
