@@ -324,11 +324,16 @@ class DataParallel:
     rolled_back = bool(out.rollback_requested)
     fr_extra = None
     if rolled_back:
-      base = (last_good.restore() if (last_good is not None and last_good.has_value)
-              else new_state)
-      base = base.replace(epoch=new_state.epoch, rng=new_state.rng, stats=new_state.stats)
-      _, _, rollback = _compiled(self.mesh, self.axis, self.seed_axis)
-      new_state, fr_extra = rollback(self.place_state(base), new_state.ctrl)
+      if last_good is not None and last_good.has_value:
+        base = last_good.restore()
+        base = base.replace(epoch=new_state.epoch, rng=new_state.rng, stats=new_state.stats)
+        _, _, rollback = _compiled(self.mesh, self.axis, self.seed_axis)
+        new_state, fr_extra = rollback(self.place_state(base), new_state.ctrl)
+      else:
+        # Nothing to restore: the epoch's commands ended the in-flight seeds; count their
+        # reports (see `training.rollback_in_place`; it keeps the state's placement).
+        new_state, fr_extra = training.rollback_in_place(new_state, out.field_reports)
+      out = out.replace(field_reports=fr_extra)
     if last_good is not None and not rolled_back:
       last_good.save(new_state)
     if log is not None:

@@ -426,6 +426,31 @@ def apply_rollback(state: TrainState, ctrl: tamiyo.ControllerState) -> tuple[Tra
   return state.replace(params=params, opt_state=opt_state, kasmina=kasmina, ctrl=ctrl), fr
 
 
+@jax.jit
+def rollback_in_place(state: TrainState, field_reports) -> tuple[TrainState, Any]:
+  """An emergency rollback with no checkpoint to restore (`epoch_transition`'s output).
+
+  The epoch's commands already rolled back the in-flight seeds (GERMINATED ones cancelled)
+  and zeroed their children, and `field_reports` (the epoch's) describe them; the transition
+  left them out of the statistics because a restore normally reports the restored seeds
+  (`apply_rollback`). Here nothing is restored, so they are the rollback's reports: they are
+  fed to `tamiyo.observe`. Seeds a custom policy left in flight are rolled back as after a
+  restore (`apply_rollback`, which also clears the rollback request); their reports join.
+  Returns `(state, reports)`.
+  """
+  ctrl = tamiyo.observe(state.ctrl, field_reports, state.config.tamiyo)
+  state, late = apply_rollback(state, ctrl)
+
+  def merge(epoch_fr, late_fr):
+    def leaf(a, b):
+      valid = epoch_fr.valid.reshape(epoch_fr.valid.shape + (1,) * (a.ndim - 1))
+      return jnp.where(valid, a, b)
+    return jax.tree.map(leaf, epoch_fr, late_fr)
+
+  is_fr = lambda x: isinstance(x, tamiyo.FieldReports)
+  return state, jax.tree.map(merge, field_reports, late, is_leaf=is_fr)
+
+
 def param_counts(state: TrainState) -> dict[str, int]:
   """Host parameters, allocated child parameters, and active child parameters."""
   total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
@@ -489,15 +514,22 @@ def end_of_epoch(state: TrainState, val_batch: dict, loss_fn: LossFn, *,
 
   `last_good` is a `checkpoint.InMemoryCheckpoint` (or anything with `save`, `restore` and
   `has_value`): saved at every epoch end that passes the rollback test, restored on rollback.
+  Without one (None, or nothing saved yet) a rollback restores nothing but still ends the
+  in-flight seeds (`rollback_in_place`). Either way, on a rollback `out.field_reports` holds
+  the rolled-back seeds' reports (the ones logged and counted by `tamiyo.observe`).
   Returns `(state, out, rolled_back)`.
   """
   new_state, out = epoch_transition(state, val_batch, loss_fn, policy)
   rolled_back = bool(out.rollback_requested)
   fr_extra = None
   if rolled_back:
-    base = last_good.restore() if (last_good is not None and last_good.has_value) else new_state
-    base = base.replace(epoch=new_state.epoch, rng=new_state.rng, stats=new_state.stats)
-    new_state, fr_extra = apply_rollback(base, new_state.ctrl)
+    if last_good is not None and last_good.has_value:
+      base = last_good.restore()
+      base = base.replace(epoch=new_state.epoch, rng=new_state.rng, stats=new_state.stats)
+      new_state, fr_extra = apply_rollback(base, new_state.ctrl)
+    else:
+      new_state, fr_extra = rollback_in_place(new_state, out.field_reports)
+    out = out.replace(field_reports=fr_extra)
   if last_good is not None and not rolled_back:
     last_good.save(new_state)
   if log is not None:
