@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 import numbers
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def positive_int(name: str, value) -> int:
@@ -35,6 +37,27 @@ def finite_float(name: str, value, *, min_value: float | None = None,
   if max_value is not None and value > max_value:
     raise ValueError(f"{name}: expected <= {max_value}, got {value!r}")
   return float(value)
+
+
+def int_like(name: str, value, expected: str):
+  """Raises a TypeError naming `name` unless `value` is an int, a bool or an integer array
+  (traced arrays included), before JAX sees it (its own error names no argument; a string,
+  e.g. a blueprint's name where its id belongs, would otherwise reach `jnp.asarray`)."""
+  if isinstance(value, jax.Array):
+    dtype = value.dtype
+  elif isinstance(value, (str, bytes)):
+    dtype = None
+  else:
+    try:
+      dtype = np.asarray(value).dtype
+    except (TypeError, ValueError):
+      dtype = None
+  if dtype is None or not (np.issubdtype(dtype, np.integer) or dtype == np.bool_):
+    shown = repr(value)
+    shown = shown if len(shown) <= 60 else f"a {type(value).__name__}"
+    raise TypeError(f"{name}: expected {expected}, got {shown}"
+                    + (f" (dtype {dtype})" if dtype is not None else ""))
+  return value
 
 
 def integer_array(name: str, value) -> None:

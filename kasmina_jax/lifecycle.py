@@ -243,6 +243,18 @@ def no_commands(num_seeds: int) -> Commands:
   return Commands(op=zi, target=zi - 1, blueprint=zi - 1, strategy=zi - 1)
 
 
+# What the int-only arguments of this module's public functions take (for their TypeErrors).
+_INT_ARGUMENTS = {
+    "op": "an int lifecycle.Op or an int array of them",
+    "target": "an int lifecycle.Stage (-1: the success-path stage) or an int array of them",
+    "blueprint": ("an int blueprint id or an int array of ids: the blueprint's index in the "
+                  "layer's catalog (e.g. spec.catalog.names.index(name)), not its name"),
+    "strategy": "an int grafting strategy id (grafting.GraftingStrategy) or an int array of them",
+    "seeds": "a seed index, an int array of indices or a bool mask of shape (num_seeds,)",
+    "epoch": "an int epoch (or an int scalar array)",
+}
+
+
 def make_commands(num_seeds: int, *, op=None, target=None, blueprint=None,
                   strategy=None) -> Commands:
   """Build `Commands` from (possibly scalar) values, broadcast to `num_seeds`."""
@@ -253,6 +265,7 @@ def make_commands(num_seeds: int, *, op=None, target=None, blueprint=None,
     if value is None:
       fields[name] = getattr(base, name)
     else:
+      _checks.int_like(name, value, _INT_ARGUMENTS[name])
       arr = jnp.asarray(value)
       _checks.integer_array(name, arr)
       fields[name] = _broadcast_seeds(name, arr.astype(jnp.int32), num_seeds)
@@ -362,6 +375,7 @@ def apply_commands(state: SeedState, commands: Commands,
   _check_commands(commands, state.num_seeds)
   _checks.positive_int("num_blueprints", num_blueprints)
   _checks.positive_int("num_strategies", num_strategies)
+  _checks.int_like("epoch", epoch, _INT_ARGUMENTS["epoch"])
   accepted = command_accepted(state, commands, num_blueprints=num_blueprints,
                               num_strategies=num_strategies)
   dst = _command_target(state, commands)
@@ -371,6 +385,7 @@ def apply_commands(state: SeedState, commands: Commands,
 
 def _as_mask(seeds, num_seeds: int) -> jax.Array:
   """An index, an index array or a boolean mask -> boolean mask of shape (num_seeds,)."""
+  _checks.int_like("seeds", seeds, _INT_ARGUMENTS["seeds"])
   arr = jnp.asarray(seeds)
   if arr.dtype == jnp.bool_:
     if arr.shape != (num_seeds,):
@@ -396,6 +411,10 @@ def request_germination(state: SeedState, seeds, blueprint, strategy, *,
   Returns `(state, accepted)`, `accepted` of shape (num_seeds,) (False where not asked).
   """
   _check_state(state)
+  # Checked before anything is traced, in the order of the arguments.
+  _checks.int_like("blueprint", blueprint, _INT_ARGUMENTS["blueprint"])
+  _checks.int_like("strategy", strategy, _INT_ARGUMENTS["strategy"])
+  _checks.int_like("epoch", epoch, _INT_ARGUMENTS["epoch"])
   mask = _as_mask(seeds, state.num_seeds)
   cmds = make_commands(state.num_seeds, op=jnp.where(mask, Op.GERMINATE, Op.NONE),
                        blueprint=blueprint, strategy=strategy)

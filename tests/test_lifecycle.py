@@ -769,3 +769,25 @@ def test_init_seed_state_shapes_and_dtypes():
   assert s.ready.dtype == jnp.bool_
   np.testing.assert_array_equal(np.asarray(s.stage), np.zeros(5))
   np.testing.assert_array_equal(np.asarray(s.blueprint), -np.ones(5))
+
+
+@pytest.mark.parametrize("fn,name,form", [
+    (lambda: request_germination(_S4, 0, "residual_mlp", 0, **_GERM), "blueprint",
+     "catalog.names.index"),
+    (lambda: request_germination(_S4, [0, 1], ["a", "b"], 0, **_GERM), "blueprint",
+     "blueprint id"),
+    (lambda: request_germination(_S4, 0, 0, "fixed_ramp", **_GERM), "strategy",
+     "GraftingStrategy"),
+    (lambda: request_germination(_S4, "first", 0, 0, **_GERM), "seeds", "seed index"),
+    (lambda: request_germination(_S4, 0, 0, 0, epoch="3", **_GERM), "epoch", "int epoch"),
+    (lambda: cancel_germination(_S4, "0"), "seeds", "seed index"),
+    (lambda: make_commands(4, op="GERMINATE"), "op", "lifecycle.Op"),
+    (lambda: make_commands(4, target="TRAINING"), "target", "lifecycle.Stage"),
+    (lambda: make_commands(4, blueprint=b"x"), "blueprint", "blueprint id"),
+    (lambda: apply_commands(_S4, no_commands(4), epoch="1", **_GERM), "epoch", "int epoch"),
+])
+def test_names_where_ids_belong_raise_a_type_error_naming_the_argument(fn, name, form):
+  # Not JAX's dtype error: the argument and the form it takes are named, before tracing.
+  with pytest.raises(TypeError, match=f"^{name}: expected .*{form}") as info:
+    fn()
+  assert "JAX array type" not in str(info.value)
