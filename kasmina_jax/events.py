@@ -15,7 +15,9 @@ Record types written by the helpers (all take `epoch` and `step`):
   alpha `{layer: [alpha per seed]}`, extra (free-form, e.g. `rolled_back`);
 - `commands`: layer, ops (ids), op_names, accepted, targets / blueprints / strategies;
 - `transition`: layer, seed, from_stage, to_stage (stage names), blueprint;
-- `field_report`: a record of `tamiyo.to_records`.
+- `field_report`: a record of `tamiyo.to_records` (outcome, blueprint, strategy, health before
+  and after, delta, param_count / param_bytes, flops_per_row, gradient_variance,
+  lifecycle_steps).
 """
 
 from __future__ import annotations

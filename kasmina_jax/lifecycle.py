@@ -189,6 +189,9 @@ class SeedState:
   nonfinite: jax.Array  # bool: the child produced a non-finite output since the last epoch end
   stage_epochs: jax.Array  # int32 (num_seeds, 11): epochs spent in each stage this lifecycle
   germinated_epoch: jax.Array  # int32: epoch of the last germination, -1 when none
+  # int32: training steps with a live child since the last germination (`tick_step`); the
+  # field reports' latency in steps (a wall-clock figure cannot be measured inside `jit`).
+  lifecycle_steps: jax.Array
 
   @property
   def num_seeds(self) -> int:
@@ -222,6 +225,7 @@ def init_seed_state(num_seeds: int) -> SeedState:
       nonfinite=jnp.zeros((k,), bool),
       stage_epochs=jnp.zeros((k, NUM_STAGES), jnp.int32),
       germinated_epoch=jnp.full((k,), -1, jnp.int32),
+      lifecycle_steps=zi,
   )
 
 
@@ -345,6 +349,7 @@ def _enter_stage(state: SeedState, mask: jax.Array, new_stage: jax.Array,
       objective_rate_ref=jnp.where(grafting, new.objective_rate, new.objective_rate_ref),
       stage_epochs=jnp.where(germ[:, None], 0, new.stage_epochs),
       germinated_epoch=jnp.where(germ, epoch, jnp.where(to_dormant, -1, new.germinated_epoch)),
+      lifecycle_steps=jnp.where(germ | to_dormant, 0, new.lifecycle_steps),
       nonfinite=jnp.where(germ | to_dormant, False, new.nonfinite),
       delta=jnp.where(germ | to_dormant, 0.0, new.delta),
       recon_ratio=jnp.where(germ | to_dormant, jnp.inf, new.recon_ratio),
@@ -448,9 +453,11 @@ def tick_epoch(state: SeedState) -> SeedState:
 
 
 def tick_step(state: SeedState) -> SeedState:
-  """Per training step: steps in stage count up for every seed with a live child."""
-  live = stage_in(state.stage, ROLLBACK_STAGES + (Stage.GERMINATED,))
-  return state.replace(steps_in_stage=state.steps_in_stage + live.astype(jnp.int32))
+  """Per training step: steps in stage (and in the lifecycle) count up for every seed with a
+  live child."""
+  live = stage_in(state.stage, ROLLBACK_STAGES + (Stage.GERMINATED,)).astype(jnp.int32)
+  return state.replace(steps_in_stage=state.steps_in_stage + live,
+                       lifecycle_steps=state.lifecycle_steps + live)
 
 
 def update_readiness(state: SeedState, *, delta: jax.Array | None = None,
