@@ -226,6 +226,7 @@ def _check_cmd(pre, post, accepted, args):
       assert post["blueprint"][k] == bp[k] and post["strategy"][k] == strat[k]
       assert post["germinated_epoch"][k] == epoch
       assert not post["stage_epochs"][k].any()
+      assert post["lifecycle_steps"][k] == 0
     elif dst == D:
       assert post["blueprint"][k] == -1 and post["strategy"][k] == -1
       assert post["embargo_left"][k] == 0
@@ -273,8 +274,9 @@ def _check_tick_epoch(pre, post):
 def _check_tick_step(pre, post):
   live = np.isin(pre["stage"], LIVE)
   np.testing.assert_array_equal(post["steps_in_stage"], pre["steps_in_stage"] + live)
+  np.testing.assert_array_equal(post["lifecycle_steps"], pre["lifecycle_steps"] + live)
   for name in pre:
-    if name != "steps_in_stage":
+    if name not in ("steps_in_stage", "lifecycle_steps"):
       assert pre[name].tobytes() == post[name].tobytes(), name
 
 
