@@ -5,25 +5,22 @@ monitors its health and, when Tamiyo (the controller) commands it, grows a small
 through an 11-stage gated lifecycle. Everything is a pure function over pytrees.
 
 Modules: `lifecycle`, `grafting`, `blueprints`, `telemetry`, `layer` (the `jnp` reference),
-`kernels` (Pallas / Triton), `tamiyo`, `nn` (Flax Linen), `nnx` (Flax NNX), `optim` (optax),
-`training`, `experiments`, `datasets`; optional: `checkpoint` (orbax), `events`, `plots`
-(matplotlib), `distributed` (meshes).
+`kernels` (Pallas / Triton), `tamiyo`, `optim` (optax); loaded on first use (they import Flax
+or more): `linen` (Flax Linen; `nn` is its old name, kept one release), `nnx` (Flax NNX),
+`training`, `experiments`, `datasets`, `distributed` (meshes); optional: `checkpoint` (orbax),
+`events`, `plots` (matplotlib).
 """
 
+import importlib
+
 from kasmina_jax import blueprints
-from kasmina_jax import datasets
-from kasmina_jax import distributed
-from kasmina_jax import experiments
 from kasmina_jax import grafting
 from kasmina_jax import kernels
 from kasmina_jax import layer
 from kasmina_jax import lifecycle
-from kasmina_jax import nn
-from kasmina_jax import nnx
 from kasmina_jax import optim
 from kasmina_jax import tamiyo
 from kasmina_jax import telemetry
-from kasmina_jax import training
 from kasmina_jax.blueprints import Blueprint, ChildParams, default_blueprints
 from kasmina_jax.grafting import (
     DEFAULT_STRATEGIES,
@@ -51,7 +48,6 @@ from kasmina_jax.lifecycle import (
     tick_step,
     update_readiness,
 )
-from kasmina_jax.nn import KasminaDense, KasminaLayer
 from kasmina_jax.tamiyo import EpochReport, SelectionStrategy, TamiyoConfig, decide
 from kasmina_jax.telemetry import HealthReport
 
@@ -64,7 +60,26 @@ __all__ = [
     "LEGAL_TRANSITIONS", "LifecycleConfig", "Op", "SeedState", "SelectionStrategy", "Stage",
     "StepAux", "TamiyoConfig", "apply_commands", "blueprints", "cancel_germination", "decide",
     "default_blueprints", "forward", "grafting", "grafting_step", "health_report",
-    "init_seed_state", "layer", "lifecycle", "make_commands", "nn", "no_commands", "optim",
+    "init_seed_state", "layer", "lifecycle", "linen", "make_commands", "nn", "no_commands", "optim",
     "request_germination", "tamiyo", "telemetry", "update_readiness", "datasets",
     "distributed", "experiments", "kernels", "nnx", "training",
 ]
+
+# The shells (Flax Linen / NNX), the loop, experiment drivers, data sets and meshes load on
+# first access (`kasmina_jax.linen`, `kasmina_jax.KasminaDense`): `import kasmina_jax` and the
+# framework-free core (`kasmina_jax.optim`, ...) then never import Flax (DESIGN.md
+# amendment 7, "Layering"), and experiments / data sets cost nothing until used.
+_LAZY_MODULES = ("datasets", "distributed", "experiments", "linen", "nn", "nnx", "training")
+_LAZY_NAMES = {"KasminaDense": "linen", "KasminaLayer": "linen"}
+
+
+def __getattr__(name):
+  if name in _LAZY_MODULES:
+    return importlib.import_module(f"kasmina_jax.{name}")
+  if name in _LAZY_NAMES:
+    return getattr(importlib.import_module(f"kasmina_jax.{_LAZY_NAMES[name]}"), name)
+  raise AttributeError(f"module 'kasmina_jax' has no attribute {name!r}")
+
+
+def __dir__():
+  return sorted(set(globals()) | set(_LAZY_MODULES) | set(_LAZY_NAMES))

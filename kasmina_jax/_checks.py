@@ -39,6 +39,27 @@ def finite_float(name: str, value, *, min_value: float | None = None,
   return float(value)
 
 
+def int_like(name: str, value, expected: str):
+  """Raises a TypeError naming `name` unless `value` is an int, a bool or an integer array
+  (traced arrays included), before JAX sees it (its own error names no argument; a string,
+  e.g. a blueprint's name where its id belongs, would otherwise reach `jnp.asarray`)."""
+  if isinstance(value, jax.Array):
+    dtype = value.dtype
+  elif isinstance(value, (str, bytes)):
+    dtype = None
+  else:
+    try:
+      dtype = np.asarray(value).dtype
+    except (TypeError, ValueError):
+      dtype = None
+  if dtype is None or not (np.issubdtype(dtype, np.integer) or dtype == np.bool_):
+    shown = repr(value)
+    shown = shown if len(shown) <= 60 else f"a {type(value).__name__}"
+    raise TypeError(f"{name}: expected {expected}, got {shown}"
+                    + (f" (dtype {dtype})" if dtype is not None else ""))
+  return value
+
+
 def integer_array(name: str, value) -> None:
   dtype = jnp.result_type(value)
   if not (jnp.issubdtype(dtype, jnp.integer) or dtype == jnp.bool_):
@@ -50,14 +71,3 @@ def float_array(name: str, value, allowed=(jnp.float32, jnp.bfloat16, jnp.float1
   if dtype not in [jnp.dtype(a) for a in allowed]:
     raise TypeError(f"{name}: expected a floating array ({', '.join(str(jnp.dtype(a)) for a in allowed)}), got dtype {dtype}")
 
-
-def is_concrete(value) -> bool:
-  return not isinstance(value, jax.core.Tracer)
-
-
-def concrete_all_finite(name: str, value) -> None:
-  """Raise if a concrete (non-traced) array holds NaN or inf."""
-  if is_concrete(value):
-    arr = np.asarray(value)
-    if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
-      raise ValueError(f"{name}: holds non-finite values")

@@ -24,7 +24,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
+from kasmina_jax import _struct as struct
 
 ACTIVATIONS = ("identity", "relu", "gelu", "tanh")
 KINDS = ("residual", "replacement")

@@ -324,11 +324,16 @@ class DataParallel:
     rolled_back = bool(out.rollback_requested)
     fr_extra = None
     if rolled_back:
-      base = (last_good.restore() if (last_good is not None and last_good.has_value)
-              else new_state)
-      base = base.replace(epoch=new_state.epoch, rng=new_state.rng, stats=new_state.stats)
-      _, _, rollback = _compiled(self.mesh, self.axis, self.seed_axis)
-      new_state, fr_extra = rollback(self.place_state(base), new_state.ctrl)
+      if last_good is not None and last_good.has_value:
+        base = last_good.restore()
+        base = base.replace(epoch=new_state.epoch, rng=new_state.rng, stats=new_state.stats)
+        _, _, rollback = _compiled(self.mesh, self.axis, self.seed_axis)
+        new_state, fr_extra = rollback(self.place_state(base), new_state.ctrl)
+      else:
+        # Nothing to restore: the epoch's commands ended the in-flight seeds; count their
+        # reports (see `training.rollback_in_place`; it keeps the state's placement).
+        new_state, fr_extra = training.rollback_in_place(new_state, out.field_reports)
+      out = out.replace(field_reports=fr_extra)
     if last_good is not None and not rolled_back:
       last_good.save(new_state)
     if log is not None:
@@ -405,8 +410,7 @@ def fit(state: training.TrainState, train_data: dict, val_data: dict, loss_fn: t
   steps_per_epoch = n // batch_size
   bar = None
   if progress and jax.process_index() == 0:
-    from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-    bar = tqdm(total=epochs * steps_per_epoch, desc=description, leave=False)
+    bar = training.progress_bar(epochs * steps_per_epoch, description)
   local = _process_rows(batch_size, mesh)
   multi = jax.process_count() > 1
   val_local = val_data

@@ -15,7 +15,9 @@ Record types written by the helpers (all take `epoch` and `step`):
   alpha `{layer: [alpha per seed]}`, extra (free-form, e.g. `rolled_back`);
 - `commands`: layer, ops (ids), op_names, accepted, targets / blueprints / strategies;
 - `transition`: layer, seed, from_stage, to_stage (stage names), blueprint;
-- `field_report`: a record of `tamiyo.to_records`.
+- `field_report`: a record of `tamiyo.to_records` (outcome, blueprint, strategy, health before
+  and after, delta, param_count / param_bytes, flops_per_row, gradient_variance,
+  lifecycle_steps).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import json
 import math
 import os
 import time
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -217,6 +219,3 @@ def read_events(path) -> list[dict]:
     records.append(record)
   return records
 
-
-def of_type(events: Iterable[dict], type: str) -> list[dict]:  # pylint: disable=redefined-builtin
-  return [e for e in events if e.get("type") == type]

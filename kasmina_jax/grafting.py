@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-from flax import struct
+from kasmina_jax import _struct as struct
 
 from kasmina_jax import _checks
 from kasmina_jax import lifecycle

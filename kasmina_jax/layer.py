@@ -28,7 +28,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
+from kasmina_jax import _struct as struct
 
 from kasmina_jax import _checks
 from kasmina_jax import blueprints as bp_lib

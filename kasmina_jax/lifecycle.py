@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
+from kasmina_jax import _struct as struct
 
 from kasmina_jax import _checks
 
@@ -92,7 +92,6 @@ SUCCESS_NEXT: np.ndarray = np.array(
     dtype=np.int32,
 )
 
-TERMINAL_STAGES = (Stage.FOSSILIZED, Stage.ROLLED_BACK)
 # Stages whose child is alive (has parameters that matter).
 ACTIVE_STAGES = (
     Stage.TRAINING,
@@ -210,6 +209,9 @@ class SeedState:
   nonfinite: jax.Array  # bool: the child produced a non-finite output since the last epoch end
   stage_epochs: jax.Array  # int32 (num_seeds, 11): epochs spent in each stage this lifecycle
   germinated_epoch: jax.Array  # int32: epoch of the last germination, -1 when none
+  # int32: training steps with a live child since the last germination (`tick_step`); the
+  # field reports' latency in steps (a wall-clock figure cannot be measured inside `jit`).
+  lifecycle_steps: jax.Array
 
   @property
   def num_seeds(self) -> int:
@@ -244,6 +246,7 @@ def init_seed_state(num_seeds: int) -> SeedState:
       nonfinite=jnp.zeros((k,), bool),
       stage_epochs=jnp.zeros((k, NUM_STAGES), jnp.int32),
       germinated_epoch=jnp.full((k,), -1, jnp.int32),
+      lifecycle_steps=zi,
   )
 
 
@@ -265,6 +268,18 @@ def no_commands(num_seeds: int) -> Commands:
   return Commands(op=zi, target=zi - 1, blueprint=zi - 1, strategy=zi - 1)
 
 
+# What the int-only arguments of this module's public functions take (for their TypeErrors).
+_INT_ARGUMENTS = {
+    "op": "an int lifecycle.Op or an int array of them",
+    "target": "an int lifecycle.Stage (-1: the success-path stage) or an int array of them",
+    "blueprint": ("an int blueprint id or an int array of ids: the blueprint's index in the "
+                  "layer's catalog (e.g. spec.catalog.names.index(name)), not its name"),
+    "strategy": "an int grafting strategy id (grafting.GraftingStrategy) or an int array of them",
+    "seeds": "a seed index, an int array of indices or a bool mask of shape (num_seeds,)",
+    "epoch": "an int epoch (or an int scalar array)",
+}
+
+
 def make_commands(num_seeds: int, *, op=None, target=None, blueprint=None,
                   strategy=None) -> Commands:
   """Build `Commands` from (possibly scalar) values, broadcast to `num_seeds`."""
@@ -275,6 +290,7 @@ def make_commands(num_seeds: int, *, op=None, target=None, blueprint=None,
     if value is None:
       fields[name] = getattr(base, name)
     else:
+      _checks.int_like(name, value, _INT_ARGUMENTS[name])
       arr = jnp.asarray(value)
       _checks.integer_array(name, arr)
       fields[name] = _broadcast_seeds(name, arr.astype(jnp.int32), num_seeds)
@@ -354,6 +370,7 @@ def _enter_stage(state: SeedState, mask: jax.Array, new_stage: jax.Array,
       objective_rate_ref=jnp.where(grafting, new.objective_rate, new.objective_rate_ref),
       stage_epochs=jnp.where(germ[:, None], 0, new.stage_epochs),
       germinated_epoch=jnp.where(germ, epoch, jnp.where(to_dormant, -1, new.germinated_epoch)),
+      lifecycle_steps=jnp.where(germ | to_dormant, 0, new.lifecycle_steps),
       nonfinite=jnp.where(germ | to_dormant, False, new.nonfinite),
       delta=jnp.where(germ | to_dormant, 0.0, new.delta),
       recon_ratio=jnp.where(germ | to_dormant, jnp.inf, new.recon_ratio),
@@ -384,6 +401,7 @@ def apply_commands(state: SeedState, commands: Commands,
   _check_commands(commands, state.num_seeds)
   _checks.positive_int("num_blueprints", num_blueprints)
   _checks.positive_int("num_strategies", num_strategies)
+  _checks.int_like("epoch", epoch, _INT_ARGUMENTS["epoch"])
   accepted = command_accepted(state, commands, num_blueprints=num_blueprints,
                               num_strategies=num_strategies)
   dst = _command_target(state, commands)
@@ -393,6 +411,7 @@ def apply_commands(state: SeedState, commands: Commands,
 
 def _as_mask(seeds, num_seeds: int) -> jax.Array:
   """An index, an index array or a boolean mask -> boolean mask of shape (num_seeds,)."""
+  _checks.int_like("seeds", seeds, _INT_ARGUMENTS["seeds"])
   arr = jnp.asarray(seeds)
   if arr.dtype == jnp.bool_:
     if arr.shape != (num_seeds,):
@@ -418,6 +437,10 @@ def request_germination(state: SeedState, seeds, blueprint, strategy, *,
   Returns `(state, accepted)`, `accepted` of shape (num_seeds,) (False where not asked).
   """
   _check_state(state)
+  # Checked before anything is traced, in the order of the arguments.
+  _checks.int_like("blueprint", blueprint, _INT_ARGUMENTS["blueprint"])
+  _checks.int_like("strategy", strategy, _INT_ARGUMENTS["strategy"])
+  _checks.int_like("epoch", epoch, _INT_ARGUMENTS["epoch"])
   mask = _as_mask(seeds, state.num_seeds)
   cmds = make_commands(state.num_seeds, op=jnp.where(mask, Op.GERMINATE, Op.NONE),
                        blueprint=blueprint, strategy=strategy)
@@ -451,9 +474,11 @@ def tick_epoch(state: SeedState) -> SeedState:
 
 
 def tick_step(state: SeedState) -> SeedState:
-  """Per training step: steps in stage count up for every seed with a live child."""
-  live = stage_in(state.stage, ROLLBACK_STAGES + (Stage.GERMINATED,))
-  return state.replace(steps_in_stage=state.steps_in_stage + live.astype(jnp.int32))
+  """Per training step: steps in stage (and in the lifecycle) count up for every seed with a
+  live child."""
+  live = stage_in(state.stage, ROLLBACK_STAGES + (Stage.GERMINATED,)).astype(jnp.int32)
+  return state.replace(steps_in_stage=state.steps_in_stage + live,
+                       lifecycle_steps=state.lifecycle_steps + live)
 
 
 def update_readiness(state: SeedState, *, delta: jax.Array | None = None,

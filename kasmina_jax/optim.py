@@ -15,7 +15,11 @@ layer's children (every leaf with leading axis `num_seeds`) when it is a `bluepr
 whose keys are exactly `ChildParams`' field names (what `nnx.state` / `nnx.as_pure` make of the
 NNX layers' per-field `nnx.Param`s). The *layer path* of such a node is its path with the last
 key dropped (both layers store their children under the key "children"), which is the path
-`nn.find_layers` and `kasmina_jax.nnx.find_layers` give for the layer's seed state.
+`linen.find_layers` and `kasmina_jax.nnx.find_layers` give for the layer's seed state.
+
+Seed states come in as a mapping `{layer path: SeedState}` (`linen.seed_states(collection)`,
+`kasmina_jax.nnx.seed_states(model)`): this module knows pytrees and `SeedState` only, not
+Flax (DESIGN.md amendment 7).
 
 Everything here is pure and jittable; the tree walks are static (they only read structure).
 
@@ -24,12 +28,12 @@ Typical use (Linen):
     tx = optim.kasmina_optimizer(optax.adam(1e-3), max_grad_norm=1.0)
     opt_state = tx.init(params)
     ...
-    mask = optim.learning_mask(params, variables["kasmina"])
+    mask = optim.learning_mask(params, linen.seed_states(variables["kasmina"]))
     updates, opt_state = tx.update(grads, opt_state, params, learn_mask=mask)
     ...
     # epoch end, after lifecycle.apply_commands and layer.reinit_children:
-    opt_state = optim.reset_children(opt_state, params,
-                                     optim.reset_mask(params, kasmina_old, kasmina_new))
+    opt_state = optim.reset_children(opt_state, params, optim.reset_mask(
+        params, linen.seed_states(kasmina_old), linen.seed_states(kasmina_new)))
 """
 
 from __future__ import annotations
@@ -45,7 +49,6 @@ import optax
 from kasmina_jax import _checks
 from kasmina_jax import layer as layer_lib
 from kasmina_jax import lifecycle
-from kasmina_jax import nn as nn_lib
 from kasmina_jax.blueprints import ChildParams
 
 
@@ -85,22 +88,38 @@ def find_children(params: Any) -> dict[tuple, Any]:
   return found
 
 
+def _seeds_of(v) -> lifecycle.SeedState | None:
+  """The `SeedState` of a map value: itself, or a layer record's `.seeds` (the Linen shell's
+  `KasminaVars`, read by duck typing so that this module needs no Flax)."""
+  if isinstance(v, lifecycle.SeedState):
+    return v
+  seeds = getattr(v, "seeds", None)
+  return seeds if isinstance(seeds, lifecycle.SeedState) else None
+
+
 def _seeds_by_layer(kasmina: Any, name: str) -> dict[tuple, lifecycle.SeedState]:
-  """`{layer path: SeedState}` from a Linen `kasmina` collection or a ready-made mapping
-  `{layer path: SeedState | KasminaVars}` (what the NNX helpers build)."""
+  """`{layer path: SeedState}` from a mapping `{layer path: SeedState}` (what
+  `linen.seed_states` and `kasmina_jax.nnx.seed_states` build).
 
-  def seeds_of(v):
-    if isinstance(v, nn_lib.KasminaVars):
-      return v.seeds
-    if isinstance(v, lifecycle.SeedState):
-      return v
-    raise TypeError(f"{name}: expected SeedState or KasminaVars values, got {type(v).__name__}")
-
-  if (isinstance(kasmina, Mapping) and kasmina
-      and all(isinstance(k, tuple) for k in kasmina)
-      and all(isinstance(v, (lifecycle.SeedState, nn_lib.KasminaVars)) for v in kasmina.values())):
-    return {k: seeds_of(v) for k, v in kasmina.items()}
-  return {k: v.seeds for k, v in nn_lib.find_layers(kasmina).items()}
+  A nested collection (a Linen `kasmina` collection, as older callers pass) is walked for its
+  layer records (nodes with a `SeedState` `.seeds`; the layer path drops the trailing
+  "state" key), so it still works without this module importing the Linen shell.
+  """
+  if isinstance(kasmina, Mapping) and all(isinstance(k, tuple) for k in kasmina):
+    out = {}
+    for k, v in kasmina.items():
+      seeds = _seeds_of(v)
+      if seeds is None:
+        raise TypeError(f"{name}: expected SeedState values (a {{layer path: SeedState}} "
+                        f"map), got {type(v).__name__} at {k}")
+      out[k] = seeds
+    return out
+  is_layer = lambda x: _seeds_of(x) is not None
+  found = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(kasmina, is_leaf=is_layer)[0]:
+    if is_layer(leaf):
+      found[_plain_path(path)[:-1]] = _seeds_of(leaf)
+  return found
 
 
 def _per_seed_mask(seed_mask: jax.Array, child: ChildParams, path: tuple) -> ChildParams:
@@ -133,7 +152,8 @@ def learning_mask(params: Any, kasmina: Any, *, fossil: str = "integrated") -> A
   `lifecycle.learning_stages(fossil)` (TRAINING, GRAFTING, FINE_TUNING, and FOSSILIZED unless
   `fossil="frozen"`) and its child has not gone non-finite (`seeds.nonfinite`).
 
-  `kasmina`: the Linen `kasmina` collection, or a mapping `{layer path: SeedState}`.
+  `kasmina`: a mapping `{layer path: SeedState}` (`linen.seed_states(collection)`; a Linen
+  collection itself is still read).
   """
   stages = lifecycle.learning_stages(fossil)
   seeds = _seeds_by_layer(kasmina, "kasmina")
@@ -339,7 +359,7 @@ def _child_norm(child: ChildParams) -> jax.Array:
 def partition_norms(grads: Any, host_partition: Any = None
                     ) -> tuple[jax.Array, dict[tuple, jax.Array]]:
   """`(host_norm, child_norms)`: the global L2 norm of the host partition, and per layer
-  (keyed by layer path, as `nn.find_layers`) the `(K,)` L2 norm of each seed's child.
+  (keyed by layer path, as `linen.find_layers`) the `(K,)` L2 norm of each seed's child.
 
   The host partition is every non-child leaf, plus, with `host_partition` (from
   `host_partition_mask`), the children it marks (integrated fossils)."""

@@ -106,7 +106,7 @@ from typing import Any, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
+from kasmina_jax import _struct as struct
 
 from kasmina_jax import _checks
 from kasmina_jax import lifecycle
@@ -759,7 +759,15 @@ class FieldReports:
   health_after: jax.Array  # float32 (K, 3): HEALTH_FIELDS now
   delta: jax.Array  # float32: last counterfactual val_loss(off) - val_loss(on)
   param_count: jax.Array  # int32: the blueprint's parameters
-  flops_per_row: jax.Array  # int32: the blueprint's FLOPs per row
+  flops_per_row: jax.Array  # int32: the blueprint's FLOPs per row (the compute-cost figure)
+  # float32: variance over the last epoch's learning steps of the child's gradient norm
+  # (`telemetry.record_gradients` -> `HealthReport.gradient_variance`; 0 where the child took
+  # no learning step in that epoch, NaN where not valid)
+  gradient_variance: jax.Array
+  param_bytes: jax.Array  # int32: memory of the child's parameters (float32: 4 bytes each)
+  # int32: training steps from germination to this report (`SeedState.lifecycle_steps`): the
+  # latency of the outcome in steps. No wall-clock latency: it cannot be measured in `jit`.
+  lifecycle_steps: jax.Array
 
 
 def field_reports(old_seeds, new_seeds, report: EpochReport, ctrl: ControllerState):
@@ -794,7 +802,12 @@ def field_reports(old_seeds, new_seeds, report: EpochReport, ctrl: ControllerSta
         health_after=jnp.where(valid[:, None], _health_matrix(lr.health), jnp.nan),
         delta=jnp.where(valid, new.delta, jnp.nan).astype(jnp.float32),
         param_count=jnp.where(has_bp, jnp.asarray(lr.blueprint_params, jnp.int32)[bi], 0),
-        flops_per_row=jnp.where(has_bp, jnp.asarray(lr.blueprint_flops, jnp.int32)[bi], 0)))
+        flops_per_row=jnp.where(has_bp, jnp.asarray(lr.blueprint_flops, jnp.int32)[bi], 0),
+        gradient_variance=jnp.where(valid, jnp.asarray(lr.health.gradient_variance, jnp.float32),
+                                    jnp.nan),
+        # Children are stored in float32 (`layer.init_children`), as the health report counts.
+        param_bytes=jnp.where(has_bp, 4 * jnp.asarray(lr.blueprint_params, jnp.int32)[bi], 0),
+        lifecycle_steps=jnp.where(valid, new.lifecycle_steps, 0).astype(jnp.int32)))
   return jax.tree.unflatten(treedef, out)
 
 
@@ -945,6 +958,9 @@ def to_records(reports, *, layer_names: Sequence[str] | Mapping[str, str] | None
           "delta": _float_or_none(r.delta[k]),
           "param_count": int(r.param_count[k]),
           "flops_per_row": int(r.flops_per_row[k]),
+          "gradient_variance": _float_or_none(r.gradient_variance[k]),
+          "param_bytes": int(r.param_bytes[k]),
+          "lifecycle_steps": int(r.lifecycle_steps[k]),
       })
   return records
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from flax import struct
+from kasmina_jax import _struct as struct
 
 DEAD_EPS = 1e-6
 DEAD_FRACTION = 0.99

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 import time
 from typing import Any, Callable
 
@@ -228,10 +229,11 @@ def train_step(state: TrainState, batch: dict, loss_fn: LossFn) -> tuple[TrainSt
   host_norm = host_grad_norm(grads)
   finite = jnp.isfinite(total) & jnp.isfinite(host_norm)
   fossil = state.config.lifecycle.fossil
-  learn_mask = optim.learning_mask(state.params, kasmina, fossil=fossil)
+  seed_map = knn.seed_states(kasmina)
+  learn_mask = optim.learning_mask(state.params, seed_map, fossil=fossil)
   updates, opt_state = state.tx.update(
       grads, state.opt_state, state.params, learn_mask=learn_mask,
-      host_partition=optim.host_partition_mask(state.params, kasmina, fossil=fossil))
+      host_partition=optim.host_partition_mask(state.params, seed_map, fossil=fossil))
   params = optax.apply_updates(state.params, updates)
   keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
   params = keep(params, state.params)
@@ -397,7 +399,7 @@ def epoch_transition(state: TrainState, val_batch: dict, loss_fn: LossFn,
     params = knn.set_path(params, cpath, children)
     kasmina = knn.set_path(kasmina, path + ("state",),
                            lv.replace(seeds=ns, telemetry=layer_lib.init_telemetry(lv.spec)))
-  reset = optim.reset_mask(params, state.kasmina, kasmina)
+  reset = optim.reset_mask(params, knn.seed_states(state.kasmina), knn.seed_states(kasmina))
   opt_state = optim.reset_children(state.opt_state, params, reset)
   fr = tamiyo.field_reports(seeds, new_seeds, report, ctrl)
   # On an emergency rollback the seeds are reported from the restored state instead
@@ -437,7 +439,7 @@ def apply_rollback(state: TrainState, ctrl: tamiyo.ControllerState) -> tuple[Tra
                                          seeds[name].stage, ns, state.rng)
     params = knn.set_path(params, cpath, children)
     kasmina = knn.set_path(kasmina, path + ("state",), lv.replace(seeds=ns))
-  reset = optim.reset_mask(params, state.kasmina, kasmina)
+  reset = optim.reset_mask(params, knn.seed_states(state.kasmina), knn.seed_states(kasmina))
   opt_state = optim.reset_children(state.opt_state, params, reset)
   empty = tamiyo.EpochReport(
       layers={layer_name(p): tamiyo.layer_report(
@@ -449,6 +451,31 @@ def apply_rollback(state: TrainState, ctrl: tamiyo.ControllerState) -> tuple[Tra
   ctrl = tamiyo.observe(ctrl.replace(rollback_requested=jnp.zeros((), bool)), fr,
                         state.config.tamiyo)
   return state.replace(params=params, opt_state=opt_state, kasmina=kasmina, ctrl=ctrl), fr
+
+
+@jax.jit
+def rollback_in_place(state: TrainState, field_reports) -> tuple[TrainState, Any]:
+  """An emergency rollback with no checkpoint to restore (`epoch_transition`'s output).
+
+  The epoch's commands already rolled back the in-flight seeds (GERMINATED ones cancelled)
+  and zeroed their children, and `field_reports` (the epoch's) describe them; the transition
+  left them out of the statistics because a restore normally reports the restored seeds
+  (`apply_rollback`). Here nothing is restored, so they are the rollback's reports: they are
+  fed to `tamiyo.observe`. Seeds a custom policy left in flight are rolled back as after a
+  restore (`apply_rollback`, which also clears the rollback request); their reports join.
+  Returns `(state, reports)`.
+  """
+  ctrl = tamiyo.observe(state.ctrl, field_reports, state.config.tamiyo)
+  state, late = apply_rollback(state, ctrl)
+
+  def merge(epoch_fr, late_fr):
+    def leaf(a, b):
+      valid = epoch_fr.valid.reshape(epoch_fr.valid.shape + (1,) * (a.ndim - 1))
+      return jnp.where(valid, a, b)
+    return jax.tree.map(leaf, epoch_fr, late_fr)
+
+  is_fr = lambda x: isinstance(x, tamiyo.FieldReports)
+  return state, jax.tree.map(merge, field_reports, late, is_leaf=is_fr)
 
 
 def param_counts(state: TrainState) -> dict[str, int]:
@@ -514,15 +541,22 @@ def end_of_epoch(state: TrainState, val_batch: dict, loss_fn: LossFn, *,
 
   `last_good` is a `checkpoint.InMemoryCheckpoint` (or anything with `save`, `restore` and
   `has_value`): saved at every epoch end that passes the rollback test, restored on rollback.
+  Without one (None, or nothing saved yet) a rollback restores nothing but still ends the
+  in-flight seeds (`rollback_in_place`). Either way, on a rollback `out.field_reports` holds
+  the rolled-back seeds' reports (the ones logged and counted by `tamiyo.observe`).
   Returns `(state, out, rolled_back)`.
   """
   new_state, out = epoch_transition(state, val_batch, loss_fn, policy)
   rolled_back = bool(out.rollback_requested)
   fr_extra = None
   if rolled_back:
-    base = last_good.restore() if (last_good is not None and last_good.has_value) else new_state
-    base = base.replace(epoch=new_state.epoch, rng=new_state.rng, stats=new_state.stats)
-    new_state, fr_extra = apply_rollback(base, new_state.ctrl)
+    if last_good is not None and last_good.has_value:
+      base = last_good.restore()
+      base = base.replace(epoch=new_state.epoch, rng=new_state.rng, stats=new_state.stats)
+      new_state, fr_extra = apply_rollback(base, new_state.ctrl)
+    else:
+      new_state, fr_extra = rollback_in_place(new_state, out.field_reports)
+    out = out.replace(field_reports=fr_extra)
   if last_good is not None and not rolled_back:
     last_good.save(new_state)
   if log is not None:
@@ -553,6 +587,53 @@ def epoch_record(state: TrainState, out: EpochOutput, rolled_back: bool, start: 
   }
 
 
+class PlainProgress:
+  """A dependency-free progress line on stderr (what `progress_bar` gives without tqdm):
+  `update`, `set_postfix` and `close` as tqdm's, redrawn at most every `interval` seconds."""
+
+  def __init__(self, total: int, description: str, *, stream=None, interval: float = 1.0):
+    self.total, self.description, self.n = int(total), description, 0
+    self.postfix = ""
+    self._stream = stream
+    self._interval = interval
+    self._last = -float("inf")
+
+  @property
+  def stream(self):
+    return sys.stderr if self._stream is None else self._stream
+
+  def _draw(self, force: bool = False) -> None:
+    now = time.perf_counter()
+    if not force and now - self._last < self._interval:
+      return
+    self._last = now
+    self.stream.write(f"\r{self.description}: {self.n}/{self.total} steps {self.postfix}".rstrip())
+    self.stream.flush()
+
+  def update(self, n: int = 1) -> None:
+    self.n += n
+    self._draw()
+
+  def set_postfix(self, **fields) -> None:
+    self.postfix = " ".join(f"{k}={v}" for k, v in fields.items())
+    self._draw(force=True)
+
+  def close(self) -> None:
+    self._draw(force=True)
+    self.stream.write("\n")
+    self.stream.flush()
+
+
+def progress_bar(total: int, description: str):
+  """A tqdm bar when tqdm is installed (an optional extra, not a dependency), else a
+  `PlainProgress` line, so `fit(progress=True)` works on a bare install."""
+  try:
+    from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return PlainProgress(total, description)
+  return tqdm(total=total, desc=description, leave=False)
+
+
 def fit(state: TrainState, train_data: dict, val_data: dict, loss_fn: LossFn, *,
         epochs: int, batch_size: int, policy: Callable = tamiyo.decide, seed: int = 0,
         log_path: str | None = None, progress: bool = True, rollback: bool = True,
@@ -577,10 +658,7 @@ def fit(state: TrainState, train_data: dict, val_data: dict, loss_fn: LossFn, *,
     log = events.EventLog(log_path, run={"description": description, "epochs": epochs,
                                          "batch_size": batch_size, "seed": seed})
   steps_per_epoch = n // batch_size
-  bar = None
-  if progress:
-    from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-    bar = tqdm(total=epochs * steps_per_epoch, desc=description, leave=False)
+  bar = progress_bar(epochs * steps_per_epoch, description) if progress else None
   history = []
   start = time.perf_counter()
   try:

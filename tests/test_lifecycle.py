@@ -226,6 +226,7 @@ def _check_cmd(pre, post, accepted, args):
       assert post["blueprint"][k] == bp[k] and post["strategy"][k] == strat[k]
       assert post["germinated_epoch"][k] == epoch
       assert not post["stage_epochs"][k].any()
+      assert post["lifecycle_steps"][k] == 0
     elif dst == D:
       assert post["blueprint"][k] == -1 and post["strategy"][k] == -1
       assert post["embargo_left"][k] == 0
@@ -273,8 +274,9 @@ def _check_tick_epoch(pre, post):
 def _check_tick_step(pre, post):
   live = np.isin(pre["stage"], LIVE)
   np.testing.assert_array_equal(post["steps_in_stage"], pre["steps_in_stage"] + live)
+  np.testing.assert_array_equal(post["lifecycle_steps"], pre["lifecycle_steps"] + live)
   for name in pre:
-    if name != "steps_in_stage":
+    if name not in ("steps_in_stage", "lifecycle_steps"):
       assert pre[name].tobytes() == post[name].tobytes(), name
 
 
@@ -784,3 +786,25 @@ def test_update_readiness_missing_delta_is_no_verdict():
   np.testing.assert_array_equal(np.asarray(out.ready), [False] * 4)
   np.testing.assert_array_equal(np.asarray(out.bad_epochs), [0, 1, 0, 2])
   np.testing.assert_array_equal(np.asarray(out.unjudged), [True, True, True, False])
+
+
+@pytest.mark.parametrize("fn,name,form", [
+    (lambda: request_germination(_S4, 0, "residual_mlp", 0, **_GERM), "blueprint",
+     "catalog.names.index"),
+    (lambda: request_germination(_S4, [0, 1], ["a", "b"], 0, **_GERM), "blueprint",
+     "blueprint id"),
+    (lambda: request_germination(_S4, 0, 0, "fixed_ramp", **_GERM), "strategy",
+     "GraftingStrategy"),
+    (lambda: request_germination(_S4, "first", 0, 0, **_GERM), "seeds", "seed index"),
+    (lambda: request_germination(_S4, 0, 0, 0, epoch="3", **_GERM), "epoch", "int epoch"),
+    (lambda: cancel_germination(_S4, "0"), "seeds", "seed index"),
+    (lambda: make_commands(4, op="GERMINATE"), "op", "lifecycle.Op"),
+    (lambda: make_commands(4, target="TRAINING"), "target", "lifecycle.Stage"),
+    (lambda: make_commands(4, blueprint=b"x"), "blueprint", "blueprint id"),
+    (lambda: apply_commands(_S4, no_commands(4), epoch="1", **_GERM), "epoch", "int epoch"),
+])
+def test_names_where_ids_belong_raise_a_type_error_naming_the_argument(fn, name, form):
+  # Not JAX's dtype error: the argument and the form it takes are named, before tracing.
+  with pytest.raises(TypeError, match=f"^{name}: expected .*{form}") as info:
+    fn()
+  assert "JAX array type" not in str(info.value)

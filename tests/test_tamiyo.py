@@ -748,3 +748,36 @@ def test_defaults_grow_every_slot_on_health():
   assert all(op == Op.ADVANCE for ops_ in ops(cmds).values() for op in ops_), ops(cmds)
   with pytest.raises(ValueError, match="max_concurrent_training"):
     tamiyo.TamiyoConfig(max_concurrent_training=0)
+
+
+def test_field_reports_carry_gradient_variance_memory_and_lifecycle_steps():
+  old = busy_seeds()
+  for _ in range(7):  # steps with a live child since germination: the latency in steps
+    old = {n: lifecycle.tick_step(s) for n, s in old.items()}
+  new = dict(old)
+  new["dec"] = old["dec"].replace(stage=old["dec"].stage.at[3].set(Stage.FOSSILIZED))
+  sick = health(5).replace(gradient_variance=jnp.asarray([0, 0, 0, 0.25, 0], jnp.float32))
+  ctrl = tamiyo.init_controller(old, NUM_BP, BASE)
+  reports = field_reports_jit(old, new, report({"dec": sick}, epoch=3), ctrl)
+  r = reports["dec"]
+  assert np.asarray(r.valid).tolist() == [False, False, False, True, False]
+  np.testing.assert_allclose(float(r.gradient_variance[3]), 0.25)
+  assert np.isnan(np.asarray(r.gradient_variance)[0])
+  params = int(SPECS["dec"].catalog.param_count[3])
+  assert int(r.param_bytes[3]) == 4 * params
+  assert int(r.lifecycle_steps[3]) == 7
+  (rec,) = tamiyo.to_records(reports)
+  assert rec["gradient_variance"] == 0.25 and rec["lifecycle_steps"] == 7
+  assert rec["param_bytes"] == 4 * params and rec["param_count"] == params
+  assert rec["flops_per_row"] == int(SPECS["dec"].catalog.flops_per_row[3])
+  # Germination restarts the lifecycle's step count.
+  s, _ = lifecycle.request_germination(lifecycle.init_seed_state(2), 0, 0, 0, num_blueprints=1,
+                                       num_strategies=1)
+  s = lifecycle.tick_step(lifecycle.tick_step(s))
+  assert np.asarray(s.lifecycle_steps).tolist() == [2, 0]
+  s, _ = lifecycle.cancel_germination(s, 0)
+  s = lifecycle.update_readiness(s)  # CANCELLED is ready to return to DORMANT
+  s = lifecycle.apply_commands(s, lifecycle.make_commands(2, op=[lifecycle.Op.ADVANCE, 0]),
+                               num_blueprints=1, num_strategies=1)[0]
+  s, _ = lifecycle.request_germination(s, 0, 0, 0, num_blueprints=1, num_strategies=1)
+  assert np.asarray(s.lifecycle_steps).tolist() == [0, 0]

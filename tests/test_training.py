@@ -132,6 +132,55 @@ def test_emergency_rollback_restores_last_good_state():
   assert not bool(new.ctrl.rollback_requested)
 
 
+def test_emergency_rollback_without_checkpoint_reports_and_counts_the_seeds(tmp_path):
+  from kasmina_jax import events  # pylint: disable=g-import-not-at-top
+  state, _ = _run(make_state(), 3)
+  before = {k: np.asarray(v.stage) for k, v in training.seeds_tree(state.kasmina).items()}
+  inflight = {k: (v >= Stage.TRAINING) & (v <= Stage.FINE_TUNING) for k, v in before.items()}
+  queued = {k: v == Stage.GERMINATED for k, v in before.items()}
+  assert sum(int(m.sum()) for m in inflight.values()) >= 1  # the run has something to roll back
+  counted = sum(float(np.sum(lc.bp_count)) for lc in state.ctrl.layers.values())
+  bad = {"x": np.full((64, 2), np.nan, np.float32), "y": DATA["y"][:64]}
+  poisoned, _ = training.train_step(state, bad, training.cross_entropy_loss)
+  log = events.EventLog(str(tmp_path / "events.jsonl"))
+  new, out, rolled_back = training.end_of_epoch(poisoned, VAL, training.cross_entropy_loss,
+                                                log=log)  # no last_good: nothing to restore
+  log.close()
+  assert rolled_back
+  assert not bool(new.ctrl.rollback_requested)
+  expected = set()
+  for name, seeds in training.seeds_tree(new.kasmina).items():
+    stage = np.asarray(seeds.stage)
+    assert np.all(stage[inflight[name]] == Stage.ROLLED_BACK)
+    assert np.all(stage[queued[name]] == Stage.CANCELLED)
+    fr = out.field_reports[name]
+    valid = np.asarray(fr.valid)
+    np.testing.assert_array_equal(valid, inflight[name] | queued[name])
+    np.testing.assert_array_equal(np.asarray(fr.outcome)[inflight[name]], Stage.ROLLED_BACK)
+    expected |= {(name, int(k), "ROLLED_BACK") for k in np.nonzero(inflight[name])[0]}
+    expected |= {(name, int(k), "CANCELLED") for k in np.nonzero(queued[name])[0]}
+  logged = {(r["layer"], r["seed"], r["outcome"])
+            for r in events.read_events(tmp_path / "events.jsonl") if r["type"] == "field_report"}
+  assert logged == expected
+  # The bandit counted every rollback (cancels say nothing about the blueprint).
+  n_rolled = sum(int(m.sum()) for m in inflight.values())
+  after = sum(float(np.sum(lc.bp_count)) for lc in new.ctrl.layers.values())
+  assert after == counted + n_rolled
+  failures = sum(float(np.sum(lc.bp_failures)) for lc in new.ctrl.layers.values())
+  assert failures >= n_rolled
+
+
+def test_fit_shows_progress_without_tqdm(monkeypatch, capsys):
+  # tqdm is an optional extra: without it `fit` draws a plain progress line.
+  monkeypatch.setitem(sys.modules, "tqdm", None)
+  monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+  _, history = training.fit(make_state(), DATA, VAL, training.cross_entropy_loss, epochs=1,
+                            batch_size=64, progress=True, rollback=False, description="bare")
+  assert len(history) == 1
+  err = capsys.readouterr().err
+  assert "bare: 10/10 steps" in err and "loss=" in err
+
+
 def test_param_counts_separate_allocated_and_active():
   state = make_state()
   counts = training.param_counts(state)

@@ -33,7 +33,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
+from kasmina_jax import _struct as struct
 
 from kasmina_jax import blueprints as bp_lib
 from kasmina_jax import layer as layer_lib

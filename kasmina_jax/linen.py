@@ -1,0 +1,211 @@
+"""Flax Linen layers: thin shells over the functional core.
+
+Where things live in a Linen model's variables:
+
+- `params[...layer...]["children"]`: the layer's `ChildParams` (ordinary parameters);
+- `kasmina[...layer...]["state"]`: a `KasminaVars` (seed states and telemetry accumulators,
+  with the layer's static `KasminaSpec` riding along as pytree metadata);
+- `kasmina_aux[...layer...]["step"]`: the last training pass's `StepAux` (child loss, per-seed
+  objective, non-finite flags), written when that collection is mutable;
+- `kasmina_eval[...layer...]["eval_alpha"]` (optional input): per-seed evaluation blend
+  weights; when present the layer runs an evaluation pass (no telemetry).
+
+`find_layers` walks those collections, so the training loop needs no registry; `seed_states`
+turns a collection into the `{layer path: SeedState}` map the framework-free modules
+(`optim`, ...) take.
+
+The module is named `linen` so that `from kasmina_jax import linen` does not shadow the usual
+`import flax.linen as nn` (`kasmina_jax.nn` stays as an alias for one release).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from kasmina_jax import blueprints as bp_lib
+from kasmina_jax import layer as layer_lib
+from kasmina_jax import lifecycle
+from kasmina_jax import telemetry as tel_lib
+
+__all__ = [
+    "KASMINA", "KASMINA_AUX", "KASMINA_EVAL", "KasminaDense", "KasminaLayer", "KasminaVars",
+    "StepSummary", "children_path", "current_eval_alpha", "eval_alpha_tree", "find_layers",
+    "get_path", "init_layer_vars", "map_layers", "seed_states", "set_path",
+]
+
+KASMINA = "kasmina"
+KASMINA_AUX = "kasmina_aux"
+KASMINA_EVAL = "kasmina_eval"
+
+
+@struct.dataclass
+class KasminaVars:
+  """One layer's non-parameter state; `spec` is static metadata (part of the treedef)."""
+
+  seeds: lifecycle.SeedState
+  telemetry: tel_lib.TelemetryState
+  spec: layer_lib.KasminaSpec = struct.field(pytree_node=False)
+
+
+@struct.dataclass
+class StepSummary:
+  """What a training pass reports per layer (differentiable `child_loss`)."""
+
+  child_loss: jax.Array
+  objective: jax.Array
+  recon_ratio: jax.Array
+  nonfinite: jax.Array
+
+
+def init_layer_vars(spec: layer_lib.KasminaSpec) -> KasminaVars:
+  return KasminaVars(seeds=lifecycle.init_seed_state(spec.num_seeds),
+                     telemetry=layer_lib.init_telemetry(spec), spec=spec)
+
+
+class KasminaLayer(nn.Module):
+  """A chunked Kasmina layer over the last axis of `x` (place it after any Dense, Conv or
+  attention output). Pass `u`, the wrapped host layer's input, for parallel-wired
+  blueprints (see `KasminaDense`)."""
+
+  num_seeds: int
+  blueprints: tuple[bp_lib.Blueprint, ...] = bp_lib.default_blueprints()
+  corr_rows: int = 256
+  trust_penalty: float = 1.0
+  dead_eps: float = tel_lib.DEAD_EPS
+  impl: str = "reference"
+
+  def spec_for(self, x: jax.Array, u: jax.Array | None) -> layer_lib.KasminaSpec:
+    needs_u = any(b.wiring == "parallel" for b in self.blueprints)
+    return layer_lib.KasminaSpec(
+        dim=x.shape[-1], num_seeds=self.num_seeds, blueprints=tuple(self.blueprints),
+        input_dim=(u.shape[-1] if (u is not None and needs_u) else None),
+        corr_rows=self.corr_rows, dead_eps=self.dead_eps, trust_penalty=self.trust_penalty)
+
+  @nn.compact
+  def __call__(self, x: jax.Array, u: jax.Array | None = None, *, train: bool = True):
+    spec = self.spec_for(x, u)
+    if not spec.catalog.any_parallel:
+      u = None
+    children = self.param("children", lambda _key: layer_lib.init_children(spec))
+    state = self.variable(KASMINA, "state", init_layer_vars, spec)
+    if state.value.spec != spec:
+      raise ValueError(f"{self.name}: stored KasminaSpec {state.value.spec} does not match "
+                       f"this call's {spec} (input width or settings changed)")
+    eval_alpha = None
+    if self.has_variable(KASMINA_EVAL, "eval_alpha"):
+      eval_alpha = self.get_variable(KASMINA_EVAL, "eval_alpha")
+    take_telemetry = (train and eval_alpha is None and not self.is_initializing()
+                      and self.is_mutable_collection(KASMINA))
+    out, aux = layer_lib.forward(
+        spec, children, state.value.seeds, x, u=u,
+        telemetry=state.value.telemetry if take_telemetry else None,
+        eval_alpha=eval_alpha, impl=self.impl)
+    if take_telemetry:
+      state.value = state.value.replace(telemetry=aux.telemetry)
+    if self.is_mutable_collection(KASMINA_AUX):
+      self.put_variable(KASMINA_AUX, "step", StepSummary(
+          child_loss=aux.child_loss, objective=aux.objective, recon_ratio=aux.recon_ratio,
+          nonfinite=aux.nonfinite))
+    return out
+
+
+class KasminaDense(nn.Module):
+  """`Dense` host layer and its activation, wrapped by a Kasmina layer.
+
+  The Kasmina layer sits AFTER the activation, so its chunks (what telemetry watches and what
+  chunk-wired children read) are the host's activations: dead ReLUs show in
+  `dead_node_ratio` (DESIGN.md, Telemetry and amendment 4). Parallel-wired children read the
+  Dense's input `u` and add to their chunk of those activations, like added width. With no
+  live child the output is `activation(Dense(u))`, as before.
+  """
+
+  features: int
+  num_seeds: int
+  blueprints: tuple[bp_lib.Blueprint, ...] = bp_lib.default_blueprints()
+  activation: Callable[[jax.Array], jax.Array] | None = None
+  corr_rows: int = 256
+  trust_penalty: float = 1.0
+  impl: str = "reference"
+
+  @nn.compact
+  def __call__(self, u: jax.Array, *, train: bool = True):
+    h = nn.Dense(self.features, name="host")(u)
+    if self.activation is not None:
+      h = self.activation(h)
+    return KasminaLayer(num_seeds=self.num_seeds, blueprints=self.blueprints,
+                        corr_rows=self.corr_rows, trust_penalty=self.trust_penalty,
+                        impl=self.impl, name="kasmina")(h, u=u, train=train)
+
+
+# ------------------------------------------------------------------------------ tree helpers
+
+
+def _is_vars(x) -> bool:
+  return isinstance(x, KasminaVars)
+
+
+def find_layers(kasmina: Any) -> dict[tuple, KasminaVars]:
+  """`{path: KasminaVars}` for every Kasmina layer in a `kasmina` collection.
+
+  `path` is the tuple of keys down to the layer's module (without the trailing "state").
+  """
+  found = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(kasmina, is_leaf=_is_vars)[0]:
+    if isinstance(leaf, KasminaVars):
+      keys = tuple(getattr(p, "key", getattr(p, "name", p)) for p in path)
+      found[keys[:-1]] = leaf
+  return found
+
+
+def seed_states(kasmina: Any) -> dict[tuple, lifecycle.SeedState]:
+  """`{layer path: SeedState}` of a `kasmina` collection: the map `optim` takes, so that the
+  optimizer code needs no Flax (DESIGN.md amendment 7, "Layering")."""
+  return {path: v.seeds for path, v in find_layers(kasmina).items()}
+
+
+def get_path(tree: Any, path: tuple) -> Any:
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def set_path(tree: Any, path: tuple, value: Any) -> Any:
+  """A copy of nested dicts `tree` with `value` at `path`."""
+  if not path:
+    return value
+  new = dict(tree)
+  new[path[0]] = set_path(tree[path[0]], path[1:], value)
+  return new
+
+
+def map_layers(fn: Callable[[KasminaVars], KasminaVars], kasmina: Any) -> Any:
+  """Applies `fn` to every layer's `KasminaVars`."""
+  return jax.tree.map(lambda v: fn(v) if isinstance(v, KasminaVars) else v, kasmina,
+                      is_leaf=_is_vars)
+
+
+def children_path(path: tuple) -> tuple:
+  return path + ("children",)
+
+
+def eval_alpha_tree(kasmina: Any, fn: Callable[[tuple, KasminaVars], jax.Array]) -> Any:
+  """A `kasmina_eval` collection: `{...path...: {"eval_alpha": fn(path, vars)}}`."""
+  out: dict = {}
+  for path, v in find_layers(kasmina).items():
+    node = out
+    for key in path:
+      node = node.setdefault(key, {})
+    node["eval_alpha"] = fn(path, v)
+  return out
+
+
+def current_eval_alpha(seeds: lifecycle.SeedState) -> jax.Array:
+  """Evaluation weights that reproduce a layer's training-time blend ("as is")."""
+  s = seeds.stage
+  full_on = (s >= lifecycle.Stage.STABILIZATION) & (s <= lifecycle.Stage.FOSSILIZED)
+  return jnp.where(full_on, 1.0, jnp.where(s == lifecycle.Stage.GRAFTING, seeds.alpha, 0.0))
