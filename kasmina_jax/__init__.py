@@ -6,8 +6,9 @@ through an 11-stage gated lifecycle. Everything is a pure function over pytrees.
 
 Modules: `lifecycle`, `grafting`, `blueprints`, `telemetry`, `layer` (the `jnp` reference),
 `kernels` (Pallas / Triton), `tamiyo`, `nn` (Flax Linen), `nnx` (Flax NNX), `optim` (optax),
-`training`, `experiments`, `datasets`; optional: `checkpoint` (orbax), `events`, `plots`
-(matplotlib), `distributed` (meshes).
+`training`, `experiments`, `datasets`, `export` (a grown model as plain Flax and StableHLO;
+imported on first use); optional: `checkpoint` (orbax), `events`, `plots` (matplotlib),
+`distributed` (meshes).
 """
 
 from kasmina_jax import blueprints
@@ -57,6 +58,18 @@ from kasmina_jax.telemetry import HealthReport
 
 __version__ = "0.1.0"
 
+_LAZY = ("export", "export_model")
+
+
+def __getattr__(name):
+  # `kasmina_jax.export` on first use: it is not needed to train, so `import kasmina_jax`
+  # does not pay for it.
+  if name in _LAZY:
+    import importlib  # pylint: disable=g-import-not-at-top
+    return importlib.import_module(f"kasmina_jax.{name}")
+  raise AttributeError(f"module 'kasmina_jax' has no attribute {name!r}")
+
+
 __all__ = [
     "DEFAULT_STRATEGIES", "STRATEGY_NAMES", "tick_epoch", "tick_step",
     "Blueprint", "ChildParams", "Commands", "EpochReport", "GraftSignals", "GraftingConfig",
@@ -66,5 +79,5 @@ __all__ = [
     "default_blueprints", "forward", "grafting", "grafting_step", "health_report",
     "init_seed_state", "layer", "lifecycle", "make_commands", "nn", "no_commands", "optim",
     "request_germination", "tamiyo", "telemetry", "update_readiness", "datasets",
-    "distributed", "experiments", "kernels", "nnx", "training",
+    "distributed", "experiments", "kernels", "nnx", "training", "export", "export_model",
 ]
