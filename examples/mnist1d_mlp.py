@@ -1,11 +1,15 @@
 """MNIST-1D (generated procedurally, never downloaded): an MLP that starts too small grows
 with Kasmina, beside fixed-small, fixed-large and its own ceiling.
 
-    python examples/mnist1d_mlp.py [--seeds 3] [--steps 6000] [--out runs/mnist1d]
+    python examples/mnist1d_mlp.py [--seeds 3] [--steps 6000] [--out runs/mnist1d] [--export DIR]
 
 The model is 40 -> w -> w -> 10 with both hidden layers wrapped by `KasminaDense`; the grown
 and ceiling variants hold parallel-wired children (4 seeds a layer, hidden 64 each), which
 behave like added width (DESIGN.md, "Wiring").
+
+`--export DIR` writes the grown seed-0 model as plain Flax (`kasmina_jax.export`):
+`model.json`, `params.msgpack`, `grown_model.py`, `apply.stablehlo`, and `cost.md` (parameters,
+FLOPs and CPU time against the Kasmina model's evaluation pass); see the README, "Export".
 """
 
 from __future__ import annotations
@@ -63,6 +67,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--lr", type=float, default=1e-3)
   parser.add_argument("--variants", default=",".join(experiments.VARIANTS))
   parser.add_argument("--progress", action="store_true")
+  parser.add_argument("--export", default=None, metavar="DIR",
+                      help="write the grown seed-0 model as plain Flax + StableHLO to DIR")
+  parser.add_argument("--export-include", default="auto", choices=("auto", "fossilized", "live"),
+                      help="auto: fossilized children only, or the evaluation pass as it is "
+                           "(include='live') when seeds are still in flight")
 
 
 def run(args, out_dir: str | None = None):
@@ -75,15 +84,47 @@ def run(args, out_dir: str | None = None):
             "fixed_large": MLP(args.large, args.seeds_per_layer, args.child_width)}
   config = growth_config(steps_per_epoch)
   results = []
+  export_dir = getattr(args, "export", None)
   for seed in range(args.seeds):
     for variant in args.variants.split(","):
+      keep = bool(export_dir) and variant == "grown" and seed == 0
       r = experiments.run_variant(
           variant, models.__getitem__, train, test, training.cross_entropy_loss,
           epochs=epochs, batch_size=args.batch_size, seed=seed, learning_rate=args.lr,
-          config=config, log_dir=out_dir, progress=args.progress)
+          config=config, log_dir=out_dir, progress=args.progress, keep_state=keep)
+      if keep:
+        export_grown(r.state, test, export_dir, args.export_include)
+        r.state = None
       results.append(r)
       print(r.summary("mnist1d"), flush=True)
   return results
+
+
+def export_grown(state: training.TrainState, test: dict, directory: str, include: str) -> None:
+  """Writes the grown model as plain Flax (+ StableHLO) and its cost against the Kasmina
+  evaluation pass; checks that both compute the same outputs on the test set."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from kasmina_jax import export as kex  # pylint: disable=g-import-not-at-top
+  if include == "auto":
+    try:
+      exported = kex.export(state)
+    except ValueError as err:
+      print(f"export: {err}; exporting include='live'", flush=True)
+      exported = kex.export(state, include="live")
+  else:
+    exported = kex.export(state, include=include)
+  paths = exported.save(directory)
+  x = jnp.asarray(test["x"], jnp.float32)
+  ref = np.asarray(kex.kasmina_eval_fn(state)(x))
+  gap = float(np.max(np.abs(np.asarray(exported.apply(x)) - ref)))
+  gap_text = f"{gap:.2e} (largest |output| {float(np.max(np.abs(ref))):.1f})"
+  report = kex.cost_report(state, exported, x[:1000])
+  table = kex.format_cost(report)
+  with open(os.path.join(directory, "cost.md"), "w") as fh:
+    fh.write(table + f"\n\nmax |exported - kasmina| on the test set: {gap_text}\n")
+  print(f"export: wrote {', '.join(sorted(paths))} to {directory}; max |exported - kasmina| "
+        f"{gap_text}\n{table}", flush=True)
 
 
 def main(argv=None):

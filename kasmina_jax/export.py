@@ -497,33 +497,42 @@ def export_linen_hosts(model, params, kasmina, input_dim: int | None) -> list[_H
 # ------------------------------------------------------------------------------------- cost
 
 
-def _measure(fn, x, repeats: int) -> tuple[float, float]:
-  """(FLOPs by XLA's cost analysis, median seconds a call) of `fn` compiled for `x`."""
-  compiled = jax.jit(fn).lower(x).compile()
+def _measure(fn, args, repeats: int) -> tuple[float, float]:
+  """(FLOPs by XLA's cost analysis, median seconds a call) of `fn(*args)`, compiled once.
+
+  Parameters are arguments, not constants: XLA would otherwise fold the empty slots away and
+  the Kasmina figures would not be what a training run executes."""
+  compiled = jax.jit(fn).lower(*args).compile()
   analysis = compiled.cost_analysis()
   if isinstance(analysis, (list, tuple)):
     analysis = analysis[0] if analysis else {}
   flops = float((analysis or {}).get("flops", float("nan")))
-  jax.block_until_ready(compiled(x))
+  jax.block_until_ready(compiled(*args))
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
-    jax.block_until_ready(compiled(x))
+    jax.block_until_ready(compiled(*args))
     times.append(time.perf_counter() - start)
   return flops, float(np.median(times))
 
 
 def kasmina_eval_fn(source):
   """The Kasmina model's evaluation pass as a function of `x` (what export must equal)."""
+  fn, variables = _kasmina_eval(source)
+  return lambda x: fn(variables, x)
+
+
+def _kasmina_eval(source):
+  """`(fn, variables)`: `fn(variables, x)` is the Kasmina model's evaluation pass."""
   if isinstance(source, training.TrainState):
-    variables = {"params": source.params, knn.KASMINA: source.kasmina}
     model = source.model
-    return lambda x: model.apply(variables, x, train=False)
+    return ((lambda v, x: model.apply(v, x, train=False)),
+            {"params": source.params, knn.KASMINA: source.kasmina})
   if isinstance(source, nnx.Module):
     model = nnx.clone(source)
     model.eval()
     graphdef, state = nnx.split(model)
-    return lambda x: nnx.merge(graphdef, state)(x)
+    return (lambda s, x: nnx.merge(graphdef, s)(x)), state
   raise TypeError(f"source: expected a kasmina_jax.training.TrainState or an nnx.Module, "
                   f"got {type(source).__name__}")
 
@@ -547,21 +556,22 @@ def _kasmina_params(source) -> tuple[int, int]:
 
 def cost_report(source, exported: Exported, x: jax.Array, *, repeats: int = 50) -> dict:
   """Parameters, FLOPs per row (XLA's cost analysis of the compiled function) and CPU time
-  per batch `x` (median of `repeats` jitted calls) of the Kasmina model's evaluation pass and
-  of the exported model. `params_active` counts host + active children (the Kasmina model
-  holds every slot's max-capacity layout: `params`)."""
+  per batch `x` (median of `repeats` calls) of the Kasmina model's evaluation pass and of the
+  exported model, both jitted with their parameters as arguments. `params` of the Kasmina
+  model counts every slot's max-capacity layout it holds; `params_active` host + the
+  children of seeds in TRAINING .. FOSSILIZED."""
   if not isinstance(exported, Exported):
     raise TypeError(f"exported: expected an Exported, got {type(exported).__name__}")
   x = jnp.asarray(x, jnp.float32)
   if x.ndim != 2 or x.shape[-1] != exported.input_dim:
     raise ValueError(f"x: expected shape (rows, {exported.input_dim}), got {tuple(x.shape)}")
   rows = x.shape[0]
-  kfn = kasmina_eval_fn(source)
-  module, params = exported.module, jax.tree.map(jnp.asarray, exported.params)
-  efn = lambda x: module.apply({"params": params}, x)
+  kfn, kvars = _kasmina_eval(source)
+  module = exported.module
+  efn = lambda p, x: module.apply({"params": p}, x)
   total, active = _kasmina_params(source)
-  kflops, ksec = _measure(kfn, x, repeats)
-  eflops, esec = _measure(efn, x, repeats)
+  kflops, ksec = _measure(kfn, (kvars, x), repeats)
+  eflops, esec = _measure(efn, (jax.tree.map(jnp.asarray, exported.params), x), repeats)
   n = exported.param_count()
   return {
       "rows": rows,
