@@ -40,7 +40,6 @@ import contextlib
 import dataclasses
 import functools
 import inspect
-import json
 import os
 import time
 from typing import Any

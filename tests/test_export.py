@@ -254,6 +254,8 @@ def test_cost_report(base_state):
 
 
 def test_bad_arguments_and_unsupported_models(base_state):
+  import kasmina_jax  # pylint: disable=g-import-not-at-top
+  assert kasmina_jax.export is kex and kasmina_jax.export_model is em  # lazy re-export
   with pytest.raises(ValueError, match="include"):
     kex.export(base_state, include="all")
   with pytest.raises(TypeError, match="source"):
