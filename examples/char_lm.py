@@ -140,7 +140,8 @@ def main(argv=None):
   with open(os.path.join(args.out, "results.md"), "w") as fh:
     fh.write(table + "\n")
   with open(os.path.join(args.out, "results.json"), "w") as fh:
-    json.dump({"args": vars(args), **result}, fh, indent=1)
+    json.dump({"args": vars(args), **{k: v for k, v in result.items() if k != "results"}},
+              fh, indent=1)
   if not args.no_plots:
     from kasmina_jax import plots  # pylint: disable=g-import-not-at-top
     plots.plot_protocol(result["rows"], os.path.join(args.out, "loss_vs_params.png"),

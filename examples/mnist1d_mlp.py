@@ -3,11 +3,16 @@ with Kasmina, beside fixed-small, fixed-large and its own ceiling, under the fai
 (each variant's learning rate chosen on a validation split carved from the training data; the
 test split read once, for the report).
 
-    python examples/mnist1d_mlp.py [--seeds 5] [--lrs 1e-3,3e-3,1e-2] [--workers 4]
+    python examples/mnist1d_mlp.py [--seeds 5] [--lrs 1e-3,3e-3,1e-2] [--workers 4] [--export DIR]
 
 The model is 40 -> w -> w -> 10 with both hidden layers wrapped by `KasminaDense`; the grown
 and ceiling variants hold parallel-wired children (4 seeds a layer, hidden 64 each), which
 behave like added width (DESIGN.md, "Wiring").
+
+`--export DIR` writes the grown model (seed 0, at its validation-chosen rate) as plain Flax
+(`kasmina_jax.export`): `model.json`, `params.msgpack`, `grown_model.py`, `apply.stablehlo`,
+and `cost.md` (parameters, FLOPs and CPU time against the Kasmina model's evaluation pass);
+see the README, "Export".
 """
 
 from __future__ import annotations
@@ -89,6 +94,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--seeds-per-layer", type=int, default=4)
   parser.add_argument("--variants", default=",".join(experiments.VARIANTS))
   parser.add_argument("--workers", type=int, default=1, help="worker processes (one run each)")
+  parser.add_argument("--export", default=None, metavar="DIR",
+                      help="write the grown seed-0 model as plain Flax + StableHLO to DIR")
+  parser.add_argument("--export-include", default="auto", choices=("auto", "fossilized", "live"),
+                      help="auto: fossilized children only, or the evaluation pass as it is "
+                           "(include='live') when seeds are still in flight")
 
 
 def task_kwargs(args) -> dict:
@@ -108,6 +118,33 @@ def parse_lrs(text: str) -> tuple[float, ...]:
   return lrs
 
 
+def export_grown(state: training.TrainState, test: dict, directory: str, include: str) -> None:
+  """Writes the grown model as plain Flax (+ StableHLO) and its cost against the Kasmina
+  evaluation pass; checks that both compute the same outputs on the test set."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from kasmina_jax import export as kex  # pylint: disable=g-import-not-at-top
+  if include == "auto":
+    try:
+      exported = kex.export(state)
+    except ValueError as err:
+      print(f"export: {err}; exporting include='live'", flush=True)
+      exported = kex.export(state, include="live")
+  else:
+    exported = kex.export(state, include=include)
+  paths = exported.save(directory)
+  x = jnp.asarray(test["x"], jnp.float32)
+  ref = np.asarray(kex.kasmina_eval_fn(state)(x))
+  gap = float(np.max(np.abs(np.asarray(exported.apply(x)) - ref)))
+  gap_text = f"{gap:.2e} (largest |output| {float(np.max(np.abs(ref))):.1f})"
+  report = kex.cost_report(state, exported, x[:1000])
+  table = kex.format_cost(report)
+  with open(os.path.join(directory, "cost.md"), "w") as fh:
+    fh.write(table + f"\n\nmax |exported - kasmina| on the test set: {gap_text}\n")
+  print(f"export: wrote {', '.join(sorted(paths))} to {directory}; max |exported - kasmina| "
+        f"{gap_text}\n{table}", flush=True)
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   add_arguments(parser)
@@ -123,7 +160,15 @@ def main(argv=None):
   with open(os.path.join(args.out, "results.md"), "w") as fh:
     fh.write(table + "\n")
   with open(os.path.join(args.out, "results.json"), "w") as fh:
-    json.dump({"args": vars(args), **result}, fh, indent=1)
+    json.dump({"args": vars(args), **{k: v for k, v in result.items() if k != "results"}},
+              fh, indent=1)
+  if args.export and "grown" in result["chosen"]:
+    lr = result["chosen"]["grown"]
+    (run,) = [r for r in result["results"]
+              if r.variant == "grown" and r.lr == lr and r.seed == 0]
+    task = make_task(**task_kwargs(args))
+    state = experiments.restore_state(task, "grown", run.variables, learning_rate=lr)
+    export_grown(state, task.data()[2], args.export, args.export_include)
   if not args.no_plots:
     from kasmina_jax import plots  # pylint: disable=g-import-not-at-top
     paths = plots.plot_protocol(result["rows"], os.path.join(args.out, "accuracy_vs_params.png"),

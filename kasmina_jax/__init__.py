@@ -7,8 +7,8 @@ through an 11-stage gated lifecycle. Everything is a pure function over pytrees.
 Modules: `lifecycle`, `grafting`, `blueprints`, `telemetry`, `layer` (the `jnp` reference),
 `kernels` (Pallas / Triton), `tamiyo`, `optim` (optax); loaded on first use (they import Flax
 or more): `linen` (Flax Linen; `nn` is its old name, kept one release), `nnx` (Flax NNX),
-`training`, `experiments`, `datasets`, `distributed` (meshes); optional: `checkpoint` (orbax),
-`events`, `plots` (matplotlib).
+`training`, `experiments`, `datasets`, `distributed` (meshes), `export` (a grown model as
+plain Flax and StableHLO); optional: `checkpoint` (orbax), `events`, `plots` (matplotlib).
 """
 
 import importlib
@@ -62,14 +62,15 @@ __all__ = [
     "default_blueprints", "forward", "grafting", "grafting_step", "health_report",
     "init_seed_state", "layer", "lifecycle", "linen", "make_commands", "nn", "no_commands", "optim",
     "request_germination", "tamiyo", "telemetry", "update_readiness", "datasets",
-    "distributed", "experiments", "kernels", "nnx", "training",
+    "distributed", "experiments", "kernels", "nnx", "training", "export", "export_model",
 ]
 
 # The shells (Flax Linen / NNX), the loop, experiment drivers, data sets and meshes load on
 # first access (`kasmina_jax.linen`, `kasmina_jax.KasminaDense`): `import kasmina_jax` and the
 # framework-free core (`kasmina_jax.optim`, ...) then never import Flax (DESIGN.md
 # amendment 7, "Layering"), and experiments / data sets cost nothing until used.
-_LAZY_MODULES = ("datasets", "distributed", "experiments", "linen", "nn", "nnx", "training")
+_LAZY_MODULES = ("datasets", "distributed", "experiments", "export", "export_model", "linen",
+                 "nn", "nnx", "training")
 _LAZY_NAMES = {"KasminaDense": "linen", "KasminaLayer": "linen"}
 
 

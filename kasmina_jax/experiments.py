@@ -222,6 +222,19 @@ def run_variant(task: Task, variant: str, *, seed: int, learning_rate: float,
       wall_time=wall, history=history, fossilized=fossilized, variables=variables)
 
 
+def restore_state(task: Task, variant: str, variables: bytes, *, learning_rate: float,
+                  seed: int = 0) -> training.TrainState:
+  """A `TrainState` holding a run's final params and seed states (e.g. for `export`)."""
+  from flax import serialization  # pylint: disable=g-import-not-at-top
+  train, _, _ = task.data()
+  state = training.create_train_state(task.make_model(variant), _adam(float(learning_rate)),
+                                      jnp.asarray(train["x"][:2]), jax.random.key(seed),
+                                      task.config)
+  restored = serialization.from_bytes(
+      {"params": state.params, knn.KASMINA: state.kasmina}, variables)
+  return state.replace(params=restored["params"], kasmina=restored[knn.KASMINA])
+
+
 def evaluate_variables(task: Task, variant: str, variables: bytes, data: dict) -> dict:
   """The task's loss and metrics of a run's final model on `data` (evaluation pass, seeds
   as they are), in batches of `task.eval_batch` rows, weighted by rows."""
@@ -452,6 +465,7 @@ def run_protocol(task_factory: Callable[..., Task], task_kwargs: dict, *,
       "task": task.name, "metric": task.metric, "higher_is_better": task.higher_is_better,
       "rows": rows, "verdict": verdict(rows, higher_is_better=task.higher_is_better),
       "chosen": chosen, "wall_time": time.perf_counter() - start, "grown_log": grown_log,
+      "results": results,  # the RunResult objects (not JSON; callers drop this key)
       "runs": [{"variant": r.variant, "seed": r.seed, "lr": r.lr, "val_metric": r.val_metric,
                 "val_loss": r.val_loss, "test_metric": r.test_metric, "test_loss": r.test_loss,
                 "params": r.params, "train_flops": r.train_flops, "fossilized": r.fossilized,

@@ -1,0 +1,264 @@
+"""The plain Flax model that `kasmina_jax.export` produces (Linen and NNX).
+
+This file imports only `jax` and `flax`, never `kasmina_jax`: `export.save` copies it next
+to the exported parameters, so a grown model loads and runs where the training library is
+not installed. It holds no lifecycle, no seeds and no blending: each folded child is an
+ordinary small network on its chunk of a layer's output.
+
+A model is a chain of layers (`ModelSpec.layers`), each `act(dense(x))` with, where children
+were folded in:
+
+- a chunk-wired child: a small branch on its chunk of the dense output, `x_c + f(x_c)`
+  (residual) or `f(x_c)` (replacement), `f = down(act(up(x_c)) [* sigmoid(gate(x_c))])
+  [+ scale * x_c]`;
+- a parallel-wired child: extra hidden width of the layer: the dense layer is wider by the
+  child's hidden units, which go through the child's activation and a `Dense` onto its chunk,
+  added before the layer's activation.
+
+Parameter names: a layer without children is a plain `Dense` (`{"kernel", "bias"}`); a layer
+with children holds `dense` (the widened host) and `child<seed>` per folded child.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+ACTIVATIONS = {
+    "identity": lambda x: x,
+    "relu": jax.nn.relu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_exact": lambda x: jax.nn.gelu(x, approximate=False),
+    "tanh": jnp.tanh,
+    "sigmoid": jax.nn.sigmoid,
+    "silu": jax.nn.silu,
+    "elu": jax.nn.elu,
+    "softplus": jax.nn.softplus,
+    "leaky_relu": jax.nn.leaky_relu,
+}
+
+
+def activate(name: str | None, x: jax.Array) -> jax.Array:
+  return x if name is None else ACTIVATIONS[name](x)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChildSpec:
+  """One folded child: it writes nodes `[offset, offset + width)` of its layer's dense output.
+
+  `wiring`: "chunk" (a branch reading its chunk) or "parallel" (extra hidden width reading the
+  layer's input); `hidden`: its hidden units (0: no hidden layer, only `shift` and `scale`);
+  `residual`: the branch returns `x_c + f` (else `f`); `glu`: hidden units gated by
+  `sigmoid(gate(x_c))`; `diagonal`: `f` has a per-node `scale * x_c` term.
+  """
+
+  seed: int
+  offset: int
+  width: int
+  wiring: str
+  hidden: int
+  activation: str
+  residual: bool = True
+  glu: bool = False
+  diagonal: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+  """One layer: `activation(dense(x))`, widened and branched by `children`."""
+
+  name: str
+  in_features: int
+  features: int
+  activation: str | None = None
+  use_bias: bool = True
+  children: tuple[ChildSpec, ...] = ()
+
+  @property
+  def parallel(self) -> tuple[ChildSpec, ...]:
+    return tuple(c for c in self.children if c.wiring == "parallel")
+
+  @property
+  def extra_width(self) -> int:
+    return sum(c.hidden for c in self.parallel)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  layers: tuple[LayerSpec, ...]
+
+  @property
+  def input_dim(self) -> int:
+    return self.layers[0].in_features
+
+  def to_json(self) -> str:
+    return json.dumps(dataclasses.asdict(self), indent=1)
+
+  @classmethod
+  def from_json(cls, text: str) -> "ModelSpec":
+    d = json.loads(text)
+    return cls(layers=tuple(
+        LayerSpec(**{**layer, "children": tuple(ChildSpec(**c) for c in layer["children"])})
+        for layer in d["layers"]))
+
+
+def _pieces(layer: LayerSpec, h: jax.Array, p: jax.Array | None, child_fn) -> jax.Array:
+  """`h` with each child's chunk replaced by `child_fn(child, chunk, its hidden slice)`."""
+  out, pos, start = [], 0, 0
+  for c in sorted(layer.children, key=lambda c: c.offset):
+    if c.offset > pos:
+      out.append(h[..., pos:c.offset])
+    a = None
+    if c.wiring == "parallel":
+      a = p[..., start:start + c.hidden]
+      start += c.hidden
+    out.append(child_fn(c, h[..., c.offset:c.offset + c.width], a))
+    pos = c.offset + c.width
+  if pos < layer.features:
+    out.append(h[..., pos:])
+  return jnp.concatenate(out, axis=-1) if len(out) > 1 else out[0]
+
+
+# ------------------------------------------------------------------------------------ Linen
+
+
+class ChunkBranch(nn.Module):
+  """A chunk-wired child on its chunk `x` (width `child.width`)."""
+
+  child: ChildSpec
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = self.child
+    if c.hidden:
+      a = activate(c.activation, nn.Dense(c.hidden, name="up")(x))
+      if c.glu:
+        a = a * jax.nn.sigmoid(nn.Dense(c.hidden, name="gate")(x))
+      f = nn.Dense(c.width, name="down")(a)
+    else:
+      f = self.param("shift", nn.initializers.zeros, (c.width,))
+    if c.diagonal:
+      f = f + self.param("scale", nn.initializers.zeros, (c.width,)) * x
+    return x + f if c.residual else f
+
+
+class GrownDense(nn.Module):
+  """A layer with folded children (see the module docstring)."""
+
+  layer: LayerSpec
+
+  @nn.compact
+  def __call__(self, u: jax.Array) -> jax.Array:
+    layer = self.layer
+    z = nn.Dense(layer.features + layer.extra_width, use_bias=layer.use_bias, name="dense")(u)
+    h, p = z[..., :layer.features], z[..., layer.features:]
+
+    def child_fn(c, x, a):
+      if c.wiring == "parallel":
+        return x + nn.Dense(c.width, name=f"child{c.seed}")(activate(c.activation, a))
+      return ChunkBranch(c, name=f"child{c.seed}")(x)
+
+    return activate(layer.activation, _pieces(layer, h, p, child_fn))
+
+
+class GrownModel(nn.Module):
+  """The exported model: the layers of `spec` in order."""
+
+  spec: ModelSpec
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    for layer in self.spec.layers:
+      if layer.children:
+        x = GrownDense(layer, name=layer.name)(x)
+      else:
+        x = activate(layer.activation,
+                     nn.Dense(layer.features, use_bias=layer.use_bias, name=layer.name)(x))
+    return x
+
+
+# -------------------------------------------------------------------------------------- NNX
+
+
+class ChunkBranchNNX(nnx.Module):
+  def __init__(self, child: ChildSpec, *, rngs: nnx.Rngs):
+    self.child = child
+    if child.hidden:
+      self.up = nnx.Linear(child.width, child.hidden, rngs=rngs)
+      if child.glu:
+        self.gate = nnx.Linear(child.width, child.hidden, rngs=rngs)
+      self.down = nnx.Linear(child.hidden, child.width, rngs=rngs)
+    else:
+      self.shift = nnx.Param(jnp.zeros((child.width,), jnp.float32))
+    if child.diagonal:
+      self.scale = nnx.Param(jnp.zeros((child.width,), jnp.float32))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = self.child
+    if c.hidden:
+      a = activate(c.activation, self.up(x))
+      if c.glu:
+        a = a * jax.nn.sigmoid(self.gate(x))
+      f = self.down(a)
+    else:
+      f = self.shift[...]
+    if c.diagonal:
+      f = f + self.scale[...] * x
+    return x + f if c.residual else f
+
+
+class GrownDenseNNX(nnx.Module):
+  def __init__(self, layer: LayerSpec, *, rngs: nnx.Rngs):
+    self.layer = layer
+    self.dense = nnx.Linear(layer.in_features, layer.features + layer.extra_width,
+                            use_bias=layer.use_bias, rngs=rngs)
+    for c in layer.children:
+      setattr(self, f"child{c.seed}",
+              nnx.Linear(c.hidden, c.width, rngs=rngs) if c.wiring == "parallel"
+              else ChunkBranchNNX(c, rngs=rngs))
+
+  def __call__(self, u: jax.Array) -> jax.Array:
+    layer = self.layer
+    z = self.dense(u)
+    h, p = z[..., :layer.features], z[..., layer.features:]
+
+    def child_fn(c, x, a):
+      mod = getattr(self, f"child{c.seed}")
+      return x + mod(activate(c.activation, a)) if c.wiring == "parallel" else mod(x)
+
+    return activate(layer.activation, _pieces(layer, h, p, child_fn))
+
+
+class GrownModelNNX(nnx.Module):
+  """The NNX twin of `GrownModel` (same parameter names, so `load_nnx` fills it from the
+  Linen parameter tree)."""
+
+  def __init__(self, spec: ModelSpec, *, rngs: nnx.Rngs):
+    self.spec = spec
+    for layer in spec.layers:
+      setattr(self, layer.name,
+              GrownDenseNNX(layer, rngs=rngs) if layer.children
+              else nnx.Linear(layer.in_features, layer.features, use_bias=layer.use_bias,
+                              rngs=rngs))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    for layer in self.spec.layers:
+      x = getattr(self, layer.name)(x)
+      if not layer.children:
+        x = activate(layer.activation, x)
+    return x
+
+
+def load_nnx(spec: ModelSpec, params: Any) -> GrownModelNNX:
+  """A `GrownModelNNX` holding `params` (the Linen parameter tree of `GrownModel(spec)`)."""
+  # Built abstractly (no random initialisation to compute), then filled.
+  model = nnx.eval_shape(lambda: GrownModelNNX(spec, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(model)
+  state.replace_by_pure_dict(jax.tree.map(jnp.asarray, params))
+  return nnx.merge(graphdef, state)
