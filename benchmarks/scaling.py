@@ -52,7 +52,7 @@ import optax  # noqa: E402
 
 from kasmina_jax import distributed, grafting, lifecycle, tamiyo, training  # noqa: E402
 from kasmina_jax import layer as layer_lib  # noqa: E402
-from kasmina_jax import nn as knn  # noqa: E402
+from kasmina_jax import linen as knn  # noqa: E402
 
 LOSS = training.cross_entropy_loss
 

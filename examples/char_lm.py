@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kasmina_jax import blueprints, datasets, experiments, grafting, lifecycle, tamiyo, training
-from kasmina_jax import nn as knn
+from kasmina_jax import linen as knn
 
 
 class Block(nn.Module):

@@ -26,7 +26,7 @@ import sys
 import flax.linen as nn
 
 from kasmina_jax import blueprints, datasets, experiments, grafting, lifecycle, tamiyo, training
-from kasmina_jax import nn as knn
+from kasmina_jax import linen as knn
 
 
 class MLP(nn.Module):

@@ -21,7 +21,7 @@ import flax.linen as nn
 
 from kasmina_jax import blueprints, experiments, grafting, lifecycle, tamiyo, training
 from kasmina_jax import datasets
-from kasmina_jax import nn as knn
+from kasmina_jax import linen as knn
 
 
 class SpiralNet(nn.Module):

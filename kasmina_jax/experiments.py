@@ -176,6 +176,25 @@ def train_flops(history: Sequence[dict], initial_params: int, steps_per_epoch: i
   return float(sum(6.0 * c * steps_per_epoch * batch_size for c in counts))
 
 
+def _tree_bytes(tree) -> bytes:
+  """A pytree's leaves as bytes (numpy's npz); the structure comes back from a template."""
+  import io  # pylint: disable=g-import-not-at-top
+  buf = io.BytesIO()
+  np.savez(buf, *[np.asarray(x) for x in jax.tree.leaves(tree)])
+  return buf.getvalue()
+
+
+def _tree_from_bytes(template, data: bytes):
+  """Inverse of `_tree_bytes` for a tree of `template`'s structure (shapes checked)."""
+  import io  # pylint: disable=g-import-not-at-top
+  with np.load(io.BytesIO(data)) as npz:
+    leaves = [npz[f"arr_{i}"] for i in range(len(npz.files))]
+  ref, treedef = jax.tree.flatten(template)
+  if len(ref) != len(leaves) or any(np.shape(a) != np.shape(b) for a, b in zip(ref, leaves)):
+    raise ValueError("variables: saved leaves do not match the model's structure")
+  return jax.tree.unflatten(treedef, [jnp.asarray(x) for x in leaves])
+
+
 def grown_log_path(log_dir: str, learning_rate: float, seed: int) -> str:
   """Where the grown run of (`learning_rate`, `seed`) writes its event log."""
   return os.path.join(log_dir, f"grown_lr{float(learning_rate):g}_seed{seed}.jsonl")
@@ -188,7 +207,6 @@ def run_variant(task: Task, variant: str, *, seed: int, learning_rate: float,
   split. The final variables are kept (serialized) for `select_and_test`."""
   if variant not in VARIANTS:
     raise ValueError(f"variant: expected one of {VARIANTS}, got {variant!r}")
-  from flax import serialization  # pylint: disable=g-import-not-at-top
   train, val, _ = task.data()
   train = _epoch_data(task, train, seed)
   model = task.make_model(variant)
@@ -213,7 +231,7 @@ def run_variant(task: Task, variant: str, *, seed: int, learning_rate: float,
                    for v in knn.find_layers(state.kasmina).values())
   n = len(next(iter(train.values())))
   steps_per_epoch = n // task.batch_size
-  variables = serialization.to_bytes({"params": state.params, knn.KASMINA: state.kasmina})
+  variables = _tree_bytes({"params": state.params, knn.KASMINA: state.kasmina})
   return RunResult(
       variant=variant, seed=seed, lr=float(learning_rate),
       val_metric=float(last.get(f"val_{task.metric}", last["val_loss"])),
@@ -225,25 +243,22 @@ def run_variant(task: Task, variant: str, *, seed: int, learning_rate: float,
 def restore_state(task: Task, variant: str, variables: bytes, *, learning_rate: float,
                   seed: int = 0) -> training.TrainState:
   """A `TrainState` holding a run's final params and seed states (e.g. for `export`)."""
-  from flax import serialization  # pylint: disable=g-import-not-at-top
   train, _, _ = task.data()
   state = training.create_train_state(task.make_model(variant), _adam(float(learning_rate)),
                                       jnp.asarray(train["x"][:2]), jax.random.key(seed),
                                       task.config)
-  restored = serialization.from_bytes(
-      {"params": state.params, knn.KASMINA: state.kasmina}, variables)
+  restored = _tree_from_bytes({"params": state.params, knn.KASMINA: state.kasmina}, variables)
   return state.replace(params=restored["params"], kasmina=restored[knn.KASMINA])
 
 
 def evaluate_variables(task: Task, variant: str, variables: bytes, data: dict) -> dict:
   """The task's loss and metrics of a run's final model on `data` (evaluation pass, seeds
   as they are), in batches of `task.eval_batch` rows, weighted by rows."""
-  from flax import serialization  # pylint: disable=g-import-not-at-top
   model = task.make_model(variant)
   x0 = jnp.asarray(data["x"][:2])
   template = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0), x0)
   template = {"params": template["params"], knn.KASMINA: template[knn.KASMINA]}
-  restored = serialization.from_bytes(template, variables)
+  restored = _tree_from_bytes(template, variables)
 
   @jax.jit
   def batch_eval(v, batch):
@@ -436,7 +451,8 @@ def verdict(rows: Sequence[dict], *, higher_is_better: bool = True) -> dict:
       o = by[other]
       diff = sign * (g["test_mean"] - o["test_mean"])
       out[f"vs_{other}"] = diff
-      out[f"vs_{other}_stds"] = diff / max(g["test_std"], o["test_std"], 1e-12)
+      spread = max(g["test_std"], o["test_std"])
+      out[f"vs_{other}_stds"] = diff / spread if spread > 0 else float("nan")
       out[f"{other}_params"] = o["params"]
       out[f"{other}_train_flops"] = o["train_flops"]
   return out
