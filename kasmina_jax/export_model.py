@@ -13,7 +13,7 @@ were folded in:
   [+ scale * x_c]`;
 - a parallel-wired child: extra hidden width of the layer: the dense layer is wider by the
   child's hidden units, which go through the child's activation and a `Dense` onto its chunk,
-  added before the layer's activation.
+  added to the layer's activations (KasminaDense's children act after the host's activation).
 
 Parameter names: a layer without children is a plain `Dense` (`{"kernel", "bias"}`); a layer
 with children holds `dense` (the widened host) and `child<seed>` per folded child.
@@ -71,7 +71,8 @@ class ChildSpec:
 
 @dataclasses.dataclass(frozen=True)
 class LayerSpec:
-  """One layer: `activation(dense(x))`, widened and branched by `children`."""
+  """One layer: `activation(dense(x))`, widened and branched by `children` (which act on the
+  activations)."""
 
   name: str
   in_features: int
@@ -164,7 +165,8 @@ class GrownDense(nn.Module):
         return x + nn.Dense(c.width, name=f"child{c.seed}")(activate(c.activation, a))
       return ChunkBranch(c, name=f"child{c.seed}")(x)
 
-    return activate(layer.activation, _pieces(layer, h, p, child_fn))
+    # KasminaDense applies the host's activation first; children act on the activations.
+    return _pieces(layer, activate(layer.activation, h), p, child_fn)
 
 
 class GrownModel(nn.Module):
@@ -232,7 +234,8 @@ class GrownDenseNNX(nnx.Module):
       mod = getattr(self, f"child{c.seed}")
       return x + mod(activate(c.activation, a)) if c.wiring == "parallel" else mod(x)
 
-    return activate(layer.activation, _pieces(layer, h, p, child_fn))
+    # KasminaDense applies the host's activation first; children act on the activations.
+    return _pieces(layer, activate(layer.activation, h), p, child_fn)
 
 
 class GrownModelNNX(nnx.Module):
