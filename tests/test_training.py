@@ -200,8 +200,8 @@ def test_spirals_demo_grows_and_beats_fixed_small(tmp_path):
     import spirals  # pylint: disable=g-import-not-at-top
   finally:
     sys.path.pop(0)
-  result = spirals.main(["--seeds", "1", "--lrs", "1e-2", "--epochs", "16", "--out",
-                         str(tmp_path)])
+  result = spirals.main(["--seeds", "1", "--lrs", "1e-2", "--epochs", "16", "--workers", "1",
+                         "--out", str(tmp_path)])
   by = {r["variant"]: r for r in result["rows"]}
   grown = [r for r in result["runs"] if r["variant"] == "grown"][0]
   assert grown["fossilized"] >= 1
