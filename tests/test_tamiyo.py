@@ -781,3 +781,24 @@ def test_field_reports_carry_gradient_variance_memory_and_lifecycle_steps():
                                num_blueprints=1, num_strategies=1)[0]
   s, _ = lifecycle.request_germination(s, 0, 0, 0, num_blueprints=1, num_strategies=1)
   assert np.asarray(s.lifecycle_steps).tolist() == [0, 0]
+
+
+def test_near_ties_in_need_do_not_flip_germination():
+  # Two seeds whose need differs only in the last float bits (as sums reduced in another
+  # order on another device count would): the lower index wins, whichever is a hair higher.
+  config = dataclasses.replace(GROW, max_germinations_per_epoch=1)
+  base = np.float32(0.6)
+  chosen = []
+  for nudge in (0.0, 1e-7, -1e-7, 3e-7):
+    corr = np.array([0.1, base, base + np.float32(nudge)], np.float32)
+    seeds = fresh_seeds()
+    ctrl = tamiyo.init_controller(seeds, NUM_BP, config)
+    cmds, _ = decide_jit(report({"enc": health(3, corr=corr)}), seeds, ctrl, config=config)
+    chosen.append(ops(cmds)["enc"])
+  assert all(c == [0, Op.GERMINATE, 0] for c in chosen), chosen
+  # A real difference still decides.
+  corr = np.array([0.1, 0.6, 0.7], np.float32)
+  cmds, _ = decide_jit(report({"enc": health(3, corr=corr)}), fresh_seeds(),
+                       tamiyo.init_controller(fresh_seeds(), NUM_BP, config), config=config)
+  assert ops(cmds)["enc"] == [0, 0, Op.GERMINATE]
+  np.testing.assert_allclose(float(tamiyo.quantize(0.3 + 1e-8)), 0.3, atol=1e-9)
