@@ -341,3 +341,49 @@ def test_drift_controlled_reads_its_own_layers_host_weights():
   assert int(a.pause_steps[0]) == 1
   np.testing.assert_allclose(float(b.alpha[0]), 0.4, rtol=1e-6)
   assert int(b.pause_steps[0]) == 0
+
+
+@pytest.mark.parametrize("fossil", lifecycle.FOSSIL_MODES)
+def test_fossils_follow_the_mode_and_have_left_the_lifecycle(fossil, tmp_path):
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  pytest.importorskip("orbax.checkpoint")
+  base = fast_config()
+  life = dataclasses.replace(base.lifecycle, fossil=fossil)
+  cfg = dataclasses.replace(base, tamiyo=dataclasses.replace(base.tamiyo, lifecycle=life))
+  state = training.create_train_state(TinyNet(), TX, jnp.asarray(DATA["x"][:2]),
+                                      jax.random.key(3), cfg)
+  state = experiments.children_from_start(state, ("parallel_mlp", "residual_mlp"),
+                                          jax.random.key(4), stage=Stage.FOSSILIZED)
+  batch = {k: v[:64] for k, v in DATA.items()}
+  new, _ = training.train_step(state, batch, training.cross_entropy_loss)
+
+  def children(s):
+    return [np.asarray(x) for p in knn.find_layers(s.kasmina)
+            for x in jax.tree.leaves(knn.get_path(s.params, knn.children_path(p)))]
+
+  moved = any(np.any(a != b) for a, b in zip(children(new), children(state)))
+  assert moved == (fossil == "integrated")  # integrated fossils keep learning with the host
+  host = np.asarray(new.params["head"]["kernel"]) != np.asarray(state.params["head"]["kernel"])
+  assert host.any()
+  # A checkpoint round trip continues bit for bit.
+  checkpoint.save(tmp_path, new)
+  restored = checkpoint.restore(tmp_path, new)
+  a, _ = training.train_step(restored, batch, training.cross_entropy_loss)
+  b, _ = training.train_step(new, batch, training.cross_entropy_loss)
+  chex.assert_trees_all_equal(a.params, b.params)
+  # No gate, cull or per-seed rollback touches a fossil: even a useless or harmful fossil (its
+  # counterfactual is whatever it is) stays FOSSILIZED through the epoch end.
+  after, out = training.epoch_transition(new, VAL, training.cross_entropy_loss)
+  for name, stage in out.new_stage.items():
+    assert np.all(np.asarray(stage) == Stage.FOSSILIZED), name
+  for name, c in out.commands.items():
+    assert np.all(np.asarray(c.op) == lifecycle.Op.NONE), name
+  # Explicit commands are rejected and change nothing.
+  seeds = training.seeds_tree(after.kasmina)
+  for name, s in seeds.items():
+    k = s.num_seeds
+    for op in (lifecycle.Op.CULL, lifecycle.Op.ROLLBACK, lifecycle.Op.ADVANCE, lifecycle.Op.CANCEL):
+      ns, acc = lifecycle.apply_commands(s, lifecycle.make_commands(k, op=[int(op)] * k),
+                                         life, num_blueprints=8, num_strategies=4)
+      assert not np.any(np.asarray(acc)), (name, op)
+      chex.assert_trees_all_equal(ns, s)
