@@ -30,12 +30,14 @@ from flax import struct
 from kasmina_jax import blueprints as bp_lib
 from kasmina_jax import layer as layer_lib
 from kasmina_jax import lifecycle
+from kasmina_jax import orchestration as orch
 from kasmina_jax import telemetry as tel_lib
 
 __all__ = [
     "KASMINA", "KASMINA_AUX", "KASMINA_EVAL", "KasminaDense", "KasminaLayer", "KasminaVars",
     "StepSummary", "children_path", "current_eval_alpha", "eval_alpha_tree", "find_layers",
-    "get_path", "init_layer_vars", "map_layers", "seed_states", "set_path",
+    "get_path", "init_layer_vars", "layer_slots", "map_layers", "seed_states", "set_path",
+    "with_slots",
 ]
 
 KASMINA = "kasmina"
@@ -166,6 +168,27 @@ def seed_states(kasmina: Any) -> dict[tuple, lifecycle.SeedState]:
   """`{layer path: SeedState}` of a `kasmina` collection: the map `optim` takes, so that the
   optimizer code needs no Flax (DESIGN.md amendment 7, "Layering")."""
   return {path: v.seeds for path, v in find_layers(kasmina).items()}
+
+
+def layer_slots(kasmina: Any) -> dict[tuple, orch.LayerSlot]:
+  """`{layer path: orchestration.LayerSlot}` of a `kasmina` collection: what the
+  framework-free orchestration (per-step update, epoch commit, rollback) works on."""
+  return {path: orch.LayerSlot(seeds=v.seeds, telemetry=v.telemetry, spec=v.spec)
+          for path, v in find_layers(kasmina).items()}
+
+
+def with_slots(kasmina: Any, slots: dict[tuple, orch.LayerSlot]) -> Any:
+  """`kasmina` with each layer's seeds and telemetry taken from `slots` (`layer_slots`' map,
+  after the orchestration updated it)."""
+  layers = find_layers(kasmina)
+  if set(slots) != set(layers):
+    raise ValueError(f"slots: expected the layers {sorted(layers, key=str)}, "
+                     f"got {sorted(slots, key=str)}")
+  out = kasmina
+  for path, slot in slots.items():
+    out = set_path(out, path + ("state",),
+                   layers[path].replace(seeds=slot.seeds, telemetry=slot.telemetry))
+  return out
 
 
 def get_path(tree: Any, path: tuple) -> Any:
