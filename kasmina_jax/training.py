@@ -126,8 +126,17 @@ def create_train_state(model, optimizer: optax.GradientTransformation, sample_x:
   init_key, rng = jax.random.split(key)
   # Jitted: eager init of a model with Kasmina layers compiles every small op on its own.
   variables = jax.jit(functools.partial(model.init, train=False))(init_key, sample_x)
-  params = variables["params"]
-  kasmina = variables.get(knn.KASMINA, {})
+  return new_train_state(model, variables["params"], variables.get(knn.KASMINA, {}), optimizer,
+                         rng, config, max_grad_norm=max_grad_norm, metric_names=metric_names)
+
+
+def new_train_state(model, params, kasmina, optimizer: optax.GradientTransformation,
+                    rng: jax.Array, config: TrainConfig = TrainConfig(), *,
+                    max_grad_norm: float | None = None,
+                    metric_names: tuple[str, ...] = ("accuracy",)) -> TrainState:
+  """A `TrainState` from initialised `params` and `kasmina` collection; `model` is anything
+  with Linen's `apply(variables, x, train=..., mutable=[...])` (a Linen module, or
+  `kasmina_jax.nnx.NnxModel` for an NNX model), so every shell trains through this module."""
   if not knn.find_layers(kasmina):
     raise ValueError("model: found no Kasmina layer (kasmina_jax.nn.KasminaLayer) in it")
   tx = _wrapped_optimizer(optimizer, max_grad_norm)
