@@ -29,13 +29,11 @@ from flax import struct
 
 from kasmina_jax import _checks
 from kasmina_jax import grafting as graft_lib
-from kasmina_jax import layer as layer_lib
 from kasmina_jax import lifecycle
 from kasmina_jax import nn as knn
 from kasmina_jax import optim
 from kasmina_jax import orchestration as orch
 from kasmina_jax import tamiyo
-from kasmina_jax.blueprints import ChildParams
 
 LossFn = Callable[[jax.Array, dict], tuple[jax.Array, dict]]
 
@@ -445,13 +443,24 @@ def end_of_epoch(state: TrainState, val_batch: dict, loss_fn: LossFn, *,
   Returns `(state, out, rolled_back)`.
   """
   new_state, out = epoch_transition(state, val_batch, loss_fn, policy)
+  return finish_epoch(new_state, out, restore=apply_rollback, last_good=last_good, log=log)
+
+
+def finish_epoch(new_state: TrainState, out: EpochOutput, *, restore: Callable = apply_rollback,
+                 last_good=None, log=None):
+  """`end_of_epoch` after the transition: the emergency rollback (`restore(base, ctrl)` on
+  the last good state, e.g. `apply_rollback` or a placed, compiled twin of it; or
+  `rollback_in_place` with nothing to restore), the last good state's save and the event
+  log. Shared by every loop (`distributed` passes its mesh-placed rollback).
+  Returns `(state, out, rolled_back)`."""
+  # A replicated scalar under a mesh: every process takes the same branch.
   rolled_back = bool(out.rollback_requested)
   fr_extra = None
   if rolled_back:
     if last_good is not None and last_good.has_value:
       base = last_good.restore()
       base = base.replace(epoch=new_state.epoch, rng=new_state.rng, stats=new_state.stats)
-      new_state, fr_extra = apply_rollback(base, new_state.ctrl)
+      new_state, fr_extra = restore(base, new_state.ctrl)
     else:
       new_state, fr_extra = rollback_in_place(new_state, out.field_reports)
     out = out.replace(field_reports=fr_extra)
@@ -541,22 +550,47 @@ def fit(state: TrainState, train_data: dict, val_data: dict, loss_fn: LossFn, *,
   Returns `(state, history)`, `history` a list of per-epoch dicts (losses, metrics, stages,
   parameter counts, wall time). With `log_path`, writes the JSONL event log.
   """
+  check_fit_args(train_data, epochs, batch_size)
+  return fit_loop(
+      state, train_data, val_data, loss_fn, epochs=epochs, batch_size=batch_size,
+      policy=policy, seed=seed, log_path=log_path, progress=progress, rollback=rollback,
+      description=description)
+
+
+def check_fit_args(train_data: dict, epochs: int, batch_size: int) -> None:
   _checks.positive_int("epochs", epochs)
   _checks.positive_int("batch_size", batch_size)
   n = len(train_data["x"])
   if batch_size > n:
     raise ValueError(f"batch_size: {batch_size} exceeds the {n} training rows")
+
+
+def fit_loop(state: TrainState, train_data: dict, val_data: dict, loss_fn: LossFn, *,
+             epochs: int, batch_size: int, policy: Callable = tamiyo.decide, seed: int = 0,
+             log_path: str | None = None, progress: bool = True, rollback: bool = True,
+             description: str = "fit", step: Callable = train_step,
+             end: Callable = end_of_epoch, batch_hook: Callable | None = None,
+             primary: bool = True, run_info: dict | None = None):
+  """The epoch loop of every `fit` (this module's and `distributed.fit`): batches in a
+  (seed, epoch) order, `step(state, batch, loss_fn)` per batch, `end(state, val_data, loss_fn,
+  policy=, last_good=, log=)` per epoch, the in-memory last good state, the event log and
+  progress (on the `primary` process only), and the history.
+
+  `batch_hook(batch)` places a batch before its step (None: as is); `run_info` joins the
+  event log's run record."""
+  n = len(train_data["x"])
   from kasmina_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   last_good = ckpt_lib.InMemoryCheckpoint() if rollback else None
   if last_good is not None:
     last_good.save(state)
   log = None
-  if log_path is not None:
+  if log_path is not None and primary:
     from kasmina_jax import events  # pylint: disable=g-import-not-at-top
     log = events.EventLog(log_path, run={"description": description, "epochs": epochs,
-                                         "batch_size": batch_size, "seed": seed})
+                                         "batch_size": batch_size, "seed": seed,
+                                         **(run_info or {})})
   steps_per_epoch = n // batch_size
-  bar = progress_bar(epochs * steps_per_epoch, description) if progress else None
+  bar = progress_bar(epochs * steps_per_epoch, description) if progress and primary else None
   history = []
   start = time.perf_counter()
   try:
@@ -564,11 +598,13 @@ def fit(state: TrainState, train_data: dict, val_data: dict, loss_fn: LossFn, *,
       # The data order depends on (seed, epoch) only, so a resumed run sees the same batches.
       rng = np.random.default_rng([seed, int(state.epoch)])
       for batch in _batches(train_data, batch_size, rng):
-        state, metrics = train_step(state, batch, loss_fn)
+        if batch_hook is not None:
+          batch = batch_hook(batch)
+        state, _ = step(state, batch, loss_fn)
         if bar is not None:
           bar.update(1)
-      state, out, rolled_back = end_of_epoch(state, val_data, loss_fn, policy=policy,
-                                             last_good=last_good, log=log)
+      state, out, rolled_back = end(state, val_data, loss_fn, policy=policy,
+                                    last_good=last_good, log=log)
       record = epoch_record(state, out, rolled_back, start)
       history.append(record)
       if bar is not None:
