@@ -191,19 +191,9 @@ def with_slots(kasmina: Any, slots: dict[tuple, orch.LayerSlot]) -> Any:
   return out
 
 
-def get_path(tree: Any, path: tuple) -> Any:
-  for key in path:
-    tree = tree[key]
-  return tree
-
-
-def set_path(tree: Any, path: tuple, value: Any) -> Any:
-  """A copy of nested dicts `tree` with `value` at `path`."""
-  if not path:
-    return value
-  new = dict(tree)
-  new[path[0]] = set_path(tree[path[0]], path[1:], value)
-  return new
+# Plain nested-mapping access: the orchestration's (one copy, framework-free).
+get_path = orch.get_path
+set_path = orch.set_path
 
 
 def map_layers(fn: Callable[[KasminaVars], KasminaVars], kasmina: Any) -> Any:
@@ -212,8 +202,7 @@ def map_layers(fn: Callable[[KasminaVars], KasminaVars], kasmina: Any) -> Any:
                       is_leaf=_is_vars)
 
 
-def children_path(path: tuple) -> tuple:
-  return path + ("children",)
+children_path = orch.children_path
 
 
 def eval_alpha_tree(kasmina: Any, fn: Callable[[tuple, KasminaVars], jax.Array]) -> Any:
