@@ -22,6 +22,11 @@ The helpers at the bottom read and replace the seed states of every Kasmina laye
 (`seed_states`, `set_seed_states`, `commit_seed_states`), so an end-of-epoch function can run
 `lifecycle.apply_commands` on them, germinate or discard children and reset their optimizer
 state (`optim.reset_children`) in one place.
+
+To train through the shared loop instead (`training.fit`, with the same counterfactuals,
+Tamiyo decisions, commit and rollback as a Linen model): `state = create_train_state(model,
+optax.adam(1e-3), key)`, `state, history = training.fit(state, ...)`, then
+`update_model(model, state)`.
 """
 
 from __future__ import annotations

@@ -9,8 +9,14 @@ counterfactual `delta = val_loss(seed off) - val_loss(seed on)`, health reports,
 `tick_epoch` -> `update_readiness` -> `policy` (default `tamiyo.decide`) -> `apply_commands`
 -> `reinit_children` (+ optimizer reset) -> field reports -> `tamiyo.observe`.
 
+The seeds' side of both lives in `orchestration` (framework-free, over the
+`{layer path: LayerSlot}` map that `linen.layer_slots` builds); here are the Linen-shaped
+passes around it. `model` is anything with Linen's `apply` contract: a Linen module, or
+`kasmina_jax.nnx.NnxModel` (`kasmina_jax.nnx.create_train_state`), so one loop serves both.
+
 `end_of_epoch` adds the Python shell around it: emergency rollback to the last good state,
-the event log. `fit` loops over epochs with a progress bar.
+the event log (`finish_epoch`). `fit` loops over epochs with a progress bar (`fit_loop`, which
+`distributed.fit` shares).
 """
 
 from __future__ import annotations
