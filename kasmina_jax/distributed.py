@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
 from typing import Any, Callable
 
 import jax
@@ -320,25 +319,11 @@ class DataParallel:
                    last_good=None, log=None):
     """`training.end_of_epoch` over the mesh: transition, emergency rollback, event log."""
     new_state, out = self.epoch_transition(state, val_batch, loss_fn, policy)
-    # A replicated scalar: every process reads the same value and takes the same branch.
-    rolled_back = bool(out.rollback_requested)
-    fr_extra = None
-    if rolled_back:
-      if last_good is not None and last_good.has_value:
-        base = last_good.restore()
-        base = base.replace(epoch=new_state.epoch, rng=new_state.rng, stats=new_state.stats)
-        _, _, rollback = _compiled(self.mesh, self.axis, self.seed_axis)
-        new_state, fr_extra = rollback(self.place_state(base), new_state.ctrl)
-      else:
-        # Nothing to restore: the epoch's commands ended the in-flight seeds; count their
-        # reports (see `training.rollback_in_place`; it keeps the state's placement).
-        new_state, fr_extra = training.rollback_in_place(new_state, out.field_reports)
-      out = out.replace(field_reports=fr_extra)
-    if last_good is not None and not rolled_back:
-      last_good.save(new_state)
-    if log is not None:
-      training.log_epoch(log, new_state, out, rolled_back, fr_extra)
-    return new_state, out, rolled_back
+    _, _, rollback = _compiled(self.mesh, self.axis, self.seed_axis)
+    # Nothing to restore: `training.rollback_in_place` keeps the state's placement.
+    return training.finish_epoch(
+        new_state, out, restore=lambda base, ctrl: rollback(self.place_state(base), ctrl),
+        last_good=last_good, log=log)
 
   def fit(self, state: training.TrainState, train_data: dict, val_data: dict,
           loss_fn: training.LossFn, **kwargs):
@@ -386,60 +371,30 @@ def fit(state: training.TrainState, train_data: dict, val_data: dict, loss_fn: t
   by the number of devices on `axis`. `seed_axis`: see `data_parallel`. On several hosts every process passes the whole data
   and logs only from process 0.
   """
-  _checks.positive_int("epochs", epochs)
-  _checks.positive_int("batch_size", batch_size)
-  n = len(train_data["x"])
-  if batch_size > n:
-    raise ValueError(f"batch_size: {batch_size} exceeds the {n} training rows")
+  training.check_fit_args(train_data, epochs, batch_size)
   mesh = data_mesh(axis=axis) if mesh is None else mesh
   dp = DataParallel(mesh, axis, seed_axis)
   if batch_size % dp.num_shards:
     raise ValueError(f"batch_size: {batch_size} is not divisible by the {dp.num_shards} "
                      f"devices of mesh axis {axis!r}")
   state = dp.place_state(state)
-  from kasmina_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  last_good = ckpt_lib.InMemoryCheckpoint() if rollback else None
-  if last_good is not None:
-    last_good.save(state)
-  log = None
-  if log_path is not None and jax.process_index() == 0:
-    from kasmina_jax import events  # pylint: disable=g-import-not-at-top
-    log = events.EventLog(log_path, run={"description": description, "epochs": epochs,
-                                         "batch_size": batch_size, "seed": seed,
-                                         "devices": int(mesh.devices.size)})
-  steps_per_epoch = n // batch_size
-  bar = None
-  if progress and jax.process_index() == 0:
-    bar = training.progress_bar(epochs * steps_per_epoch, description)
   local = _process_rows(batch_size, mesh)
   multi = jax.process_count() > 1
   val_local = val_data
   if multi:
     val_local = {k: v[_process_rows(len(v), mesh)] for k, v in val_data.items()}
-  history = []
-  start = time.perf_counter()
-  try:
-    for _ in range(epochs):
-      # The same permutation as `training.fit`: the data order depends on (seed, epoch) only.
-      rng = np.random.default_rng([seed, int(state.epoch)])
-      for batch in training._batches(train_data, batch_size, rng):  # pylint: disable=protected-access
-        if multi:
-          batch = dp.shard_batch({k: v[local] for k, v in batch.items()}, process_local=True)
-        state, _ = dp.train_step(state, batch, loss_fn)
-        if bar is not None:
-          bar.update(1)
-      val = dp.place_val_batch(val_local, process_local=multi)
-      state, out, rolled_back = dp.end_of_epoch(state, val, loss_fn, policy=policy,
-                                                last_good=last_good, log=log)
-      record = training.epoch_record(state, out, rolled_back, start)
-      history.append(record)
-      if bar is not None:
-        bar.set_postfix(loss=f"{record['train_loss']:.3f}",
-                        acc=f"{record.get('val_accuracy', float('nan')):.3f}",
-                        seeds=record["active_seeds"])
-  finally:
-    if bar is not None:
-      bar.close()
-    if log is not None:
-      log.close()
-  return state, history
+
+  def hook(batch):
+    if multi:
+      return dp.shard_batch({k: v[local] for k, v in batch.items()}, process_local=True)
+    return batch
+
+  def end(state, _val, loss_fn, **kwargs):
+    return dp.end_of_epoch(state, dp.place_val_batch(val_local, process_local=multi), loss_fn,
+                           **kwargs)
+
+  return training.fit_loop(
+      state, train_data, val_data, loss_fn, epochs=epochs, batch_size=batch_size,
+      policy=policy, seed=seed, log_path=log_path, progress=progress, rollback=rollback,
+      description=description, step=dp.train_step, end=end, batch_hook=hook,
+      primary=jax.process_index() == 0, run_info={"devices": int(mesh.devices.size)})

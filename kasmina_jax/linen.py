@@ -30,12 +30,14 @@ from flax import struct
 from kasmina_jax import blueprints as bp_lib
 from kasmina_jax import layer as layer_lib
 from kasmina_jax import lifecycle
+from kasmina_jax import orchestration as orch
 from kasmina_jax import telemetry as tel_lib
 
 __all__ = [
     "KASMINA", "KASMINA_AUX", "KASMINA_EVAL", "KasminaDense", "KasminaLayer", "KasminaVars",
     "StepSummary", "children_path", "current_eval_alpha", "eval_alpha_tree", "find_layers",
-    "get_path", "init_layer_vars", "map_layers", "seed_states", "set_path",
+    "get_path", "init_layer_vars", "layer_slots", "map_layers", "seed_states", "set_path",
+    "with_slots",
 ]
 
 KASMINA = "kasmina"
@@ -168,19 +170,30 @@ def seed_states(kasmina: Any) -> dict[tuple, lifecycle.SeedState]:
   return {path: v.seeds for path, v in find_layers(kasmina).items()}
 
 
-def get_path(tree: Any, path: tuple) -> Any:
-  for key in path:
-    tree = tree[key]
-  return tree
+def layer_slots(kasmina: Any) -> dict[tuple, orch.LayerSlot]:
+  """`{layer path: orchestration.LayerSlot}` of a `kasmina` collection: what the
+  framework-free orchestration (per-step update, epoch commit, rollback) works on."""
+  return {path: orch.LayerSlot(seeds=v.seeds, telemetry=v.telemetry, spec=v.spec)
+          for path, v in find_layers(kasmina).items()}
 
 
-def set_path(tree: Any, path: tuple, value: Any) -> Any:
-  """A copy of nested dicts `tree` with `value` at `path`."""
-  if not path:
-    return value
-  new = dict(tree)
-  new[path[0]] = set_path(tree[path[0]], path[1:], value)
-  return new
+def with_slots(kasmina: Any, slots: dict[tuple, orch.LayerSlot]) -> Any:
+  """`kasmina` with each layer's seeds and telemetry taken from `slots` (`layer_slots`' map,
+  after the orchestration updated it)."""
+  layers = find_layers(kasmina)
+  if set(slots) != set(layers):
+    raise ValueError(f"slots: expected the layers {sorted(layers, key=str)}, "
+                     f"got {sorted(slots, key=str)}")
+  out = kasmina
+  for path, slot in slots.items():
+    out = set_path(out, path + ("state",),
+                   layers[path].replace(seeds=slot.seeds, telemetry=slot.telemetry))
+  return out
+
+
+# Plain nested-mapping access: the orchestration's (one copy, framework-free).
+get_path = orch.get_path
+set_path = orch.set_path
 
 
 def map_layers(fn: Callable[[KasminaVars], KasminaVars], kasmina: Any) -> Any:
@@ -189,8 +202,7 @@ def map_layers(fn: Callable[[KasminaVars], KasminaVars], kasmina: Any) -> Any:
                       is_leaf=_is_vars)
 
 
-def children_path(path: tuple) -> tuple:
-  return path + ("children",)
+children_path = orch.children_path
 
 
 def eval_alpha_tree(kasmina: Any, fn: Callable[[tuple, KasminaVars], jax.Array]) -> Any:

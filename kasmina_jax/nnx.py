@@ -22,6 +22,11 @@ The helpers at the bottom read and replace the seed states of every Kasmina laye
 (`seed_states`, `set_seed_states`, `commit_seed_states`), so an end-of-epoch function can run
 `lifecycle.apply_commands` on them, germinate or discard children and reset their optimizer
 state (`optim.reset_children`) in one place.
+
+To train through the shared loop instead (`training.fit`, with the same counterfactuals,
+Tamiyo decisions, commit and rollback as a Linen model): `state = create_train_state(model,
+optax.adam(1e-3), key)`, `state, history = training.fit(state, ...)`, then
+`update_model(model, state)`.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from kasmina_jax import blueprints as bp_lib
 from kasmina_jax import layer as layer_lib
 from kasmina_jax import lifecycle
 from kasmina_jax import optim
+from kasmina_jax import orchestration as orch
 from kasmina_jax import telemetry as tel_lib
 from kasmina_jax.nn import StepSummary
 
@@ -106,6 +112,11 @@ class KasminaLayer(nnx.Module):
     self.telemetry = TelemetryVar(layer_lib.init_telemetry(self.spec))
     self.last_step = StepSummaryVar(init_step_summary(num_seeds))
     self.rngs = nnx.Rngs(germinate=rngs.params()) if rngs is not None else None
+    # Set on a merged copy by `NnxModel.apply` (the shared training loop): a per-seed
+    # evaluation blend for calls that pass none (the model's own `__call__` does not forward
+    # one), and whether evaluation passes write `last_step` (the epoch end reads recon_ratio).
+    self.default_eval_alpha = None
+    self.record_eval = False
 
   def __call__(self, x: jax.Array, u: jax.Array | None = None, *,
                eval_alpha: jax.Array | None = None,
@@ -116,6 +127,8 @@ class KasminaLayer(nnx.Module):
     if not spec.catalog.any_parallel:
       u = None
     deterministic = self.deterministic if deterministic is None else deterministic
+    if eval_alpha is None:
+      eval_alpha = self.default_eval_alpha
     training_pass = not deterministic and eval_alpha is None
     out, aux = layer_lib.forward(
         spec, self.children.get(), self.seeds.get_value(), x, u=u,
@@ -123,6 +136,7 @@ class KasminaLayer(nnx.Module):
         eval_alpha=eval_alpha, impl=self.impl)
     if training_pass:
       self.telemetry.set_value(aux.telemetry)
+    if training_pass or self.record_eval:
       self.last_step.set_value(StepSummary(
           child_loss=aux.child_loss, objective=aux.objective, recon_ratio=aux.recon_ratio,
           nonfinite=aux.nonfinite))
@@ -296,3 +310,117 @@ def kasmina_optimizer(model: nnx.Module, inner: optax.GradientTransformation, *,
   `optimizer.update(model, grads, learn_mask=learning_mask(model))`."""
   return nnx.Optimizer(model, optim.kasmina_optimizer(inner, max_grad_norm=max_grad_norm),
                        wrt=wrt)
+
+
+# ------------------------------------------------------------------- the shared training loop
+
+
+class NnxModel:
+  """An NNX model seen through Linen's `apply` contract, so that `kasmina_jax.training`
+  (`train_step`, `epoch_transition`, `fit`, rollback) trains it with the same code as a Linen
+  model, through the same framework-free orchestration.
+
+  The model is split once: its `nnx.Param`s become `TrainState.params` (a pure dict; the
+  children under `layer path + ("children",)` as field mappings) and its Kasmina layers' seeds
+  and telemetry a Linen-shaped `kasmina` collection (`{...path...: {"state": KasminaVars}}`);
+  every `apply` merges a fresh copy, runs it and reads the layers back. Any other state (the
+  layers' own `rngs`, ...) is held constant: the loop draws germination keys from
+  `TrainState.rng`. Compared by identity (a static field of the jitted train state).
+  """
+
+  def __init__(self, model: nnx.Module):
+    if not isinstance(model, nnx.Module):
+      raise TypeError(f"model: expected an nnx.Module, got {type(model).__name__}")
+    if not find_layers(model):
+      raise ValueError("model: found no Kasmina layer (kasmina_jax.nnx.KasminaLayer) in it")
+    self.graphdef, params, self.rest = nnx.split(model, nnx.Param, ...)
+    self.params_template = params
+    self.initial_params = nnx.as_pure(params).to_pure_dict()
+
+  def kasmina_collection(self, model: nnx.Module) -> dict:
+    """The Linen-shaped `kasmina` collection of `model`'s Kasmina layers."""
+    from kasmina_jax import linen as kln  # pylint: disable=g-import-not-at-top
+    out: dict = {}
+    for path, layer in find_layers(model).items():
+      out = _set_nested(out, path + ("state",), kln.KasminaVars(
+          seeds=layer.seeds.get_value(), telemetry=layer.telemetry.get_value(),
+          spec=layer.spec))
+    return out
+
+  def merge(self, params: Any) -> nnx.Module:
+    """A fresh copy of the model holding `params` (a pure dict like `initial_params`)."""
+    state = nnx.clone(self.params_template)
+    nnx.replace_by_pure_dict(state, params)
+    # copy: fresh Variables in the caller's trace (the held ones belong to the outer one).
+    return nnx.merge(self.graphdef, state, self.rest, copy=True)
+
+  def apply(self, variables: dict, x: jax.Array, *, train: bool = True, mutable=()):
+    """Linen's `apply`: `variables` holds "params", "kasmina" and optionally "kasmina_eval"
+    (per layer `eval_alpha`); returns `(out, {"kasmina": ..., "kasmina_aux": ...})`."""
+    from kasmina_jax import linen as kln  # pylint: disable=g-import-not-at-top
+    model = self.merge(variables["params"])
+    kasmina = variables[kln.KASMINA]
+    evals = variables.get(kln.KASMINA_EVAL)
+    layers = find_layers(model)
+    for path, layer in layers.items():
+      v = kln.get_path(kasmina, path + ("state",))
+      layer.seeds.set_value(v.seeds)
+      layer.telemetry.set_value(v.telemetry)
+      layer.deterministic = not train
+      layer.record_eval = True
+      if evals is not None:
+        layer.default_eval_alpha = nnx.data(kln.get_path(evals, path)["eval_alpha"])
+    out = model(x)
+    mutated = {}
+    if kln.KASMINA in mutable:
+      mutated[kln.KASMINA] = kln.with_slots(kasmina, {
+          p: orch.LayerSlot(seeds=l.seeds.get_value(), telemetry=l.telemetry.get_value(),
+                            spec=l.spec) for p, l in layers.items()})
+    if kln.KASMINA_AUX in mutable:
+      aux: dict = {}
+      for p, l in layers.items():
+        aux = _set_nested(aux, p + ("step",), l.last_step.get_value())
+      mutated[kln.KASMINA_AUX] = aux
+    return out, mutated
+
+  def update_model(self, model: nnx.Module, params: Any, kasmina: Any) -> None:
+    """Writes trained `params` and the seeds / telemetry of `kasmina` into `model` (the
+    module this wrapper was built from, or one with the same structure)."""
+    from kasmina_jax import linen as kln  # pylint: disable=g-import-not-at-top
+    nnx.update(model, nnx.state(self.merge(params), nnx.Param))
+    for path, layer in find_layers(model).items():
+      v = kln.get_path(kasmina, path + ("state",))
+      layer.seeds.set_value(v.seeds)
+      layer.telemetry.set_value(v.telemetry)
+
+
+def _set_nested(tree: dict, path: tuple, value: Any) -> dict:
+  if not path:
+    return value
+  return {**tree, path[0]: _set_nested(tree.get(path[0], {}), path[1:], value)}
+
+
+def create_train_state(model: nnx.Module, optimizer: optax.GradientTransformation,
+                       key: jax.Array, config: Any = None, *,
+                       max_grad_norm: float | None = None,
+                       metric_names: tuple[str, ...] = ("accuracy",)):
+  """A `training.TrainState` over an NNX model (its current parameters and seed states), for
+  `training.fit` / `train_step` / `end_of_epoch`. `key` is split as the Linen
+  `training.create_train_state` splits it (the second half drives germination), so the same
+  key gives both shells the same germination draws. Write the result back into the model
+  with `update_model(model, state)`."""
+  from kasmina_jax import training  # pylint: disable=g-import-not-at-top
+  config = training.TrainConfig() if config is None else config
+  wrapped = NnxModel(model)
+  _, rng = jax.random.split(key)
+  return training.new_train_state(
+      wrapped, wrapped.initial_params, wrapped.kasmina_collection(model), optimizer, rng,
+      config, max_grad_norm=max_grad_norm, metric_names=metric_names)
+
+
+def update_model(model: nnx.Module, state: Any) -> None:
+  """Installs a trained `training.TrainState`'s params and seed states into `model`."""
+  if not isinstance(state.model, NnxModel):
+    raise TypeError(f"state: expected a TrainState over an NnxModel, got model "
+                    f"{type(state.model).__name__}")
+  state.model.update_model(model, state.params, state.kasmina)

@@ -9,8 +9,14 @@ counterfactual `delta = val_loss(seed off) - val_loss(seed on)`, health reports,
 `tick_epoch` -> `update_readiness` -> `policy` (default `tamiyo.decide`) -> `apply_commands`
 -> `reinit_children` (+ optimizer reset) -> field reports -> `tamiyo.observe`.
 
+The seeds' side of both lives in `orchestration` (framework-free, over the
+`{layer path: LayerSlot}` map that `linen.layer_slots` builds); here are the Linen-shaped
+passes around it. `model` is anything with Linen's `apply` contract: a Linen module, or
+`kasmina_jax.nnx.NnxModel` (`kasmina_jax.nnx.create_train_state`), so one loop serves both.
+
 `end_of_epoch` adds the Python shell around it: emergency rollback to the last good state,
-the event log. `fit` loops over epochs with a progress bar.
+the event log (`finish_epoch`). `fit` loops over epochs with a progress bar (`fit_loop`, which
+`distributed.fit` shares).
 """
 
 from __future__ import annotations
@@ -29,12 +35,11 @@ from flax import struct
 
 from kasmina_jax import _checks
 from kasmina_jax import grafting as graft_lib
-from kasmina_jax import layer as layer_lib
 from kasmina_jax import lifecycle
 from kasmina_jax import nn as knn
 from kasmina_jax import optim
+from kasmina_jax import orchestration as orch
 from kasmina_jax import tamiyo
-from kasmina_jax.blueprints import ChildParams
 
 LossFn = Callable[[jax.Array, dict], tuple[jax.Array, dict]]
 
@@ -102,20 +107,12 @@ class TrainState:
     return knn.find_layers(self.kasmina)
 
 
-def layer_name(path: tuple) -> str:
-  return "/".join(str(p) for p in path)
+layer_name = orch.layer_name
 
 
 def seeds_tree(kasmina) -> dict[str, lifecycle.SeedState]:
   """The seed states of every layer, keyed by layer name (Tamiyo's view)."""
   return {layer_name(p): v.seeds for p, v in knn.find_layers(kasmina).items()}
-
-
-def _with_seeds(kasmina, seeds: dict[str, lifecycle.SeedState]):
-  out = kasmina
-  for path, v in knn.find_layers(kasmina).items():
-    out = knn.set_path(out, path + ("state",), v.replace(seeds=seeds[layer_name(path)]))
-  return out
 
 
 @functools.lru_cache(maxsize=64)
@@ -133,8 +130,17 @@ def create_train_state(model, optimizer: optax.GradientTransformation, sample_x:
   init_key, rng = jax.random.split(key)
   # Jitted: eager init of a model with Kasmina layers compiles every small op on its own.
   variables = jax.jit(functools.partial(model.init, train=False))(init_key, sample_x)
-  params = variables["params"]
-  kasmina = variables.get(knn.KASMINA, {})
+  return new_train_state(model, variables["params"], variables.get(knn.KASMINA, {}), optimizer,
+                         rng, config, max_grad_norm=max_grad_norm, metric_names=metric_names)
+
+
+def new_train_state(model, params, kasmina, optimizer: optax.GradientTransformation,
+                    rng: jax.Array, config: TrainConfig = TrainConfig(), *,
+                    max_grad_norm: float | None = None,
+                    metric_names: tuple[str, ...] = ("accuracy",)) -> TrainState:
+  """A `TrainState` from initialised `params` and `kasmina` collection; `model` is anything
+  with Linen's `apply(variables, x, train=..., mutable=[...])` (a Linen module, or
+  `kasmina_jax.nnx.NnxModel` for an NNX model), so every shell trains through this module."""
   if not knn.find_layers(kasmina):
     raise ValueError("model: found no Kasmina layer (kasmina_jax.nn.KasminaLayer) in it")
   tx = _wrapped_optimizer(optimizer, max_grad_norm)
@@ -150,57 +156,15 @@ def create_train_state(model, optimizer: optax.GradientTransformation, sample_x:
 
 
 # ------------------------------------------------------------------------------- norms, drift
+# Framework-free; they live in `orchestration` (re-exported here for older callers).
 
-
-def _is_child(x) -> bool:
-  return isinstance(x, ChildParams)
-
-
-def host_only(tree):
-  """`tree` with every child-parameter subtree replaced by zeros (host partition only)."""
-  return jax.tree.map(lambda x: jax.tree.map(jnp.zeros_like, x) if _is_child(x) else x, tree,
-                      is_leaf=_is_child)
-
-
-def _sq_norm(tree) -> jax.Array:
-  leaves = jax.tree.leaves(tree)
-  return sum((jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves),
-             jnp.zeros((), jnp.float32))
-
-
-def host_grad_norm(grads) -> jax.Array:
-  return jnp.sqrt(_sq_norm(host_only(grads)))
-
-
-def child_grad_norms(grads, path: tuple) -> jax.Array:
-  """(K,) gradient norm of each seed's child in the layer at `path`."""
-  child = knn.get_path(grads, knn.children_path(path))
-  sq = sum(jnp.sum(jnp.square(x.reshape(x.shape[0], -1)), axis=-1) for x in jax.tree.leaves(child))
-  return jnp.sqrt(sq)
-
-
-def host_drift(params, snapshot) -> jax.Array:
-  """`||theta - theta_snap|| / ||theta_snap||` over the host's parameters (the whole model:
-  the epoch report's figure; grafting uses each layer's own, `layer_host_drift`)."""
-  diff = jax.tree.map(lambda a, b: a - b, host_only(params), host_only(snapshot))
-  return jnp.sqrt(_sq_norm(diff)) / jnp.maximum(jnp.sqrt(_sq_norm(host_only(snapshot))), 1e-12)
-
-
-def wrapped_host_path(path: tuple) -> tuple:
-  """Where the weights of the host layer that the Kasmina layer at `path` wraps live: the
-  module holding that Kasmina layer (`KasminaDense`: its Dense "host" beside "kasmina").
-  A Kasmina layer placed directly in the model's top module wraps no one layer there; it
-  falls back to the whole model's host parameters."""
-  return tuple(path[:-1])
-
-
-def layer_host_drift(params, snapshot, path: tuple) -> jax.Array:
-  """`||theta - theta_snap|| / ||theta_snap||` over the host weights wrapped by the Kasmina
-  layer at `path` (the non-child parameters under `wrapped_host_path(path)`), so that
-  DRIFT_CONTROLLED pauses a seed on its own layer's drift, not on the model's (DESIGN.md,
-  "Grafting strategies")."""
-  host = wrapped_host_path(path)
-  return host_drift(knn.get_path(params, host), knn.get_path(snapshot, host))
+_is_child = optim._is_child  # pylint: disable=protected-access
+host_only = orch.host_only
+host_grad_norm = orch.host_grad_norm
+child_grad_norms = orch.child_grad_norms
+host_drift = orch.host_drift
+wrapped_host_path = orch.wrapped_host_path
+layer_host_drift = orch.layer_host_drift
 
 
 # --------------------------------------------------------------------------------- train step
@@ -245,24 +209,13 @@ def train_step(state: TrainState, batch: dict, loss_fn: LossFn) -> tuple[TrainSt
   refresh = (step % cfg.grafting.fixed_steps) == 0
   snapshot = jax.tree.map(lambda p, s: jnp.where(refresh, p, s), params, state.host_snapshot)
 
-  for path, lv in knn.find_layers(new_kasmina).items():
-    summary = knn.get_path(summaries, path)["step"]
-    cpath = knn.children_path(path)
-    # The whole trust-region objective needs the output gradient: from the child gradients.
-    objective = layer_lib.whole_objective(
-        lv.spec, knn.get_path(state.params, cpath), knn.get_path(grads, cpath), lv.seeds,
-        summary.objective, summary.nonfinite)
-    seeds = lifecycle.tick_step(lv.seeds)
-    signals = graft_lib.GraftSignals(
-        objective=objective, host_drift=layer_host_drift(params, state.host_snapshot, path),
-        host_grad_norm=host_norm)
-    seeds = graft_lib.grafting_step(seeds, signals, cfg.grafting)
-    seeds = seeds.replace(nonfinite=seeds.nonfinite | summary.nonfinite)
-    learning = lifecycle.stage_in(seeds.stage, lifecycle.learning_stages(fossil))
-    from kasmina_jax import telemetry as tel_lib  # pylint: disable=g-import-not-at-top
-    tel = tel_lib.record_gradients(lv.telemetry, child_grad_norms(grads, path), learning)
-    new_kasmina = knn.set_path(new_kasmina, path + ("state",),
-                               lv.replace(seeds=seeds, telemetry=tel))
+  slots = knn.layer_slots(new_kasmina)
+  slots = orch.step_update(
+      slots, old_params=state.params, params=params, grads=grads,
+      snapshot=state.host_snapshot,
+      summaries={p: knn.get_path(summaries, p)["step"] for p in slots},
+      host_norm=host_norm, grafting=cfg.grafting, fossil=fossil)
+  new_kasmina = knn.with_slots(new_kasmina, slots)
 
   st = state.stats
   stats = st.replace(
@@ -365,47 +318,19 @@ def epoch_transition(state: TrainState, val_batch: dict, loss_fn: LossFn,
   val_loss, val_metrics, summaries = evaluate(state, val_batch, loss_fn)
   deltas = counterfactual_deltas(state, val_batch, loss_fn)
 
+  slots = knn.layer_slots(state.kasmina)
   old = seeds_tree(state.kasmina)
-  reports, seeds = {}, {}
-  for path, lv in layers.items():
-    name = names[path]
-    health = layer_lib.health_report(lv.spec, lv.telemetry, lv.seeds)
-    reports[name] = tamiyo.layer_report(lv.spec, health)
-    s = lifecycle.tick_epoch(lv.seeds)
-    summary = knn.get_path(summaries, path)["step"]
-    b = jnp.clip(s.blueprint, 0, lv.spec.num_blueprints - 1)
-    is_repl = ~jnp.asarray(lv.spec.catalog.residual)[b]
-    seeds[name] = lifecycle.update_readiness(s, delta=deltas[name],
-                                             recon_ratio=summary.recon_ratio,
-                                             is_replacement=is_repl, config=cfg.lifecycle)
-  report = tamiyo.EpochReport(
-      layers=reports, train_loss=train_loss, val_loss=val_loss,
-      host_grad_norm=state.stats.grad_norm_sum / steps, host_drift=state.stats.drift,
-      epoch=state.epoch)
-  commands, ctrl = policy(report, seeds, state.ctrl, cfg.tamiyo)
-
+  recon = {names[p]: knn.get_path(summaries, p)["step"].recon_ratio for p in layers}
   key, rng = jax.random.split(state.rng)
-  params, kasmina = state.params, state.kasmina
-  new_seeds, accepted = {}, {}
-  for i, (path, lv) in enumerate(layers.items()):
-    name = names[path]
-    ns, acc = lifecycle.apply_commands(
-        seeds[name], commands[name], cfg.lifecycle, num_blueprints=lv.spec.num_blueprints,
-        num_strategies=len(graft_lib.DEFAULT_STRATEGIES), epoch=state.epoch)
-    new_seeds[name], accepted[name] = ns, acc
-    cpath = knn.children_path(path)
-    children = layer_lib.reinit_children(lv.spec, knn.get_path(params, cpath),
-                                         seeds[name].stage, ns, jax.random.fold_in(key, i))
-    params = knn.set_path(params, cpath, children)
-    kasmina = knn.set_path(kasmina, path + ("state",),
-                           lv.replace(seeds=ns, telemetry=layer_lib.init_telemetry(lv.spec)))
-  reset = optim.reset_mask(params, knn.seed_states(state.kasmina), knn.seed_states(kasmina))
-  opt_state = optim.reset_children(state.opt_state, params, reset)
-  fr = tamiyo.field_reports(seeds, new_seeds, report, ctrl)
-  # On an emergency rollback the seeds are reported from the restored state instead
-  # (`apply_rollback`), so this epoch's reports must not feed the statistics twice.
-  observed = tamiyo.observe(ctrl, fr, cfg.tamiyo)
-  ctrl = jax.tree.map(lambda a, b: jnp.where(ctrl.rollback_requested, a, b), ctrl, observed)
+  end = orch.epoch_end(
+      slots, state.params, state.opt_state, state.ctrl, deltas=deltas, recon_ratio=recon,
+      train_loss=train_loss, val_loss=val_loss,
+      host_grad_norm_mean=state.stats.grad_norm_sum / steps, host_drift_value=state.stats.drift,
+      epoch=state.epoch, key=key, config=cfg.tamiyo, policy=policy)
+  params, opt_state, ctrl = end.params, end.opt_state, end.ctrl
+  kasmina = knn.with_slots(state.kasmina, end.slots)
+  report, commands, accepted, new_seeds, fr = (end.report, end.commands, end.accepted,
+                                               end.new_seeds, end.field_reports)
   new_state = state.replace(
       epoch=state.epoch + 1, params=params, opt_state=opt_state, kasmina=kasmina, ctrl=ctrl,
       rng=rng, stats=_zero_stats(tuple(state.stats.metric_sums)))
@@ -423,33 +348,10 @@ def apply_rollback(state: TrainState, ctrl: tamiyo.ControllerState) -> tuple[Tra
   """After restoring the last good state: in-flight seeds become ROLLED_BACK (GERMINATED ones
   CANCELLED), their children are zeroed, and `ctrl` (the controller's memory from the epoch
   that failed) is kept with its rollback request cleared. Returns `(state, field_reports)`."""
-  layers = knn.find_layers(state.kasmina)
-  seeds = seeds_tree(state.kasmina)
-  commands = tamiyo.rollback_commands(seeds)
-  params, kasmina, new_seeds = state.params, state.kasmina, {}
-  for path, lv in layers.items():
-    name = layer_name(path)
-    ns, _ = lifecycle.apply_commands(
-        seeds[name], commands[name], state.config.lifecycle,
-        num_blueprints=lv.spec.num_blueprints,
-        num_strategies=len(graft_lib.DEFAULT_STRATEGIES), epoch=state.epoch)
-    new_seeds[name] = ns
-    cpath = knn.children_path(path)
-    children = layer_lib.reinit_children(lv.spec, knn.get_path(params, cpath),
-                                         seeds[name].stage, ns, state.rng)
-    params = knn.set_path(params, cpath, children)
-    kasmina = knn.set_path(kasmina, path + ("state",), lv.replace(seeds=ns))
-  reset = optim.reset_mask(params, knn.seed_states(state.kasmina), knn.seed_states(kasmina))
-  opt_state = optim.reset_children(state.opt_state, params, reset)
-  empty = tamiyo.EpochReport(
-      layers={layer_name(p): tamiyo.layer_report(
-          lv.spec, layer_lib.health_report(lv.spec, lv.telemetry, lv.seeds))
-          for p, lv in layers.items()},
-      train_loss=jnp.float32(jnp.nan), val_loss=jnp.float32(jnp.nan),
-      host_grad_norm=jnp.float32(0.0), host_drift=jnp.float32(0.0), epoch=state.epoch)
-  fr = tamiyo.field_reports(seeds, new_seeds, empty, ctrl)
-  ctrl = tamiyo.observe(ctrl.replace(rollback_requested=jnp.zeros((), bool)), fr,
-                        state.config.tamiyo)
+  slots, params, opt_state, ctrl, fr = orch.rollback(
+      knn.layer_slots(state.kasmina), state.params, state.opt_state, ctrl,
+      config=state.config.tamiyo, epoch=state.epoch, key=state.rng)
+  kasmina = knn.with_slots(state.kasmina, slots)
   return state.replace(params=params, opt_state=opt_state, kasmina=kasmina, ctrl=ctrl), fr
 
 
@@ -547,13 +449,24 @@ def end_of_epoch(state: TrainState, val_batch: dict, loss_fn: LossFn, *,
   Returns `(state, out, rolled_back)`.
   """
   new_state, out = epoch_transition(state, val_batch, loss_fn, policy)
+  return finish_epoch(new_state, out, restore=apply_rollback, last_good=last_good, log=log)
+
+
+def finish_epoch(new_state: TrainState, out: EpochOutput, *, restore: Callable = apply_rollback,
+                 last_good=None, log=None):
+  """`end_of_epoch` after the transition: the emergency rollback (`restore(base, ctrl)` on
+  the last good state, e.g. `apply_rollback` or a placed, compiled twin of it; or
+  `rollback_in_place` with nothing to restore), the last good state's save and the event
+  log. Shared by every loop (`distributed` passes its mesh-placed rollback).
+  Returns `(state, out, rolled_back)`."""
+  # A replicated scalar under a mesh: every process takes the same branch.
   rolled_back = bool(out.rollback_requested)
   fr_extra = None
   if rolled_back:
     if last_good is not None and last_good.has_value:
       base = last_good.restore()
       base = base.replace(epoch=new_state.epoch, rng=new_state.rng, stats=new_state.stats)
-      new_state, fr_extra = apply_rollback(base, new_state.ctrl)
+      new_state, fr_extra = restore(base, new_state.ctrl)
     else:
       new_state, fr_extra = rollback_in_place(new_state, out.field_reports)
     out = out.replace(field_reports=fr_extra)
@@ -643,22 +556,47 @@ def fit(state: TrainState, train_data: dict, val_data: dict, loss_fn: LossFn, *,
   Returns `(state, history)`, `history` a list of per-epoch dicts (losses, metrics, stages,
   parameter counts, wall time). With `log_path`, writes the JSONL event log.
   """
+  check_fit_args(train_data, epochs, batch_size)
+  return fit_loop(
+      state, train_data, val_data, loss_fn, epochs=epochs, batch_size=batch_size,
+      policy=policy, seed=seed, log_path=log_path, progress=progress, rollback=rollback,
+      description=description)
+
+
+def check_fit_args(train_data: dict, epochs: int, batch_size: int) -> None:
   _checks.positive_int("epochs", epochs)
   _checks.positive_int("batch_size", batch_size)
   n = len(train_data["x"])
   if batch_size > n:
     raise ValueError(f"batch_size: {batch_size} exceeds the {n} training rows")
+
+
+def fit_loop(state: TrainState, train_data: dict, val_data: dict, loss_fn: LossFn, *,
+             epochs: int, batch_size: int, policy: Callable = tamiyo.decide, seed: int = 0,
+             log_path: str | None = None, progress: bool = True, rollback: bool = True,
+             description: str = "fit", step: Callable = train_step,
+             end: Callable = end_of_epoch, batch_hook: Callable | None = None,
+             primary: bool = True, run_info: dict | None = None):
+  """The epoch loop of every `fit` (this module's and `distributed.fit`): batches in a
+  (seed, epoch) order, `step(state, batch, loss_fn)` per batch, `end(state, val_data, loss_fn,
+  policy=, last_good=, log=)` per epoch, the in-memory last good state, the event log and
+  progress (on the `primary` process only), and the history.
+
+  `batch_hook(batch)` places a batch before its step (None: as is); `run_info` joins the
+  event log's run record."""
+  n = len(train_data["x"])
   from kasmina_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   last_good = ckpt_lib.InMemoryCheckpoint() if rollback else None
   if last_good is not None:
     last_good.save(state)
   log = None
-  if log_path is not None:
+  if log_path is not None and primary:
     from kasmina_jax import events  # pylint: disable=g-import-not-at-top
     log = events.EventLog(log_path, run={"description": description, "epochs": epochs,
-                                         "batch_size": batch_size, "seed": seed})
+                                         "batch_size": batch_size, "seed": seed,
+                                         **(run_info or {})})
   steps_per_epoch = n // batch_size
-  bar = progress_bar(epochs * steps_per_epoch, description) if progress else None
+  bar = progress_bar(epochs * steps_per_epoch, description) if progress and primary else None
   history = []
   start = time.perf_counter()
   try:
@@ -666,11 +604,13 @@ def fit(state: TrainState, train_data: dict, val_data: dict, loss_fn: LossFn, *,
       # The data order depends on (seed, epoch) only, so a resumed run sees the same batches.
       rng = np.random.default_rng([seed, int(state.epoch)])
       for batch in _batches(train_data, batch_size, rng):
-        state, metrics = train_step(state, batch, loss_fn)
+        if batch_hook is not None:
+          batch = batch_hook(batch)
+        state, _ = step(state, batch, loss_fn)
         if bar is not None:
           bar.update(1)
-      state, out, rolled_back = end_of_epoch(state, val_data, loss_fn, policy=policy,
-                                             last_good=last_good, log=log)
+      state, out, rolled_back = end(state, val_data, loss_fn, policy=policy,
+                                    last_good=last_good, log=log)
       record = epoch_record(state, out, rolled_back, start)
       history.append(record)
       if bar is not None:

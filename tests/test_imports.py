@@ -27,6 +27,10 @@ def test_import_optim_does_not_load_flax_linen():
   assert _loaded_after("import kasmina_jax.optim", ("flax.linen", "flax")) == []
 
 
+def test_import_orchestration_does_not_load_flax():
+  assert _loaded_after("import kasmina_jax.orchestration", ("flax.linen", "flax")) == []
+
+
 def test_linen_and_its_old_name_nn_are_the_same_classes():
   import kasmina_jax  # pylint: disable=g-import-not-at-top
   from kasmina_jax import linen, nn  # pylint: disable=g-import-not-at-top

@@ -406,3 +406,62 @@ def test_helpers_validate_their_arguments():
     knx.KasminaLayer(8, 2, impl="cuda")
   with pytest.raises(ValueError, match="x: expected shape"):
     layer(jnp.ones((3, 7)))
+
+
+# ------------------------------------------------------------- the shared training loop
+
+
+def _linen_net():
+  import flax.linen as fnn  # pylint: disable=g-import-not-at-top
+
+  class Net(fnn.Module):
+    @fnn.compact
+    def __call__(self, x, train=True):
+      h = jax.nn.relu(fnn.Dense(IN, name="pre")(x))
+      h = knn.KasminaDense(features=FEATURES, num_seeds=K, blueprints=BLUEPRINTS,
+                           name="dense")(h, train=train)
+      return fnn.Dense(OUT, name="out")(jax.nn.relu(h))
+  return Net()
+
+
+def _as_linen_params(nnx_params):
+  """The NNX pure params dict with the children mappings as `ChildParams` (Linen's form)."""
+  is_child = optim._is_child  # pylint: disable=protected-access
+  return jax.tree.map(lambda x: bp.ChildParams(**x) if is_child(x) else x, nnx_params,
+                      is_leaf=is_child)
+
+
+def test_nnx_and_linen_take_the_same_decisions_through_the_shared_fit():
+  from kasmina_jax import tamiyo, training  # pylint: disable=g-import-not-at-top
+  rows = 256
+  x = jax.random.normal(jax.random.key(3), (rows, IN))
+  w = jax.random.normal(jax.random.key(4), (IN, OUT))
+  y = jnp.argmax(jnp.tanh(x @ w) + 0.1 * jnp.sin(3 * x[:, :OUT]), -1)
+  train = {"x": np.asarray(x[:192]), "y": np.asarray(y[:192])}
+  val = {"x": np.asarray(x[192:]), "y": np.asarray(y[192:])}
+  config = training.TrainConfig(tamiyo=tamiyo.TamiyoConfig(germinate_without_plateau=True))
+  key = jax.random.key(11)
+
+  model = NnxNet(nnx.Rngs(0))
+  nstate = knx.create_train_state(model, optax.adam(3e-2), key, config)
+  lstate = training.create_train_state(_linen_net(), optax.adam(3e-2), train["x"][:2], key,
+                                       config)
+  lstate = lstate.replace(params=_as_linen_params(nstate.params),
+                          host_snapshot=_as_linen_params(nstate.host_snapshot),
+                          opt_state=lstate.tx.init(_as_linen_params(nstate.params)))
+  np.testing.assert_array_equal(jax.random.key_data(nstate.rng),
+                                jax.random.key_data(lstate.rng))
+  histories = {}
+  for name, state in (("nnx", nstate), ("linen", lstate)):
+    state, histories[name] = training.fit(state, train, val, training.cross_entropy_loss,
+                                          epochs=4, batch_size=32, progress=False)
+    if name == "nnx":
+      knx.update_model(model, state)
+  stages = {k: [h["stages"] for h in v] for k, v in histories.items()}
+  assert stages["nnx"] == stages["linen"]
+  assert any(s != "DORMANT" for h in stages["nnx"] for s in h["dense/kasmina"])
+  for hn, hl in zip(histories["nnx"], histories["linen"]):
+    np.testing.assert_allclose(hn["val_loss"], hl["val_loss"], rtol=1e-4)
+  np.testing.assert_array_equal(
+      np.asarray(model.dense.kasmina.seeds.get_value().stage),
+      [lifecycle.Stage[s] for s in stages["nnx"][-1]["dense/kasmina"]])

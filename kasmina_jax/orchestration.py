@@ -1,0 +1,302 @@
+"""Orchestration: the per-step seed update, the epoch decision and commit, and the rollback,
+as pure functions over a `{layer path: LayerSlot}` map and the params pytree.
+
+DESIGN.md amendment 7 ("Layering"): this sits between the core (`lifecycle`, `layer`,
+`grafting`, `telemetry`) and the loop, and imports no Flax. The shells (`linen`, `nnx`) turn
+their own storage into the map (`linen.layer_slots`, `nnx.layer_slots`) and back, so the Linen
+and NNX training paths run the same code, and a change to the epoch sequence lands in one
+place.
+
+Children live in the params pytree under `layer path + ("children",)`: a `ChildParams`
+(Linen) or a mapping with exactly its fields (what `nnx.state` makes of the NNX layer's
+per-field params); `get_children` / `set_children` read and write either form.
+
+Every function here is jittable; the loops over layers unroll at trace time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from kasmina_jax import _struct as struct
+from kasmina_jax import grafting as graft_lib
+from kasmina_jax import layer as layer_lib
+from kasmina_jax import lifecycle
+from kasmina_jax import optim
+from kasmina_jax import tamiyo
+from kasmina_jax import telemetry as tel_lib
+from kasmina_jax.blueprints import ChildParams
+
+
+@struct.dataclass
+class LayerSlot:
+  """One Kasmina layer's non-parameter state; `spec` is static (part of the treedef)."""
+
+  seeds: lifecycle.SeedState
+  telemetry: tel_lib.TelemetryState
+  spec: layer_lib.KasminaSpec = struct.field(pytree_node=False)
+
+
+Slots = Mapping[tuple, LayerSlot]
+
+
+def layer_name(path: tuple) -> str:
+  """The name a layer has in Tamiyo's view (reports and seed maps keyed by name)."""
+  return "/".join(str(p) for p in path)
+
+
+def seeds_by_name(slots: Slots) -> dict[str, lifecycle.SeedState]:
+  return {layer_name(p): s.seeds for p, s in slots.items()}
+
+
+def seed_map(slots: Slots) -> dict[tuple, lifecycle.SeedState]:
+  """`{layer path: SeedState}`, the map `optim` takes."""
+  return {p: s.seeds for p, s in slots.items()}
+
+
+# --------------------------------------------------------------------------------- tree access
+
+
+def get_path(tree: Any, path: tuple) -> Any:
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def set_path(tree: Any, path: tuple, value: Any) -> Any:
+  """A copy of nested mappings `tree` (as plain dicts along `path`) with `value` at `path`."""
+  if not path:
+    return value
+  new = dict(tree)
+  new[path[0]] = set_path(tree[path[0]], path[1:], value)
+  return new
+
+
+def children_path(path: tuple) -> tuple:
+  return path + ("children",)
+
+
+def get_children(params: Any, path: tuple) -> ChildParams:
+  """The `ChildParams` of the layer at `path` (built from a field mapping under NNX)."""
+  node = get_path(params, children_path(path))
+  return node if isinstance(node, ChildParams) else ChildParams(**dict(node))
+
+
+def set_children(params: Any, path: tuple, children: ChildParams) -> Any:
+  """`params` with the layer's children replaced, in the form they were stored in."""
+  cpath = children_path(path)
+  if isinstance(get_path(params, cpath), ChildParams):
+    return set_path(params, cpath, children)
+  return set_path(params, cpath, {k: getattr(children, k) for k in get_path(params, cpath)})
+
+
+# ------------------------------------------------------------------------------- norms, drift
+
+
+def host_only(tree):
+  """`tree` with every child-parameter subtree replaced by zeros (host partition only)."""
+  is_child = optim._is_child  # pylint: disable=protected-access
+  return jax.tree.map(lambda x: jax.tree.map(jnp.zeros_like, x) if is_child(x) else x, tree,
+                      is_leaf=is_child)
+
+
+def _sq_norm(tree) -> jax.Array:
+  leaves = jax.tree.leaves(tree)
+  return sum((jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves),
+             jnp.zeros((), jnp.float32))
+
+
+def host_grad_norm(grads) -> jax.Array:
+  return jnp.sqrt(_sq_norm(host_only(grads)))
+
+
+def child_grad_norms(grads, path: tuple) -> jax.Array:
+  """(K,) gradient norm of each seed's child in the layer at `path`."""
+  child = get_path(grads, children_path(path))
+  sq = sum(jnp.sum(jnp.square(x.reshape(x.shape[0], -1)), axis=-1) for x in jax.tree.leaves(child))
+  return jnp.sqrt(sq)
+
+
+def host_drift(params, snapshot) -> jax.Array:
+  """`||theta - theta_snap|| / ||theta_snap||` over the host's parameters (the whole model:
+  the epoch report's figure; grafting uses each layer's own, `layer_host_drift`)."""
+  diff = jax.tree.map(lambda a, b: a - b, host_only(params), host_only(snapshot))
+  return jnp.sqrt(_sq_norm(diff)) / jnp.maximum(jnp.sqrt(_sq_norm(host_only(snapshot))), 1e-12)
+
+
+def wrapped_host_path(path: tuple) -> tuple:
+  """Where the weights of the host layer that the Kasmina layer at `path` wraps live: the
+  module holding that Kasmina layer (`KasminaDense`: its host layer beside "kasmina").
+  A Kasmina layer placed directly in the model's top module wraps no one layer there; it
+  falls back to the whole model's host parameters."""
+  return tuple(path[:-1])
+
+
+def layer_host_drift(params, snapshot, path: tuple) -> jax.Array:
+  """`||theta - theta_snap|| / ||theta_snap||` over the host weights wrapped by the Kasmina
+  layer at `path` (the non-child parameters under `wrapped_host_path(path)`), so that
+  DRIFT_CONTROLLED pauses a seed on its own layer's drift, not on the model's (DESIGN.md,
+  "Grafting strategies")."""
+  host = wrapped_host_path(path)
+  return host_drift(get_path(params, host), get_path(snapshot, host))
+
+
+# ----------------------------------------------------------------------------------- per step
+
+
+def step_update(slots: Slots, *, old_params, params, grads, snapshot, summaries: Mapping,
+                host_norm: jax.Array, grafting: graft_lib.GraftingConfig,
+                fossil: str) -> dict[tuple, LayerSlot]:
+  """The seeds' side of one optimisation step, per layer: the whole trust-region objective
+  (from the child gradients), `tick_step`, the grafting strategies' alpha update on the
+  layer's own host drift, the pass's non-finite flags, and the child gradient telemetry.
+
+  `slots`: the layers after the forward pass (telemetry updated); `old_params`: the params
+  the gradients were taken at; `params`: after the update; `snapshot`: the drift window's
+  start; `summaries`: `{layer path: step summary}` (`.objective`, `.nonfinite`).
+  """
+  out = {}
+  for path, slot in slots.items():
+    summary = summaries[path]
+    objective = layer_lib.whole_objective(
+        slot.spec, get_children(old_params, path), get_children(grads, path), slot.seeds,
+        summary.objective, summary.nonfinite)
+    seeds = lifecycle.tick_step(slot.seeds)
+    signals = graft_lib.GraftSignals(
+        objective=objective, host_drift=layer_host_drift(params, snapshot, path),
+        host_grad_norm=host_norm)
+    seeds = graft_lib.grafting_step(seeds, signals, grafting)
+    seeds = seeds.replace(nonfinite=seeds.nonfinite | summary.nonfinite)
+    learning = lifecycle.stage_in(seeds.stage, lifecycle.learning_stages(fossil))
+    tel = tel_lib.record_gradients(slot.telemetry, child_grad_norms(grads, path), learning)
+    out[path] = slot.replace(seeds=seeds, telemetry=tel)
+  return out
+
+
+# ---------------------------------------------------------------------------------- per epoch
+
+
+def epoch_decide(slots: Slots, *, deltas: Mapping, recon_ratio: Mapping, train_loss, val_loss,
+                 host_grad_norm_mean, host_drift_value, epoch, ctrl: tamiyo.ControllerState,
+                 config: tamiyo.TamiyoConfig, policy: Callable = tamiyo.decide):
+  """Health reports, `tick_epoch`, `update_readiness` (on the counterfactual `deltas` and
+  `recon_ratio`, both `{layer name: (K,)}`) and the policy.
+
+  Returns `(report, seeds, commands, ctrl)`, `seeds` and `commands` keyed by layer name.
+  """
+  reports, seeds = {}, {}
+  for path, slot in slots.items():
+    name = layer_name(path)
+    health = layer_lib.health_report(slot.spec, slot.telemetry, slot.seeds)
+    reports[name] = tamiyo.layer_report(slot.spec, health)
+    s = lifecycle.tick_epoch(slot.seeds)
+    b = jnp.clip(s.blueprint, 0, slot.spec.num_blueprints - 1)
+    is_repl = ~jnp.asarray(slot.spec.catalog.residual)[b]
+    seeds[name] = lifecycle.update_readiness(s, delta=deltas[name],
+                                             recon_ratio=recon_ratio[name],
+                                             is_replacement=is_repl, config=config.lifecycle)
+  report = tamiyo.EpochReport(
+      layers=reports, train_loss=train_loss, val_loss=val_loss,
+      host_grad_norm=host_grad_norm_mean, host_drift=host_drift_value, epoch=epoch)
+  commands, ctrl = policy(report, seeds, ctrl, config)
+  return report, seeds, commands, ctrl
+
+
+def commit(slots: Slots, params, opt_state, seeds: Mapping, commands: Mapping, *,
+           config: lifecycle.LifecycleConfig, epoch, keys: Mapping,
+           reset_telemetry: bool):
+  """The commit sequence: `apply_commands` -> `reinit_children` -> optimizer reset.
+
+  `seeds` and `commands` are keyed by layer name (Tamiyo's view), `keys` by layer path (the
+  germination key of each layer). The children of a seed whose stage changed from `seeds` are
+  (re)initialised or zeroed; the optimizer state of those changed from the slots' seeds is
+  reset. `reset_telemetry` starts fresh accumulators (an epoch end; a rollback keeps them).
+
+  Returns `(slots, params, opt_state, new_seeds, accepted)`, the last two keyed by name.
+  """
+  new_slots, new_seeds, accepted = {}, {}, {}
+  for path, slot in slots.items():
+    name = layer_name(path)
+    ns, acc = lifecycle.apply_commands(
+        seeds[name], commands[name], config, num_blueprints=slot.spec.num_blueprints,
+        num_strategies=len(graft_lib.DEFAULT_STRATEGIES), epoch=epoch)
+    new_seeds[name], accepted[name] = ns, acc
+    children = layer_lib.reinit_children(slot.spec, get_children(params, path),
+                                         seeds[name].stage, ns, keys[path])
+    params = set_children(params, path, children)
+    tel = layer_lib.init_telemetry(slot.spec) if reset_telemetry else slot.telemetry
+    new_slots[path] = slot.replace(seeds=ns, telemetry=tel)
+  reset = optim.reset_mask(params, seed_map(slots), seed_map(new_slots))
+  opt_state = optim.reset_children(opt_state, params, reset)
+  return new_slots, params, opt_state, new_seeds, accepted
+
+
+def epoch_keys(slots: Slots, key: jax.Array) -> dict[tuple, jax.Array]:
+  """One germination key per layer at an epoch end: `fold_in(key, layer index)`."""
+  return {p: jax.random.fold_in(key, i) for i, p in enumerate(slots)}
+
+
+@struct.dataclass
+class EpochEnd:
+  """What `epoch_end` decided and committed (`report`, `commands`, `accepted`, `new_seeds`
+  and `field_reports` keyed by layer name)."""
+
+  slots: Any
+  params: Any
+  opt_state: Any
+  ctrl: tamiyo.ControllerState
+  report: tamiyo.EpochReport
+  commands: Any
+  accepted: Any
+  new_seeds: Any
+  field_reports: Any
+
+
+def epoch_end(slots: Slots, params, opt_state, ctrl: tamiyo.ControllerState, *, deltas: Mapping,
+              recon_ratio: Mapping, train_loss, val_loss, host_grad_norm_mean,
+              host_drift_value, epoch, key: jax.Array, config: tamiyo.TamiyoConfig,
+              policy: Callable = tamiyo.decide) -> EpochEnd:
+  """The epoch end after the measurements: `epoch_decide` -> `commit` (germination keys
+  `epoch_keys(slots, key)`, fresh telemetry) -> field reports -> `tamiyo.observe`.
+
+  When the policy asks for an emergency rollback the reports do not feed the controller
+  here: the rollback (`rollback`) reports the seeds it ends, and they must not count twice.
+  """
+  report, seeds, commands, ctrl = epoch_decide(
+      slots, deltas=deltas, recon_ratio=recon_ratio, train_loss=train_loss, val_loss=val_loss,
+      host_grad_norm_mean=host_grad_norm_mean, host_drift_value=host_drift_value, epoch=epoch,
+      ctrl=ctrl, config=config, policy=policy)
+  new_slots, params, opt_state, new_seeds, accepted = commit(
+      slots, params, opt_state, seeds, commands, config=config.lifecycle, epoch=epoch,
+      keys=epoch_keys(slots, key), reset_telemetry=True)
+  fr = tamiyo.field_reports(seeds, new_seeds, report, ctrl)
+  observed = tamiyo.observe(ctrl, fr, config)
+  ctrl = jax.tree.map(lambda a, b: jnp.where(ctrl.rollback_requested, a, b), ctrl, observed)
+  return EpochEnd(slots=new_slots, params=params, opt_state=opt_state, ctrl=ctrl,
+                  report=report, commands=commands, accepted=accepted, new_seeds=new_seeds,
+                  field_reports=fr)
+
+
+def rollback(slots: Slots, params, opt_state, ctrl: tamiyo.ControllerState, *,
+             config: tamiyo.TamiyoConfig, epoch, key: jax.Array):
+  """In-flight seeds become ROLLED_BACK (GERMINATED ones CANCELLED), their children are
+  zeroed and their optimizer state reset; their field reports feed `ctrl`, whose rollback
+  request is cleared. Returns `(slots, params, opt_state, ctrl, field_reports)`."""
+  seeds = seeds_by_name(slots)
+  commands = tamiyo.rollback_commands(seeds)
+  new_slots, params, opt_state, new_seeds, _ = commit(
+      slots, params, opt_state, seeds, commands, config=config.lifecycle, epoch=epoch,
+      keys={p: key for p in slots}, reset_telemetry=False)
+  empty = tamiyo.EpochReport(
+      layers={layer_name(p): tamiyo.layer_report(
+          s.spec, layer_lib.health_report(s.spec, s.telemetry, s.seeds))
+          for p, s in slots.items()},
+      train_loss=jnp.float32(jnp.nan), val_loss=jnp.float32(jnp.nan),
+      host_grad_norm=jnp.float32(0.0), host_drift=jnp.float32(0.0), epoch=epoch)
+  fr = tamiyo.field_reports(seeds, new_seeds, empty, ctrl)
+  ctrl = tamiyo.observe(ctrl.replace(rollback_requested=jnp.zeros((), bool)), fr, config)
+  return new_slots, params, opt_state, ctrl, fr
