@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import sys
 
@@ -135,19 +134,9 @@ def main(argv=None):
   result = experiments.run_protocol(
       make_task, dict(steps=args.steps, small=args.small, large=args.large), lrs=lrs,
       seeds=args.seeds, workers=args.workers, log_dir=args.out)
-  table = experiments.markdown_table(result["rows"], "loss")
-  print(table)
-  with open(os.path.join(args.out, "results.md"), "w") as fh:
-    fh.write(table + "\n")
-  with open(os.path.join(args.out, "results.json"), "w") as fh:
-    json.dump({"args": vars(args), **{k: v for k, v in result.items() if k != "results"}},
-              fh, indent=1)
-  if not args.no_plots:
-    from kasmina_jax import plots  # pylint: disable=g-import-not-at-top
-    plots.plot_protocol(result["rows"], os.path.join(args.out, "loss_vs_params.png"),
-                        metric="loss", title="Char LM: test loss (nats/char) against parameters")
-    if result["grown_log"]:
-      plots.plot_run(result["grown_log"], args.out)
+  experiments.write_report(result, args.out, args=vars(args), metric="loss",
+                           title="Char LM: test loss (nats/char) against parameters",
+                           plots=not args.no_plots)
   return result
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import sys
 
@@ -155,13 +154,9 @@ def main(argv=None):
   result = experiments.run_protocol(make_task, task_kwargs(args),
                                     variants=args.variants.split(","), lrs=parse_lrs(args.lrs),
                                     seeds=args.seeds, workers=args.workers, log_dir=args.out)
-  table = experiments.markdown_table(result["rows"], "accuracy")
-  print(table)
-  with open(os.path.join(args.out, "results.md"), "w") as fh:
-    fh.write(table + "\n")
-  with open(os.path.join(args.out, "results.json"), "w") as fh:
-    json.dump({"args": vars(args), **{k: v for k, v in result.items() if k != "results"}},
-              fh, indent=1)
+  experiments.write_report(result, args.out, args=vars(args), metric="accuracy",
+                           title="MNIST-1D: test accuracy against parameters",
+                           plots=not args.no_plots)
   if args.export and "grown" in result["chosen"]:
     lr = result["chosen"]["grown"]
     (run,) = [r for r in result["results"]
@@ -169,13 +164,6 @@ def main(argv=None):
     task = make_task(**task_kwargs(args))
     state = experiments.restore_state(task, "grown", run.variables, learning_rate=lr)
     export_grown(state, task.data()[2], args.export, args.export_include)
-  if not args.no_plots:
-    from kasmina_jax import plots  # pylint: disable=g-import-not-at-top
-    paths = plots.plot_protocol(result["rows"], os.path.join(args.out, "accuracy_vs_params.png"),
-                                title="MNIST-1D: test accuracy against parameters")
-    if result["grown_log"]:
-      paths = [paths] + plots.plot_run(result["grown_log"], args.out)
-    print("plots:", paths)
   return result
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import sys
 
@@ -100,20 +99,9 @@ def main(argv=None):
       make_task, dict(train=args.train, test=args.test, small=args.small, large=args.large,
                       epochs=args.epochs),
       lrs=lrs, seeds=args.seeds, workers=args.workers, log_dir=args.out)
-  table = experiments.markdown_table(result["rows"], "accuracy")
-  print(table)
-  with open(os.path.join(args.out, "results.md"), "w") as fh:
-    fh.write(table + "\n")
-  with open(os.path.join(args.out, "results.json"), "w") as fh:
-    json.dump({"args": vars(args), **{k: v for k, v in result.items() if k != "results"}},
-              fh, indent=1)
-  if not args.no_plots:
-    from kasmina_jax import plots  # pylint: disable=g-import-not-at-top
-    paths = [plots.plot_protocol(result["rows"], os.path.join(args.out, "accuracy_vs_params.png"),
-                                 title="Two spirals: test accuracy against parameters")]
-    if result["grown_log"]:
-      paths += plots.plot_run(result["grown_log"], args.out)
-    print("plots:", *paths, sep="\n  ")
+  experiments.write_report(result, args.out, args=vars(args), metric="accuracy",
+                           title="Two spirals: test accuracy against parameters",
+                           plots=not args.no_plots)
   return result
 
 

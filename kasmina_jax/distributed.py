@@ -63,7 +63,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from kasmina_jax import _checks
-from kasmina_jax import nn as knn
+from kasmina_jax import linen as knn
 from kasmina_jax import tamiyo
 from kasmina_jax import training
 from kasmina_jax.blueprints import ChildParams

@@ -34,7 +34,7 @@ import optax
 
 from kasmina_jax import layer as layer_lib
 from kasmina_jax import lifecycle
-from kasmina_jax import nn as knn
+from kasmina_jax import linen as knn
 from kasmina_jax import tamiyo
 from kasmina_jax import training
 
@@ -487,3 +487,31 @@ def run_protocol(task_factory: Callable[..., Task], task_kwargs: dict, *,
                 "params": r.params, "train_flops": r.train_flops, "fossilized": r.fossilized,
                 "wall_time": r.wall_time, "history": r.history} for r in results],
   }
+
+
+def write_report(result: dict, out_dir: str, *, args: dict | None = None,
+                 metric: str = "accuracy", title: str | None = None,
+                 plots: bool = True) -> list[str]:
+  """Writes a `run_protocol` result to `out_dir`: `results.md` (the table, also printed),
+  `results.json` (the settings `args` and the result; the RunResult objects left out) and,
+  with `plots`, the metric-against-parameters plot and the grown run's lifecycle pictures.
+  Returns the paths written."""
+  import json  # pylint: disable=g-import-not-at-top
+  os.makedirs(out_dir, exist_ok=True)
+  table = markdown_table(result["rows"], metric)
+  print(table)
+  paths = [os.path.join(out_dir, "results.md"), os.path.join(out_dir, "results.json")]
+  with open(paths[0], "w") as fh:
+    fh.write(table + "\n")
+  with open(paths[1], "w") as fh:
+    json.dump({"args": args or {}, **{k: v for k, v in result.items() if k != "results"}},
+              fh, indent=1)
+  if plots:
+    from kasmina_jax import plots as plots_lib  # pylint: disable=g-import-not-at-top
+    paths.append(plots_lib.plot_protocol(
+        result["rows"], os.path.join(out_dir, f"{metric}_vs_params.png"), metric=metric,
+        title=title or f"{result['task']}: test {metric} against parameters"))
+    if result.get("grown_log"):
+      paths += plots_lib.plot_run(result["grown_log"], out_dir)
+    print("wrote:", *paths, sep="\n  ")
+  return paths

@@ -52,7 +52,7 @@ from flax import nnx
 
 from kasmina_jax import export_model as em
 from kasmina_jax import lifecycle
-from kasmina_jax import nn as knn
+from kasmina_jax import linen as knn
 from kasmina_jax import nnx as knx
 from kasmina_jax import training
 from kasmina_jax.lifecycle import Stage

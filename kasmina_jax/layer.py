@@ -303,7 +303,9 @@ def _gc_bwd(res, cts):
 _guarded_child.defvjp(_gc_fwd, _gc_bwd)
 
 
-def _stage_masks(stage: jax.Array):
+def stage_masks(stage: jax.Array):
+  """`(training, grafting, full_on, live, learning)` bool masks of `stage` (DESIGN.md's stage
+  table; the reference and every kernel path read the stages through this one function)."""
   s = stage
   training = s == Stage.TRAINING
   grafting = s == Stage.GRAFTING
@@ -377,7 +379,7 @@ def forward_reference(spec: KasminaSpec, params: bp_lib.ChildParams, seeds, x: j
   xb = xb_in.astype(jnp.float32)
   node_mask = jnp.asarray(spec.node_mask)
   tables = seed_tables(catalog, seeds.blueprint)
-  training, grafting, full_on, live, learning = _stage_masks(seeds.stage)
+  training, grafting, full_on, live, learning = stage_masks(seeds.stage)
   evaluating = eval_alpha is not None
 
   # Child parameters learn only in learning stages; the host's gradient goes through the

@@ -29,9 +29,10 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from kasmina_jax import events as events_lib
+from kasmina_jax import telemetry
 from kasmina_jax.lifecycle import Stage
 
-HEALTH_METRICS = ("chunk_variance", "dead_node_ratio", "avg_inter_node_correlation")
+HEALTH_METRICS = telemetry.HEALTH_FIELDS
 
 # One colour per stage, in Stage order: greys / yellows before the child is live, blues and
 # violets while it joins, greens once it has, reds / black for its ends.

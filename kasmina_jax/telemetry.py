@@ -51,6 +51,11 @@ class TelemetryState:
   nonfinite: jax.Array  # bool (K,): a child's output was non-finite on some step
 
 
+# The three health signals of the spec, in the order every (K, 3) health matrix, plot and
+# event record uses.
+HEALTH_FIELDS = ("chunk_variance", "dead_node_ratio", "avg_inter_node_correlation")
+
+
 @struct.dataclass
 class HealthReport:
   """End-of-epoch health of one layer's seeds; every leaf has leading axis `num_seeds`."""

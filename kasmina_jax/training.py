@@ -36,7 +36,7 @@ from flax import struct
 from kasmina_jax import _checks
 from kasmina_jax import grafting as graft_lib
 from kasmina_jax import lifecycle
-from kasmina_jax import nn as knn
+from kasmina_jax import linen as knn
 from kasmina_jax import optim
 from kasmina_jax import orchestration as orch
 from kasmina_jax import tamiyo
@@ -409,7 +409,7 @@ def log_epoch(log, state: TrainState, out: EpochOutput, rolled_back: bool, fr_ex
       params_active=counts["model"], params_allocated=counts["host"] + counts["allocated"],
       stages={k: np.asarray(v.seeds.stage).tolist() for k, v in layers.items()},
       health={k: {f: np.asarray(getattr(r.health, f)).tolist()
-                  for f in ("chunk_variance", "dead_node_ratio", "avg_inter_node_correlation")}
+                  for f in tamiyo.HEALTH_FIELDS}
               for k, r in out.report.layers.items()},
       alpha={k: np.asarray(v.seeds.alpha).tolist() for k, v in layers.items()},
       extra={"rolled_back": rolled_back,

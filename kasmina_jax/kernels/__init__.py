@@ -22,9 +22,10 @@ import importlib.util
 
 import jax
 
+from kasmina_jax import layer as layer_lib
 from kasmina_jax.kernels import common
 
-IMPLS = ("auto", "reference", "pallas", "triton")
+IMPLS = layer_lib.IMPLS  # one list of the layer's `impl` values (kasmina_jax.layer)
 
 # GPU model (`jax.Device.device_kind`) -> {layer mode: the backend measured fastest there,
 # forward and forward+backward, by benchmarks/bench_layer.py (benchmarks/RESULTS.md)}. Modes:

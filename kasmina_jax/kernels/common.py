@@ -95,7 +95,7 @@ class FusedOutputs(NamedTuple):
 
 def seed_inputs(spec: layer_lib.KasminaSpec, seeds, eval_alpha=None) -> SeedInputs:
   """The stage rules of `layer.forward_reference` as per-seed float masks."""
-  training, grafting, full_on, live, _ = layer_lib._stage_masks(seeds.stage)  # pylint: disable=protected-access
+  training, grafting, full_on, live, _ = layer_lib.stage_masks(seeds.stage)
   tables = layer_lib.seed_tables(spec.catalog, seeds.blueprint)
   res = tables.residual > 0
   f32 = lambda m: m.astype(jnp.float32)
@@ -289,7 +289,7 @@ def forward(spec: layer_lib.KasminaSpec, params: bp_lib.ChildParams, seeds, x: j
   rows = int(np.prod(lead)) if lead else 1
   x2d = x.reshape((rows, spec.dim))
   evaluating = eval_alpha is not None
-  training, _, full_on, live, learning = layer_lib._stage_masks(seeds.stage)  # pylint: disable=protected-access
+  training, _, full_on, live, learning = layer_lib.stage_masks(seeds.stage)
   seed_in = seed_inputs(spec, seeds, eval_alpha)
   host_grad = full_on & ~jnp.asarray(evaluating)
 

@@ -5,33 +5,23 @@ from __future__ import annotations
 import dataclasses
 import enum
 
-
 from kasmina_jax import _checks
 from kasmina_jax import lifecycle
+from kasmina_jax import telemetry
+from kasmina_jax.grafting import STRATEGY_NAMES, GraftingStrategy
 from kasmina_jax.lifecycle import Stage
 
 
-# Grafting strategy ids: the order of `kasmina_jax.grafting.GraftingStrategy`.
-FIXED_RAMP = 0
+# Grafting strategy ids and names: those of `kasmina_jax.grafting` (one definition).
+FIXED_RAMP = int(GraftingStrategy.FIXED_RAMP)
+PERFORMANCE_LINKED = int(GraftingStrategy.PERFORMANCE_LINKED)
+DRIFT_CONTROLLED = int(GraftingStrategy.DRIFT_CONTROLLED)
+GRAD_NORM_GATED = int(GraftingStrategy.GRAD_NORM_GATED)
+NUM_GRAFTING_STRATEGIES = len(GraftingStrategy)
+GRAFTING_STRATEGY_NAMES = STRATEGY_NAMES
 
-
-PERFORMANCE_LINKED = 1
-
-
-DRIFT_CONTROLLED = 2
-
-
-GRAD_NORM_GATED = 3
-
-
-NUM_GRAFTING_STRATEGIES = 4
-
-
-GRAFTING_STRATEGY_NAMES = ("fixed_ramp", "performance_linked", "drift_controlled",
-                           "grad_norm_gated")
-
-
-HEALTH_FIELDS = ("chunk_variance", "dead_node_ratio", "avg_inter_node_correlation")
+# The health fields Tamiyo reads, in the order of its (K, 3) health matrices.
+HEALTH_FIELDS = telemetry.HEALTH_FIELDS
 
 
 # Stages whose entry produces a field report.
