@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import zlib
 from jax.experimental import pallas as pl
 
 from kasmina_jax import blueprints as bp
@@ -94,8 +95,17 @@ def pallas_forward(spec, params, seeds, x, **kw):
 
 
 def assert_close(got, ref, tol, what=""):
+  """Relative closeness per leaf, with the floor set by the whole tree.
+
+  A leaf whose reference nearly cancels to zero (a gradient summed over many
+  terms of both signs) carries float32 rounding relative to its terms, not to
+  its tiny sum, so its error is measured against a thousandth of the tree's norm.
+  """
   got_leaves, ref_leaves = jax.tree.leaves(got), jax.tree.leaves(ref)
   assert len(got_leaves) == len(ref_leaves), what
+  tree_scale = np.sqrt(sum(
+      float(np.sum(np.nan_to_num(np.asarray(r, np.float64)) ** 2))
+      for r in ref_leaves if np.asarray(r).dtype != bool))
   for i, (g, r) in enumerate(zip(got_leaves, ref_leaves)):
     g, r = np.asarray(g), np.asarray(r)
     assert g.shape == r.shape and g.dtype == r.dtype, (what, i, g.shape, r.shape, g.dtype, r.dtype)
@@ -107,7 +117,8 @@ def assert_close(got, ref, tol, what=""):
     fin = ~np.isnan(r)
     err = np.linalg.norm((g - r)[fin])
     scale = np.linalg.norm(r[fin])
-    assert err <= tol * max(scale, 1e-6), f"{what}[{i}]: rel err {err / max(scale, 1e-30):.2e}"
+    floor = max(1e-3 * tree_scale, 1e-6)
+    assert err <= tol * max(scale, floor), f"{what}[{i}]: rel err {err / max(scale, 1e-30):.2e}"
 
 
 def check_against_reference(spec, params, seeds, x, u, tel, *, tol, eval_alpha=None,
@@ -163,7 +174,7 @@ def test_resolve_impl_on_cpu():
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_matches_reference_float32(name):
-  spec, params, seeds, x, u, tel = make_layer(name, jax.random.PRNGKey(hash(name) % 1000))
+  spec, params, seeds, x, u, tel = make_layer(name, jax.random.PRNGKey(zlib.crc32(name.encode()) % 1000))
   check_against_reference(spec, params, seeds, x, u, tel, tol=1e-5)
 
 
