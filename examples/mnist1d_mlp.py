@@ -107,14 +107,27 @@ def task_kwargs(args) -> dict:
               steps=args.steps, batch_size=args.batch_size)
 
 
-def parse_lrs(text: str) -> tuple[float, ...]:
-  try:
-    lrs = tuple(float(x) for x in text.split(",") if x.strip())
-  except ValueError:
-    raise ValueError(f"--lrs: expected comma-separated numbers, got {text!r}") from None
-  if not lrs or any(not lr > 0 for lr in lrs):
-    raise ValueError(f"--lrs: expected positive learning rates, got {text!r}")
-  return lrs
+def parse_lrs(text: str) -> tuple[float, ...] | dict[str, tuple[float, ...]]:
+  """`--lrs`: one grid for every variant ("1e-3,3e-3") or a grid per variant
+  ("fixed_small=1e-2,grown=3e-3:1e-2", rates of a variant separated by colons)."""
+  def rates(part: str) -> tuple[float, ...]:
+    try:
+      out = tuple(float(x) for x in part.split(":" if "=" in text else ",") if x.strip())
+    except ValueError:
+      raise ValueError(f"--lrs: expected comma-separated numbers or variant=rate[:rate] "
+                       f"pairs, got {text!r}") from None
+    if not out or any(not lr > 0 for lr in out):
+      raise ValueError(f"--lrs: expected positive learning rates, got {text!r}")
+    return out
+  if "=" not in text:
+    return rates(text)
+  grids = {}
+  for item in text.split(","):
+    variant, sep, part = item.partition("=")
+    if not sep or not variant.strip():
+      raise ValueError(f"--lrs: expected variant=rate[:rate] pairs, got {item!r} in {text!r}")
+    grids[variant.strip()] = rates(part)
+  return grids
 
 
 def export_grown(state: training.TrainState, test: dict, directory: str, include: str) -> None:

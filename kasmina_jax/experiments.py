@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -287,21 +288,24 @@ def _run_job(job):
 
 
 def sweep(task_factory: Callable[..., Task], task_kwargs: dict, *,
-          variants: Sequence[str] = VARIANTS, lrs: Sequence[float] = DEFAULT_LRS,
+          variants: Sequence[str] = VARIANTS,
+          lrs: Sequence[float] | Mapping[str, Sequence[float]] = DEFAULT_LRS,
           seeds: int = 5, workers: int = 1, log_dir: str | None = None,
           on_result: Callable[[RunResult], None] | None = None) -> list[RunResult]:
   """Every (variant, lr, seed) run of a task. `task_factory(**task_kwargs)` builds the task
-  (in each worker process too, so it must be a module-level function). With `workers > 1`
-  the runs go to that many processes. Only the grown run of the first rate and seed writes an
-  event log (to `log_dir`). Validation only: the test split is not read here."""
+  (in each worker process too, so it must be a module-level function). `lrs` is one grid for
+  every variant, or a `{variant: rates}` map (a grid per variant, e.g. narrowed by an earlier
+  validation-only round). With `workers > 1` the runs go to that many processes. Only the
+  grown run of the first rate and seed writes an event log (to `log_dir`). Validation only:
+  the test split is not read here."""
   for v in variants:
     if v not in VARIANTS:
       raise ValueError(f"variants: unknown variant {v!r}; expected some of {VARIANTS}")
-  if not lrs:
-    raise ValueError("lrs: expected at least one learning rate")
+  grids = variant_rates(variants, lrs)
   jobs = [(task_factory, task_kwargs, v, float(lr), s,
            log_dir if (s == 0 and v == "grown") else None)
-          for s in range(seeds) for lr in lrs for v in variants]
+          for s in range(seeds) for lr in sorted({r for g in grids.values() for r in g})
+          for v in variants if lr in grids[v]]
   results = []
   if workers <= 1:
     for job in jobs:
@@ -332,6 +336,28 @@ def sweep(task_factory: Callable[..., Task], task_kwargs: dict, *,
     else:
       os.environ["XLA_FLAGS"] = saved
   return results
+
+
+def variant_rates(variants: Sequence[str],
+                  lrs: Sequence[float] | Mapping[str, Sequence[float]]
+                  ) -> dict[str, tuple[float, ...]]:
+  """`{variant: rates}` from one shared grid or a per-variant map (which must name every
+  variant and no other); each grid non-empty and positive."""
+  if isinstance(lrs, Mapping):
+    extra = sorted(set(lrs) - set(variants))
+    missing = [v for v in variants if v not in lrs]
+    if extra or missing:
+      raise ValueError(f"lrs: the rate map must name exactly the variants {list(variants)}; "
+                       f"missing {missing}, unexpected {extra}")
+    grids = {v: tuple(float(r) for r in lrs[v]) for v in variants}
+  else:
+    grids = {v: tuple(float(r) for r in lrs) for v in variants}
+  for v, grid in grids.items():
+    if not grid:
+      raise ValueError(f"lrs: expected at least one learning rate (variant {v!r})")
+    if any(not (r > 0 and math.isfinite(r)) for r in grid):
+      raise ValueError(f"lrs: expected positive finite learning rates, got {grid} for {v!r}")
+  return grids
 
 
 def _better(task: Task, a: float, b: float) -> bool:
@@ -459,7 +485,8 @@ def verdict(rows: Sequence[dict], *, higher_is_better: bool = True) -> dict:
 
 
 def run_protocol(task_factory: Callable[..., Task], task_kwargs: dict, *,
-                 variants: Sequence[str] = VARIANTS, lrs: Sequence[float] = DEFAULT_LRS,
+                 variants: Sequence[str] = VARIANTS,
+                 lrs: Sequence[float] | Mapping[str, Sequence[float]] = DEFAULT_LRS,
                  seeds: int = 5, workers: int = 1, log_dir: str | None = None,
                  verbose: bool = True, read_test: bool = True) -> dict:
   """The whole protocol for one task: sweep, choose on validation, test once, summarise.
