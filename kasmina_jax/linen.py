@@ -157,8 +157,9 @@ class KasminaDense(nn.Module):
     if self.activation is not None:
       h = self.activation(h)
     return KasminaLayer(num_seeds=self.num_seeds, blueprints=self.blueprints,
-                        grafting_strategies=self.grafting_strategies, corr_rows=self.corr_rows, trust_penalty=self.trust_penalty,
-                        impl=self.impl, name="kasmina")(h, u=u, train=train)
+                        grafting_strategies=self.grafting_strategies, corr_rows=self.corr_rows,
+                        trust_penalty=self.trust_penalty, impl=self.impl,
+                        name="kasmina")(h, u=u, train=train)
 
 
 # ------------------------------------------------------------------------------ tree helpers

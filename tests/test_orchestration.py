@@ -70,7 +70,8 @@ def test_maps_are_keyed_by_layer_path_and_named_only_for_json():
     orch.commit(slots, params, None, orch.seed_map(slots), {"dense/kasmina": _germinate_one()},
                 config=cfg.lifecycle, epoch=0, keys={PATH: jax.random.key(0)},
                 reset_telemetry=True)
-  assert set(orch.layer_reports(slots)) == set(slots) == set(orch.init_controller(slots, cfg).layers)
+  ctrl = orch.init_controller(slots, cfg)
+  assert set(orch.layer_reports(slots)) == set(slots) == set(ctrl.layers)
   assert orch.layer_name(PATH) == "dense/kasmina"
   with pytest.raises(TypeError, match="path"):
     orch.layer_name("dense/kasmina")

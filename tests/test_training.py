@@ -411,8 +411,8 @@ class CrawlNet(nn.Module):
     catalog = blueprints.default_blueprints(parallel_hidden=8)
     x = knn.KasminaDense(8, 4, blueprints=catalog, activation=nn.relu, corr_rows=32,
                          grafting_strategies=self.strategies, name="hidden0")(x, train=train)
-    x = knn.KasminaLayer(2, corr_rows=32, grafting_strategies=grafting.DEFAULT_STRATEGIES + (crawl,),
-                         name="seeds1")(x, train=train)
+    x = knn.KasminaLayer(2, corr_rows=32, name="seeds1",
+                         grafting_strategies=grafting.DEFAULT_STRATEGIES + (crawl,))(x, train=train)
     return nn.Dense(2, name="head")(x)
 
 

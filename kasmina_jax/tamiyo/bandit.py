@@ -132,24 +132,25 @@ def observe(ctrl: ControllerState, reports,
   return ctrl.replace(layers=jax.tree.unflatten(treedef, new_layers))
 
 
+def _statistics(ctrl: ControllerState, prefix: str):
+  """Per layer, plain-Python {count, mean_reward, failures, tries} lists of the statistics
+  `prefix`_count, ... ("bp": per blueprint, "sg": per grafting strategy)."""
+  def one(lc: LayerControllerState):
+    n = np.asarray(getattr(lc, f"{prefix}_count"))
+    return {"count": n.tolist(),
+            "mean_reward": (np.asarray(getattr(lc, f"{prefix}_reward_sum"))
+                            / np.maximum(n, 1.0)).tolist(),
+            "failures": np.asarray(getattr(lc, f"{prefix}_failures")).tolist(),
+            "tries": np.asarray(getattr(lc, f"{prefix}_tries")).tolist()}
+  return jax.tree.map(one, ctrl.layers, is_leaf=lambda x: isinstance(x, LayerControllerState))
+
+
 def strategy_statistics(ctrl: ControllerState):
   """Per layer, plain-Python grafting-strategy statistics: {count, mean_reward, failures,
   tries} lists, indexed like the layer's strategies."""
-  def one(lc: LayerControllerState):
-    n = np.asarray(lc.sg_count)
-    return {"count": n.tolist(),
-            "mean_reward": (np.asarray(lc.sg_reward_sum) / np.maximum(n, 1.0)).tolist(),
-            "failures": np.asarray(lc.sg_failures).tolist(),
-            "tries": np.asarray(lc.sg_tries).tolist()}
-  return jax.tree.map(one, ctrl.layers, is_leaf=lambda x: isinstance(x, LayerControllerState))
+  return _statistics(ctrl, "sg")
 
 
 def blueprint_statistics(ctrl: ControllerState):
   """Per layer, plain-Python bandit statistics: {count, mean_reward, failures, tries} lists."""
-  def one(lc: LayerControllerState):
-    n = np.asarray(lc.bp_count)
-    return {"count": n.tolist(),
-            "mean_reward": (np.asarray(lc.bp_reward_sum) / np.maximum(n, 1.0)).tolist(),
-            "failures": np.asarray(lc.bp_failures).tolist(),
-            "tries": np.asarray(lc.bp_tries).tolist()}
-  return jax.tree.map(one, ctrl.layers, is_leaf=lambda x: isinstance(x, LayerControllerState))
+  return _statistics(ctrl, "bp")
