@@ -184,9 +184,12 @@ def decisions(args, n: int) -> dict:
       agree &= distributed.is_replicated((state, out)) and distributed.replicas_agree((state, out))
     epochs.append({
         "losses": losses, "val_loss": float(out.val_loss), "rolled_back": rolled_back,
-        "stages": {k: np.asarray(v).tolist() for k, v in out.new_stage.items()},
-        "commands": {k: np.asarray(v.op).tolist() for k, v in out.commands.items()},
-        "accepted": {k: np.asarray(v).tolist() for k, v in out.accepted.items()},
+        "stages": {training.layer_name(k): np.asarray(v).tolist()
+                   for k, v in out.new_stage.items()},
+        "commands": {training.layer_name(k): np.asarray(v.op).tolist()
+                     for k, v in out.commands.items()},
+        "accepted": {training.layer_name(k): np.asarray(v).tolist()
+                     for k, v in out.accepted.items()},
     })
   return {"devices": n, "epochs": epochs, "replicas_agree": bool(agree)}
 

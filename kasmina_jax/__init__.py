@@ -5,10 +5,12 @@ monitors its health and, when Tamiyo (the controller) commands it, grows a small
 through an 11-stage gated lifecycle. Everything is a pure function over pytrees.
 
 Modules: `lifecycle`, `grafting`, `blueprints`, `telemetry`, `layer` (the `jnp` reference),
-`kernels` (Pallas / Triton), `tamiyo`, `optim` (optax); loaded on first use (they import Flax
-or more): `linen` (Flax Linen; `nn` is its old name, kept one release), `nnx` (Flax NNX),
-`training`, `experiments`, `datasets`, `distributed` (meshes), `export` (a grown model as
-plain Flax and StableHLO); optional: `checkpoint` (orbax), `events`, `plots` (matplotlib).
+`kernels` (Pallas / Triton), `tamiyo`, `optim` (optax), `orchestration` (the seeds' per-step
+and per-epoch sequence over every layer, framework-free); loaded on first use (they import
+Flax or more): `linen` (Flax Linen; `nn` is its old name, kept one release), `nnx` (Flax NNX),
+`training` (re-exports `steps`, `loop`, `losses`), `experiments`, `datasets`, `distributed`
+(meshes), `export` (a grown model as plain Flax and StableHLO); optional: `checkpoint`
+(orbax), `events`, `plots` (matplotlib).
 """
 
 import importlib
@@ -63,6 +65,7 @@ __all__ = [
     "init_seed_state", "layer", "lifecycle", "linen", "make_commands", "nn", "no_commands", "optim",
     "request_germination", "tamiyo", "telemetry", "update_readiness", "datasets",
     "distributed", "experiments", "kernels", "nnx", "training", "export", "export_model",
+    "steps", "loop", "losses", "orchestration",
 ]
 
 # The shells (Flax Linen / NNX), the loop, experiment drivers, data sets and meshes load on
@@ -70,7 +73,7 @@ __all__ = [
 # framework-free core (`kasmina_jax.optim`, ...) then never import Flax (DESIGN.md
 # amendment 7, "Layering"), and experiments / data sets cost nothing until used.
 _LAZY_MODULES = ("datasets", "distributed", "experiments", "export", "export_model", "linen",
-                 "nn", "nnx", "training")
+                 "nn", "nnx", "training", "steps", "loop", "losses", "orchestration")
 _LAZY_NAMES = {"KasminaDense": "linen", "KasminaLayer": "linen"}
 
 

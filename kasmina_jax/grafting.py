@@ -4,7 +4,11 @@ A grafting strategy is a pure function `(seeds, signals, config) -> (increment, 
 shaped (num_seeds,): how much alpha would rise this step and whether the strategy pauses the
 ramp. `update_alpha` computes every strategy, selects per seed by `seeds.strategy`, applies the
 pause bound (`GraftingConfig.pause_limit`) and clips alpha to [0, 1]. Strategies are given as a
-tuple (`DEFAULT_STRATEGIES`, index == `GraftingStrategy` value); users may pass their own.
+tuple (`DEFAULT_STRATEGIES`, index == `GraftingStrategy` value); users may pass their own, to
+the layer at construction (`linen.KasminaLayer(grafting_strategies=...)`, the NNX layer's
+twin): a seed's `strategy` is an id into its layer's tuple, and a strategy's name (what Tamiyo's
+`grafting_strategy` and the field reports use) is its function's `__name__`
+(`strategy_names`).
 
 A train step calls `grafting_step(seeds, signals, config)` once per step (after
 `lifecycle.tick_step`). Everything here is jittable and vmappable over stacked layers.
@@ -178,15 +182,39 @@ def _check_signals(signals, num_seeds: int) -> GraftSignals:
   )
 
 
-def _check_strategies(strategies) -> tuple[Strategy, ...]:
+def check_strategies(strategies, name: str = "strategies", *,
+                     named: bool = True) -> tuple[Strategy, ...]:
+  """`strategies` as a tuple of strategy functions, with distinct names (`strategy_names`)
+  when `named` (a layer's, whose ids Tamiyo and the field reports name); a TypeError /
+  ValueError naming `name` otherwise."""
   if isinstance(strategies, (str, bytes)) or not isinstance(strategies, Sequence):
-    raise TypeError(f"strategies: expected a tuple of functions, got {type(strategies).__name__}")
+    raise TypeError(f"{name}: expected a tuple of functions, got {type(strategies).__name__}")
   if not strategies:
-    raise ValueError("strategies: expected at least one strategy")
+    raise ValueError(f"{name}: expected at least one strategy")
+  seen = {}
   for i, s in enumerate(strategies):
     if not callable(s):
-      raise TypeError(f"strategies[{i}]: expected a function, got {type(s).__name__}")
+      raise TypeError(f"{name}[{i}]: expected a function, got {type(s).__name__}")
+    if not named:
+      continue
+    label = getattr(s, "__name__", None)
+    if not isinstance(label, str) or not label or label == "<lambda>":
+      raise TypeError(f"{name}[{i}]: a strategy is named by its `__name__`; got "
+                      f"{label!r} (use a def, or set `__name__`)")
+    if label in seen:
+      raise ValueError(f"{name}: strategies {seen[label]} and {i} are both named {label!r}")
+    seen[label] = i
   return tuple(strategies)
+
+
+def _check_strategies(strategies) -> tuple[Strategy, ...]:
+  return check_strategies(strategies, named=False)
+
+
+def strategy_names(strategies: Sequence[Strategy]) -> tuple[str, ...]:
+  """The names of a strategy tuple (each function's `__name__`; the built-ins' are
+  `STRATEGY_NAMES`)."""
+  return tuple(s.__name__ for s in check_strategies(strategies))
 
 
 # --------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from kasmina_jax import blueprints as bp_lib
+from kasmina_jax import grafting as graft_lib
 from kasmina_jax import layer as layer_lib
 from kasmina_jax import lifecycle
 from kasmina_jax import orchestration as orch
@@ -47,11 +48,13 @@ KASMINA_EVAL = "kasmina_eval"
 
 @struct.dataclass
 class KasminaVars:
-  """One layer's non-parameter state; `spec` is static metadata (part of the treedef)."""
+  """One layer's non-parameter state; `spec` and `strategies` (the layer's grafting
+  strategies) are static metadata (part of the treedef)."""
 
   seeds: lifecycle.SeedState
   telemetry: tel_lib.TelemetryState
   spec: layer_lib.KasminaSpec = struct.field(pytree_node=False)
+  strategies: tuple = struct.field(pytree_node=False, default=graft_lib.DEFAULT_STRATEGIES)
 
 
 @struct.dataclass
@@ -64,18 +67,26 @@ class StepSummary:
   nonfinite: jax.Array
 
 
-def init_layer_vars(spec: layer_lib.KasminaSpec) -> KasminaVars:
+def init_layer_vars(spec: layer_lib.KasminaSpec,
+                    strategies: tuple = graft_lib.DEFAULT_STRATEGIES) -> KasminaVars:
   return KasminaVars(seeds=lifecycle.init_seed_state(spec.num_seeds),
-                     telemetry=layer_lib.init_telemetry(spec), spec=spec)
+                     telemetry=layer_lib.init_telemetry(spec), spec=spec,
+                     strategies=graft_lib.check_strategies(strategies, "grafting_strategies"))
 
 
 class KasminaLayer(nn.Module):
   """A chunked Kasmina layer over the last axis of `x` (place it after any Dense, Conv or
   attention output). Pass `u`, the wrapped host layer's input, for parallel-wired
-  blueprints (see `KasminaDense`)."""
+  blueprints (see `KasminaDense`).
+
+  `grafting_strategies`: the strategies this layer's seeds may graft with (a tuple of
+  `grafting.Strategy` functions, named by `__name__`; default `grafting.DEFAULT_STRATEGIES`).
+  A seed's `strategy` is an id into it; Tamiyo chooses among them and the train step's alpha
+  update runs them."""
 
   num_seeds: int
   blueprints: tuple[bp_lib.Blueprint, ...] = bp_lib.default_blueprints()
+  grafting_strategies: tuple = graft_lib.DEFAULT_STRATEGIES
   corr_rows: int = 256
   trust_penalty: float = 1.0
   dead_eps: float = tel_lib.DEAD_EPS
@@ -94,10 +105,15 @@ class KasminaLayer(nn.Module):
     if not spec.catalog.any_parallel:
       u = None
     children = self.param("children", lambda _key: layer_lib.init_children(spec))
-    state = self.variable(KASMINA, "state", init_layer_vars, spec)
+    strategies = graft_lib.check_strategies(self.grafting_strategies, "grafting_strategies")
+    state = self.variable(KASMINA, "state", init_layer_vars, spec, strategies)
     if state.value.spec != spec:
       raise ValueError(f"{self.name}: stored KasminaSpec {state.value.spec} does not match "
                        f"this call's {spec} (input width or settings changed)")
+    if state.value.strategies != strategies:
+      raise ValueError(f"{self.name}: stored grafting strategies "
+                       f"{graft_lib.strategy_names(state.value.strategies)} do not match this "
+                       f"layer's grafting_strategies {graft_lib.strategy_names(strategies)}")
     eval_alpha = None
     if self.has_variable(KASMINA_EVAL, "eval_alpha"):
       eval_alpha = self.get_variable(KASMINA_EVAL, "eval_alpha")
@@ -129,6 +145,7 @@ class KasminaDense(nn.Module):
   features: int
   num_seeds: int
   blueprints: tuple[bp_lib.Blueprint, ...] = bp_lib.default_blueprints()
+  grafting_strategies: tuple = graft_lib.DEFAULT_STRATEGIES
   activation: Callable[[jax.Array], jax.Array] | None = None
   corr_rows: int = 256
   trust_penalty: float = 1.0
@@ -140,8 +157,9 @@ class KasminaDense(nn.Module):
     if self.activation is not None:
       h = self.activation(h)
     return KasminaLayer(num_seeds=self.num_seeds, blueprints=self.blueprints,
-                        corr_rows=self.corr_rows, trust_penalty=self.trust_penalty,
-                        impl=self.impl, name="kasmina")(h, u=u, train=train)
+                        grafting_strategies=self.grafting_strategies, corr_rows=self.corr_rows,
+                        trust_penalty=self.trust_penalty, impl=self.impl,
+                        name="kasmina")(h, u=u, train=train)
 
 
 # ------------------------------------------------------------------------------ tree helpers
@@ -173,7 +191,8 @@ def seed_states(kasmina: Any) -> dict[tuple, lifecycle.SeedState]:
 def layer_slots(kasmina: Any) -> dict[tuple, orch.LayerSlot]:
   """`{layer path: orchestration.LayerSlot}` of a `kasmina` collection: what the
   framework-free orchestration (per-step update, epoch commit, rollback) works on."""
-  return {path: orch.LayerSlot(seeds=v.seeds, telemetry=v.telemetry, spec=v.spec)
+  return {path: orch.LayerSlot(seeds=v.seeds, telemetry=v.telemetry, spec=v.spec,
+                               strategies=v.strategies)
           for path, v in find_layers(kasmina).items()}
 
 

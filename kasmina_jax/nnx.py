@@ -40,6 +40,7 @@ import optax
 from flax import nnx
 
 from kasmina_jax import blueprints as bp_lib
+from kasmina_jax import grafting as graft_lib
 from kasmina_jax import layer as layer_lib
 from kasmina_jax import lifecycle
 from kasmina_jax import optim
@@ -88,13 +89,16 @@ class KasminaLayer(nnx.Module):
   """A chunked Kasmina layer over the last axis of its input (width `dim`).
 
   `input_dim`: width of the wrapped host layer's input, needed by parallel-wired blueprints
-  (pass `u` to `__call__` then; see `KasminaDense`). `rngs`: if given, the layer keeps its own
-  `germinate` key stream, used by `commit_seed_states` when no key is passed. Children start
-  empty (no seed holds one), so construction draws no random numbers.
+  (pass `u` to `__call__` then; see `KasminaDense`). `grafting_strategies`: the strategies its
+  seeds may graft with (a tuple of `grafting.Strategy` functions named by `__name__`; default
+  `grafting.DEFAULT_STRATEGIES`; a seed's `strategy` is an id into it). `rngs`: if given, the
+  layer keeps its own `germinate` key stream, used by `commit_seed_states` when no key is
+  passed. Children start empty (no seed holds one), so construction draws no random numbers.
   """
 
   def __init__(self, dim: int, num_seeds: int, *,
                blueprints: tuple[bp_lib.Blueprint, ...] = bp_lib.default_blueprints(),
+               grafting_strategies: tuple = graft_lib.DEFAULT_STRATEGIES,
                input_dim: int | None = None, corr_rows: int = 256, trust_penalty: float = 1.0,
                dead_eps: float = tel_lib.DEAD_EPS, impl: str = "reference",
                rngs: nnx.Rngs | None = None):
@@ -105,6 +109,8 @@ class KasminaLayer(nnx.Module):
     self.spec = layer_lib.KasminaSpec(
         dim=dim, num_seeds=num_seeds, blueprints=tuple(blueprints), input_dim=input_dim,
         corr_rows=corr_rows, dead_eps=dead_eps, trust_penalty=trust_penalty)
+    self.grafting_strategies = graft_lib.check_strategies(grafting_strategies,
+                                                          "grafting_strategies")
     self.impl = impl
     self.deterministic = False
     self.children = Children(layer_lib.init_children(self.spec))
@@ -150,6 +156,7 @@ class KasminaDense(nnx.Module):
 
   def __init__(self, in_features: int, features: int, num_seeds: int, *,
                blueprints: tuple[bp_lib.Blueprint, ...] = bp_lib.default_blueprints(),
+               grafting_strategies: tuple = graft_lib.DEFAULT_STRATEGIES,
                activation: Callable[[jax.Array], jax.Array] | None = None,
                corr_rows: int = 256, trust_penalty: float = 1.0,
                dead_eps: float = tel_lib.DEAD_EPS, impl: str = "reference",
@@ -159,7 +166,7 @@ class KasminaDense(nnx.Module):
     needs_u = any(b.wiring == "parallel" for b in blueprints)
     self.host = nnx.Linear(in_features, features, rngs=rngs)
     self.kasmina = KasminaLayer(
-        features, num_seeds, blueprints=blueprints,
+        features, num_seeds, blueprints=blueprints, grafting_strategies=grafting_strategies,
         input_dim=in_features if needs_u else None, corr_rows=corr_rows,
         trust_penalty=trust_penalty, dead_eps=dead_eps, impl=impl, rngs=rngs)
     self.activation = activation
@@ -176,7 +183,7 @@ class KasminaDense(nnx.Module):
 
 
 # Compiled once per shape: these run at epoch ends, often outside any jit.
-_reinit_children = jax.jit(layer_lib.reinit_children, static_argnums=0)
+_install_seeds = jax.jit(orch.install_seeds, static_argnames=("reset_telemetry",))
 _health_report = jax.jit(layer_lib.health_report, static_argnums=0)
 
 
@@ -285,23 +292,32 @@ def commit_seed_states(model: nnx.Module, new_states: dict[tuple, lifecycle.Seed
   old_states = seed_states(model)
   paths = sorted(layers, key=str)
   keys = dict(zip(paths, jax.random.split(key, len(paths)))) if key is not None else {}
-  changed = {}
   for p in paths:
-    layer = layers[p]
-    old_stage = old_states[p].stage
-    if key is not None:
-      k = keys[p]
-    elif layer.rngs is not None:
-      k = layer.rngs.germinate()
-    else:
-      raise ValueError(f"key: the layer at {p} has no rngs of its own; pass key=")
-    layer.children.set(_reinit_children(layer.spec, layer.children.get(), old_stage,
-                                        new_states[p], k))
-    layer.seeds.set_value(new_states[p])
-    changed[p] = layer_lib.changed_children(old_stage, new_states[p].stage)
+    if key is None:
+      if layers[p].rngs is None:
+        raise ValueError(f"key: the layer at {p} has no rngs of its own; pass key=")
+      keys[p] = layers[p].rngs.germinate()
+  # The orchestration's install step (the one `training` commits with), over the children.
+  children = {}
+  for p, layer in layers.items():
+    children = _set_nested(children, orch.children_path(p), layer.children.get())
+  slots, children, _ = _install_seeds(layer_slots(model), children, None, old_states,
+                                      dict(new_states), keys=keys, reset_telemetry=False)
+  for p, layer in layers.items():
+    layer.children.set(orch.get_children(children, p))
+    layer.seeds.set_value(slots[p].seeds)
   if optimizer is not None:
     reset_optimizer_children(optimizer, model, old_states)
-  return changed
+  return {p: layer_lib.changed_children(old_states[p].stage, new_states[p].stage)
+          for p in paths}
+
+
+def layer_slots(model: nnx.Module) -> dict[tuple, orch.LayerSlot]:
+  """`{layer path: orchestration.LayerSlot}` of every Kasmina layer of `model` (the map the
+  framework-free orchestration works on, as `linen.layer_slots`)."""
+  return {p: orch.LayerSlot(seeds=layer.seeds.get_value(), telemetry=layer.telemetry.get_value(),
+                            spec=layer.spec, strategies=layer.grafting_strategies)
+          for p, layer in find_layers(model).items()}
 
 
 def kasmina_optimizer(model: nnx.Module, inner: optax.GradientTransformation, *,
@@ -315,27 +331,52 @@ def kasmina_optimizer(model: nnx.Module, inner: optax.GradientTransformation, *,
 # ------------------------------------------------------------------- the shared training loop
 
 
+_KASMINA_VARS = (SeedVar, TelemetryVar, StepSummaryVar)
+# The model's state that is neither a parameter nor a Kasmina layer's seeds / telemetry /
+# step summary: BatchNorm statistics, Dropout and other RNG streams, user variables.
+_OTHER_STATE = nnx.Not(nnx.Any(nnx.Param, *_KASMINA_VARS))
+
+
+def _other_state(model: nnx.Module) -> dict:
+  """`model`'s state that is not a parameter or a Kasmina layer's, as a pure dict."""
+  return nnx.as_pure(nnx.state(model, _OTHER_STATE)).to_pure_dict()
+
+
 class NnxModel:
   """An NNX model seen through Linen's `apply` contract, so that `kasmina_jax.training`
   (`train_step`, `epoch_transition`, `fit`, rollback) trains it with the same code as a Linen
   model, through the same framework-free orchestration.
 
   The model is split once: its `nnx.Param`s become `TrainState.params` (a pure dict; the
-  children under `layer path + ("children",)` as field mappings) and its Kasmina layers' seeds
-  and telemetry a Linen-shaped `kasmina` collection (`{...path...: {"state": KasminaVars}}`);
-  every `apply` merges a fresh copy, runs it and reads the layers back. Any other state (the
-  layers' own `rngs`, ...) is held constant: the loop draws germination keys from
-  `TrainState.rng`. Compared by identity (a static field of the jitted train state).
+  children under `layer path + ("children",)` as field mappings), its Kasmina layers' seeds
+  and telemetry a Linen-shaped `kasmina` collection (`{...path...: {"state": KasminaVars}}`),
+  and the rest of its state (BatchNorm statistics, RNG streams such as Dropout's, any other
+  `nnx.Variable`) the collection `STATE` of `TrainState.model_state`, a pure dict that every
+  training pass updates as Linen's mutable collections are (evaluation passes read it). Every
+  `apply` merges a fresh copy, sets it to training or evaluation mode (`deterministic`,
+  `use_running_average`, as `nnx.Module.train()` / `eval()`), runs it and reads the state
+  back. The loop draws germination keys from `TrainState.rng`. Compared by identity (a
+  static field of the jitted train state).
   """
+
+  STATE = "nnx_state"
 
   def __init__(self, model: nnx.Module):
     if not isinstance(model, nnx.Module):
       raise TypeError(f"model: expected an nnx.Module, got {type(model).__name__}")
     if not find_layers(model):
       raise ValueError("model: found no Kasmina layer (kasmina_jax.nnx.KasminaLayer) in it")
-    self.graphdef, params, self.rest = nnx.split(model, nnx.Param, ...)
+    self.graphdef, params, self.kasmina_template, other = nnx.split(
+        model, nnx.Param, _KASMINA_VARS, ...)
     self.params_template = params
+    self.state_template = other
     self.initial_params = nnx.as_pure(params).to_pure_dict()
+    self.initial_state = nnx.as_pure(other).to_pure_dict()
+
+  def model_state(self, model: nnx.Module) -> dict:
+    """`TrainState.model_state` of `model`: `{STATE: its other state}` (empty if none)."""
+    state = _other_state(model)
+    return {self.STATE: state} if jax.tree.leaves(state) else {}
 
   def kasmina_collection(self, model: nnx.Module) -> dict:
     """The Linen-shaped `kasmina` collection of `model`'s Kasmina layers."""
@@ -344,21 +385,28 @@ class NnxModel:
     for path, layer in find_layers(model).items():
       out = _set_nested(out, path + ("state",), kln.KasminaVars(
           seeds=layer.seeds.get_value(), telemetry=layer.telemetry.get_value(),
-          spec=layer.spec))
+          spec=layer.spec, strategies=layer.grafting_strategies))
     return out
 
-  def merge(self, params: Any) -> nnx.Module:
-    """A fresh copy of the model holding `params` (a pure dict like `initial_params`)."""
-    state = nnx.clone(self.params_template)
-    nnx.replace_by_pure_dict(state, params)
+  def merge(self, params: Any, state: Any = None) -> nnx.Module:
+    """A fresh copy of the model holding `params` (a pure dict like `initial_params`) and its
+    other state `state` (a pure dict like `initial_state`; None: the initial one)."""
+    pstate = nnx.clone(self.params_template)
+    nnx.replace_by_pure_dict(pstate, params)
+    other = nnx.clone(self.state_template)
+    if state is not None:
+      nnx.replace_by_pure_dict(other, state)
     # copy: fresh Variables in the caller's trace (the held ones belong to the outer one).
-    return nnx.merge(self.graphdef, state, self.rest, copy=True)
+    return nnx.merge(self.graphdef, pstate, self.kasmina_template, other, copy=True)
 
   def apply(self, variables: dict, x: jax.Array, *, train: bool = True, mutable=()):
-    """Linen's `apply`: `variables` holds "params", "kasmina" and optionally "kasmina_eval"
-    (per layer `eval_alpha`); returns `(out, {"kasmina": ..., "kasmina_aux": ...})`."""
+    """Linen's `apply`: `variables` holds "params", "kasmina", optionally "kasmina_eval"
+    (per layer `eval_alpha`) and `STATE`; returns `(out, mutated)`, `mutated` holding those
+    of "kasmina", "kasmina_aux" and `STATE` that are in `mutable`."""
     from kasmina_jax import linen as kln  # pylint: disable=g-import-not-at-top
-    model = self.merge(variables["params"])
+    model = self.merge(variables["params"], variables.get(self.STATE))
+    model.set_attributes(deterministic=not train, use_running_average=not train,
+                         raise_if_not_found=False)
     kasmina = variables[kln.KASMINA]
     evals = variables.get(kln.KASMINA_EVAL)
     layers = find_layers(model)
@@ -366,28 +414,30 @@ class NnxModel:
       v = kln.get_path(kasmina, path + ("state",))
       layer.seeds.set_value(v.seeds)
       layer.telemetry.set_value(v.telemetry)
-      layer.deterministic = not train
       layer.record_eval = True
       if evals is not None:
         layer.default_eval_alpha = nnx.data(kln.get_path(evals, path)["eval_alpha"])
     out = model(x)
     mutated = {}
     if kln.KASMINA in mutable:
-      mutated[kln.KASMINA] = kln.with_slots(kasmina, {
-          p: orch.LayerSlot(seeds=l.seeds.get_value(), telemetry=l.telemetry.get_value(),
-                            spec=l.spec) for p, l in layers.items()})
+      mutated[kln.KASMINA] = kln.with_slots(kasmina, layer_slots(model))
     if kln.KASMINA_AUX in mutable:
       aux: dict = {}
       for p, l in layers.items():
         aux = _set_nested(aux, p + ("step",), l.last_step.get_value())
       mutated[kln.KASMINA_AUX] = aux
+    if self.STATE in mutable:
+      mutated[self.STATE] = _other_state(model)
     return out, mutated
 
-  def update_model(self, model: nnx.Module, params: Any, kasmina: Any) -> None:
-    """Writes trained `params` and the seeds / telemetry of `kasmina` into `model` (the
-    module this wrapper was built from, or one with the same structure)."""
+  def update_model(self, model: nnx.Module, params: Any, kasmina: Any,
+                   model_state: dict | None = None) -> None:
+    """Writes trained `params`, the seeds / telemetry of `kasmina` and the other state of
+    `model_state` (`TrainState.model_state`) into `model` (the module this wrapper was built
+    from, or one with the same structure)."""
     from kasmina_jax import linen as kln  # pylint: disable=g-import-not-at-top
-    nnx.update(model, nnx.state(self.merge(params), nnx.Param))
+    merged = self.merge(params, (model_state or {}).get(self.STATE))
+    nnx.update(model, nnx.state(merged, nnx.Param), nnx.state(merged, _OTHER_STATE))
     for path, layer in find_layers(model).items():
       v = kln.get_path(kasmina, path + ("state",))
       layer.seeds.set_value(v.seeds)
@@ -415,12 +465,14 @@ def create_train_state(model: nnx.Module, optimizer: optax.GradientTransformatio
   _, rng = jax.random.split(key)
   return training.new_train_state(
       wrapped, wrapped.initial_params, wrapped.kasmina_collection(model), optimizer, rng,
-      config, max_grad_norm=max_grad_norm, metric_names=metric_names)
+      config, max_grad_norm=max_grad_norm, metric_names=metric_names,
+      model_state=wrapped.model_state(model))
 
 
 def update_model(model: nnx.Module, state: Any) -> None:
-  """Installs a trained `training.TrainState`'s params and seed states into `model`."""
+  """Installs a trained `training.TrainState`'s params, seed states and other state
+  (`model_state`: BatchNorm statistics, RNG streams) into `model`."""
   if not isinstance(state.model, NnxModel):
     raise TypeError(f"state: expected a TrainState over an NnxModel, got model "
                     f"{type(state.model).__name__}")
-  state.model.update_model(model, state.params, state.kasmina)
+  state.model.update_model(model, state.params, state.kasmina, state.model_state)

@@ -11,6 +11,11 @@ Children live in the params pytree under `layer path + ("children",)`: a `ChildP
 (Linen) or a mapping with exactly its fields (what `nnx.state` makes of the NNX layer's
 per-field params); `get_children` / `set_children` read and write either form.
 
+Every map of layers here is keyed by layer path (the tuple of keys down to the layer, as in
+the params pytree): the slots, the seed states and commands Tamiyo decides on, the reports,
+deltas, field reports. `layer_name` turns a path into the "a/b" string only where a result
+leaves for JSON (history, event log, field-report records).
+
 Every function here is jittable; the loops over layers unroll at trace time.
 """
 
@@ -34,28 +39,52 @@ from kasmina_jax.blueprints import ChildParams
 
 @struct.dataclass
 class LayerSlot:
-  """One Kasmina layer's non-parameter state; `spec` is static (part of the treedef)."""
+  """One Kasmina layer's non-parameter state; `spec` and `strategies` (the layer's grafting
+  strategies, given at construction) are static (part of the treedef)."""
 
   seeds: lifecycle.SeedState
   telemetry: tel_lib.TelemetryState
   spec: layer_lib.KasminaSpec = struct.field(pytree_node=False)
+  strategies: tuple = struct.field(pytree_node=False, default=graft_lib.DEFAULT_STRATEGIES)
+
+  @property
+  def strategy_names(self) -> tuple[str, ...]:
+    return graft_lib.strategy_names(self.strategies)
 
 
 Slots = Mapping[tuple, LayerSlot]
 
-
-def layer_name(path: tuple) -> str:
-  """The name a layer has in Tamiyo's view (reports and seed maps keyed by name)."""
-  return "/".join(str(p) for p in path)
-
-
-def seeds_by_name(slots: Slots) -> dict[str, lifecycle.SeedState]:
-  return {layer_name(p): s.seeds for p, s in slots.items()}
+# The one conversion of a layer path to a string, for JSON outputs (see the module docstring).
+layer_name = tamiyo.layer_name
 
 
 def seed_map(slots: Slots) -> dict[tuple, lifecycle.SeedState]:
-  """`{layer path: SeedState}`, the map `optim` takes."""
+  """`{layer path: SeedState}`: what `optim` takes and what Tamiyo decides on."""
   return {p: s.seeds for p, s in slots.items()}
+
+
+def num_strategies(slots: Slots) -> dict[tuple, int]:
+  """`{layer path: number of grafting strategies}` (for `tamiyo.init_controller`)."""
+  return {p: len(s.strategies) for p, s in slots.items()}
+
+
+def num_blueprints(slots: Slots) -> dict[tuple, int]:
+  """`{layer path: catalog size}` (for `tamiyo.init_controller`)."""
+  return {p: s.spec.num_blueprints for p, s in slots.items()}
+
+
+def init_controller(slots: Slots, config: tamiyo.TamiyoConfig) -> tamiyo.ControllerState:
+  """Tamiyo's fresh memory for these layers (keyed by path, sized by their catalogs and
+  grafting strategies)."""
+  return tamiyo.init_controller(seed_map(slots), num_blueprints(slots), config,
+                                num_strategies=num_strategies(slots))
+
+
+def layer_reports(slots: Slots) -> dict[tuple, tamiyo.LayerReport]:
+  """Each layer's `tamiyo.LayerReport` from its telemetry (keyed by path)."""
+  return {p: tamiyo.layer_report(
+      s.spec, layer_lib.health_report(s.spec, s.telemetry, s.seeds), s.strategy_names)
+          for p, s in slots.items()}
 
 
 # --------------------------------------------------------------------------------- tree access
@@ -169,7 +198,7 @@ def step_update(slots: Slots, *, old_params, params, grads, snapshot, summaries:
     signals = graft_lib.GraftSignals(
         objective=objective, host_drift=layer_host_drift(params, snapshot, path),
         host_grad_norm=host_norm)
-    seeds = graft_lib.grafting_step(seeds, signals, grafting)
+    seeds = graft_lib.grafting_step(seeds, signals, grafting, slot.strategies)
     seeds = seeds.replace(nonfinite=seeds.nonfinite | summary.nonfinite)
     learning = lifecycle.stage_in(seeds.stage, lifecycle.learning_stages(fossil))
     tel = tel_lib.record_gradients(slot.telemetry, child_grad_norms(grads, path), learning)
@@ -184,20 +213,17 @@ def epoch_decide(slots: Slots, *, deltas: Mapping, recon_ratio: Mapping, train_l
                  host_grad_norm_mean, host_drift_value, epoch, ctrl: tamiyo.ControllerState,
                  config: tamiyo.TamiyoConfig, policy: Callable = tamiyo.decide):
   """Health reports, `tick_epoch`, `update_readiness` (on the counterfactual `deltas` and
-  `recon_ratio`, both `{layer name: (K,)}`) and the policy.
+  `recon_ratio`, both `{layer path: (K,)}`) and the policy.
 
-  Returns `(report, seeds, commands, ctrl)`, `seeds` and `commands` keyed by layer name.
+  Returns `(report, seeds, commands, ctrl)`, every map keyed by layer path.
   """
-  reports, seeds = {}, {}
+  reports, seeds = layer_reports(slots), {}
   for path, slot in slots.items():
-    name = layer_name(path)
-    health = layer_lib.health_report(slot.spec, slot.telemetry, slot.seeds)
-    reports[name] = tamiyo.layer_report(slot.spec, health)
     s = lifecycle.tick_epoch(slot.seeds)
     b = jnp.clip(s.blueprint, 0, slot.spec.num_blueprints - 1)
     is_repl = ~jnp.asarray(slot.spec.catalog.residual)[b]
-    seeds[name] = lifecycle.update_readiness(s, delta=deltas[name],
-                                             recon_ratio=recon_ratio[name],
+    seeds[path] = lifecycle.update_readiness(s, delta=deltas[path],
+                                             recon_ratio=recon_ratio[path],
                                              is_replacement=is_repl, config=config.lifecycle)
   report = tamiyo.EpochReport(
       layers=reports, train_loss=train_loss, val_loss=val_loss,
@@ -209,30 +235,55 @@ def epoch_decide(slots: Slots, *, deltas: Mapping, recon_ratio: Mapping, train_l
 def commit(slots: Slots, params, opt_state, seeds: Mapping, commands: Mapping, *,
            config: lifecycle.LifecycleConfig, epoch, keys: Mapping,
            reset_telemetry: bool):
-  """The commit sequence: `apply_commands` -> `reinit_children` -> optimizer reset.
+  """The commit sequence: `apply_commands` -> `install_seeds` (`reinit_children`, optimizer
+  reset).
 
-  `seeds` and `commands` are keyed by layer name (Tamiyo's view), `keys` by layer path (the
-  germination key of each layer). The children of a seed whose stage changed from `seeds` are
-  (re)initialised or zeroed; the optimizer state of those changed from the slots' seeds is
-  reset. `reset_telemetry` starts fresh accumulators (an epoch end; a rollback keeps them).
+  `seeds`, `commands` and `keys` (the germination key of each layer) are keyed by layer
+  path, as `slots`. `seeds` are the states the commands apply to (after `tick_epoch` and
+  `update_readiness`). `reset_telemetry` starts fresh accumulators (an epoch end; a rollback
+  keeps them).
 
-  Returns `(slots, params, opt_state, new_seeds, accepted)`, the last two keyed by name.
+  Returns `(slots, params, opt_state, new_seeds, accepted)`.
   """
-  new_slots, new_seeds, accepted = {}, {}, {}
+  _check_keys("seeds", seeds, slots)
+  _check_keys("commands", commands, slots)
+  new_seeds, accepted = {}, {}
   for path, slot in slots.items():
-    name = layer_name(path)
-    ns, acc = lifecycle.apply_commands(
-        seeds[name], commands[name], config, num_blueprints=slot.spec.num_blueprints,
-        num_strategies=len(graft_lib.DEFAULT_STRATEGIES), epoch=epoch)
-    new_seeds[name], accepted[name] = ns, acc
+    new_seeds[path], accepted[path] = lifecycle.apply_commands(
+        seeds[path], commands[path], config, num_blueprints=slot.spec.num_blueprints,
+        num_strategies=len(slot.strategies), epoch=epoch)
+  new_slots, params, opt_state = install_seeds(
+      slots, params, opt_state, seeds, new_seeds, keys=keys, reset_telemetry=reset_telemetry)
+  return new_slots, params, opt_state, new_seeds, accepted
+
+
+def install_seeds(slots: Slots, params, opt_state, old_seeds: Mapping, new_seeds: Mapping, *,
+                  keys: Mapping, reset_telemetry: bool):
+  """Installs `new_seeds` (after `lifecycle.apply_commands`) in the layers: the children of
+  a seed whose stage changed from `old_seeds` are (re)initialised (germination, from the
+  layer's key in `keys`) or zeroed (`layer.reinit_children`); the optimizer state of those
+  changed from the slots' seeds is reset (`opt_state` None: no optimizer state to reset).
+  Every map is keyed by layer path. Returns `(slots, params, opt_state)`."""
+  for name, mapping in (("old_seeds", old_seeds), ("new_seeds", new_seeds), ("keys", keys)):
+    _check_keys(name, mapping, slots)
+  new_slots = {}
+  for path, slot in slots.items():
     children = layer_lib.reinit_children(slot.spec, get_children(params, path),
-                                         seeds[name].stage, ns, keys[path])
+                                         old_seeds[path].stage, new_seeds[path], keys[path])
     params = set_children(params, path, children)
     tel = layer_lib.init_telemetry(slot.spec) if reset_telemetry else slot.telemetry
-    new_slots[path] = slot.replace(seeds=ns, telemetry=tel)
-  reset = optim.reset_mask(params, seed_map(slots), seed_map(new_slots))
-  opt_state = optim.reset_children(opt_state, params, reset)
-  return new_slots, params, opt_state, new_seeds, accepted
+    new_slots[path] = slot.replace(seeds=new_seeds[path], telemetry=tel)
+  if opt_state is not None:
+    reset = optim.reset_mask(params, seed_map(slots), seed_map(new_slots))
+    opt_state = optim.reset_children(opt_state, params, reset)
+  return new_slots, params, opt_state
+
+
+def _check_keys(name: str, mapping: Mapping, slots: Slots) -> None:
+  if not isinstance(mapping, Mapping) or set(mapping) != set(slots):
+    got = sorted(mapping, key=str) if isinstance(mapping, Mapping) else type(mapping).__name__
+    raise ValueError(f"{name}: expected one entry per layer path {sorted(slots, key=str)}, "
+                     f"got {got}")
 
 
 def epoch_keys(slots: Slots, key: jax.Array) -> dict[tuple, jax.Array]:
@@ -242,8 +293,8 @@ def epoch_keys(slots: Slots, key: jax.Array) -> dict[tuple, jax.Array]:
 
 @struct.dataclass
 class EpochEnd:
-  """What `epoch_end` decided and committed (`report`, `commands`, `accepted`, `new_seeds`
-  and `field_reports` keyed by layer name)."""
+  """What `epoch_end` decided and committed (`report.layers`, `commands`, `accepted`,
+  `new_seeds` and `field_reports` keyed by layer path, as the slots)."""
 
   slots: Any
   params: Any
@@ -286,15 +337,13 @@ def rollback(slots: Slots, params, opt_state, ctrl: tamiyo.ControllerState, *,
   """In-flight seeds become ROLLED_BACK (GERMINATED ones CANCELLED), their children are
   zeroed and their optimizer state reset; their field reports feed `ctrl`, whose rollback
   request is cleared. Returns `(slots, params, opt_state, ctrl, field_reports)`."""
-  seeds = seeds_by_name(slots)
+  seeds = seed_map(slots)
   commands = tamiyo.rollback_commands(seeds)
   new_slots, params, opt_state, new_seeds, _ = commit(
       slots, params, opt_state, seeds, commands, config=config.lifecycle, epoch=epoch,
       keys={p: key for p in slots}, reset_telemetry=False)
   empty = tamiyo.EpochReport(
-      layers={layer_name(p): tamiyo.layer_report(
-          s.spec, layer_lib.health_report(s.spec, s.telemetry, s.seeds))
-          for p, s in slots.items()},
+      layers=layer_reports(slots),
       train_loss=jnp.float32(jnp.nan), val_loss=jnp.float32(jnp.nan),
       host_grad_norm=jnp.float32(0.0), host_drift=jnp.float32(0.0), epoch=epoch)
   fr = tamiyo.field_reports(seeds, new_seeds, empty, ctrl)

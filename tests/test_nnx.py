@@ -465,3 +465,80 @@ def test_nnx_and_linen_take_the_same_decisions_through_the_shared_fit():
   np.testing.assert_array_equal(
       np.asarray(model.dense.kasmina.seeds.get_value().stage),
       [lifecycle.Stage[s] for s in stages["nnx"][-1]["dense/kasmina"]])
+
+
+class BatchNormNet(nnx.Module):
+  """A model with non-parameter NNX state: BatchNorm statistics and a Dropout RNG stream."""
+
+  def __init__(self, rngs):
+    self.pre = nnx.Linear(IN, IN, rngs=rngs)
+    self.norm = nnx.BatchNorm(IN, momentum=0.5, rngs=rngs)
+    self.drop = nnx.Dropout(0.1, rngs=nnx.Rngs(dropout=7))
+    self.dense = knx.KasminaDense(IN, FEATURES, K, blueprints=BLUEPRINTS, rngs=rngs)
+    self.out = nnx.Linear(FEATURES, OUT, rngs=rngs)
+
+  def __call__(self, x):
+    h = self.drop(jax.nn.relu(self.norm(self.pre(x))))
+    return self.out(jax.nn.relu(self.dense(h)))
+
+
+def _task(rows=128):
+  x = jax.random.normal(jax.random.key(3), (rows, IN)) * 3.0 + 1.0
+  y = jnp.argmax(x[:, :OUT], -1)
+  return ({"x": np.asarray(x[:96]), "y": np.asarray(y[:96])},
+          {"x": np.asarray(x[96:]), "y": np.asarray(y[96:])})
+
+
+def test_batch_norm_statistics_and_dropout_rngs_train_through_the_shared_loop():
+  from kasmina_jax import training  # pylint: disable=g-import-not-at-top
+  train, val = _task()
+  model = BatchNormNet(nnx.Rngs(0))
+  state = knx.create_train_state(model, optax.adam(1e-2), jax.random.key(1))
+  other = state.model_state[knx.NnxModel.STATE]
+  mean0 = np.asarray(other["norm"]["mean"])
+  count0 = int(other["drop"]["rngs"]["count"])
+  np.testing.assert_array_equal(mean0, 0.0)
+  # Evaluation passes read the statistics and change nothing.
+  loss_a, _, _ = training.evaluate(state, val, training.cross_entropy_loss)
+  loss_b, _, _ = training.evaluate(state, val, training.cross_entropy_loss)
+  assert float(loss_a) == float(loss_b)
+  state, _ = training.fit(state, train, val, training.cross_entropy_loss, epochs=2,
+                          batch_size=32, progress=False)
+  other = state.model_state[knx.NnxModel.STATE]
+  mean = np.asarray(other["norm"]["mean"])
+  assert np.all(np.abs(mean - mean0) > 1e-3)  # the running mean moved (inputs have mean ~1)
+  assert int(other["drop"]["rngs"]["count"]) == count0 + 6  # one draw per step
+  knx.update_model(model, state)
+  np.testing.assert_array_equal(np.asarray(model.norm.mean.get_value()), mean)
+  # A non-finite step keeps the statistics as they were.
+  bad = {"x": np.full((32, IN), np.nan, np.float32), "y": train["y"][:32]}
+  skipped, _ = training.train_step(state, bad, training.cross_entropy_loss)
+  np.testing.assert_array_equal(
+      np.asarray(skipped.model_state[knx.NnxModel.STATE]["norm"]["mean"]), mean)
+
+
+def test_nnx_train_state_checkpoint_round_trip(tmp_path):
+  pytest.importorskip("orbax.checkpoint")
+  from kasmina_jax import checkpoint, training  # pylint: disable=g-import-not-at-top
+  train, val = _task()
+  tx = optax.adam(1e-2)  # one optimizer object: the wrapped transformation is static
+  state = knx.create_train_state(BatchNormNet(nnx.Rngs(0)), tx, jax.random.key(1))
+  state, _ = training.fit(state, train, val, training.cross_entropy_loss, epochs=2,
+                          batch_size=32, progress=False)
+  checkpoint.save(tmp_path, state)
+  template = knx.create_train_state(BatchNormNet(nnx.Rngs(5)), tx, jax.random.key(9))
+  template = template.replace(model=state.model)  # same static structure, other values
+  restored = checkpoint.restore(tmp_path, template)
+  chex.assert_trees_all_equal(jax.tree.map(_plain, restored), jax.tree.map(_plain, state))
+  # Training goes on identically from the restored state.
+  batch = {k: v[:32] for k, v in train.items()}
+  a, _ = training.train_step(state, batch, training.cross_entropy_loss)
+  b, _ = training.train_step(restored, batch, training.cross_entropy_loss)
+  chex.assert_trees_all_equal(jax.tree.map(_plain, a), jax.tree.map(_plain, b))
+
+
+def _plain(x):
+  """Key arrays as their data (chex compares plain arrays)."""
+  if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    return jax.random.key_data(x)
+  return x

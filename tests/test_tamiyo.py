@@ -483,6 +483,52 @@ def test_grafting_strategy_ids_match_grafting_module():
   assert len(grafting.GraftingStrategy) == tamiyo.NUM_GRAFTING_STRATEGIES
 
 
+def _report_with(names, healths=None, *, drift=0.01, grad=0.5, epoch=0):
+  """`report` with each layer's grafting strategy names given by `names`."""
+  healths = healths or {}
+  layers = {n: tamiyo.layer_report(s, healths.get(n, health(s.num_seeds)), names[n])
+            for n, s in SPECS.items()}
+  return tamiyo.EpochReport(layers=layers, train_loss=jnp.float32(1.0), val_loss=jnp.float32(1.0),
+                            host_grad_norm=jnp.float32(grad), host_drift=jnp.float32(drift),
+                            epoch=jnp.int32(epoch))
+
+
+def test_grafting_strategy_ranges_over_each_layers_strategies():
+  # "enc" has a custom strategy only; "dec" a custom one beside the built-in drift-controlled.
+  names = {"enc": ("my_ramp",), "dec": ("my_ramp", "drift_controlled")}
+  sick = {"enc": health(3, dead=[0.0, 0.9, 0.0]), "dec": health(5, dead=[0.9, 0, 0, 0, 0])}
+  seeds = fresh_seeds()
+  counts = {n: len(v) for n, v in names.items()}
+  for config, want in ((GROW, {"enc": 0, "dec": 1}),  # trend rule: drift -> drift_controlled
+                       (dataclasses.replace(GROW, grafting_strategy="my_ramp"),
+                        {"enc": 0, "dec": 0}),
+                       (dataclasses.replace(GROW, grafting_selection="bandit"),
+                        {"enc": 0, "dec": 0})):  # untried: lowest id
+    ctrl = tamiyo.init_controller(seeds, NUM_BP, config, num_strategies=counts)
+    cmds, new_ctrl = decide_jit(_report_with(names, sick, drift=0.5), seeds, ctrl,
+                                config=dataclasses.replace(config, max_germinations_per_epoch=2))
+    for n, k in (("enc", 1), ("dec", 0)):
+      assert int(cmds[n].op[k]) == Op.GERMINATE, (config, n)
+      assert int(cmds[n].strategy[k]) == want[n], (config, n)
+      np.testing.assert_array_equal(
+          np.asarray(new_ctrl.layers[n].sg_tries),
+          np.eye(len(names[n]))[want[n]])
+  # The bandit learns per strategy: a culled "my_ramp" child in "dec" makes the untried
+  # built-in the bandit's pick.
+  config = dataclasses.replace(GROW, grafting_selection="bandit")
+  ctrl = tamiyo.init_controller(seeds, NUM_BP, config, num_strategies=counts)
+  old = set_seed(seeds, "dec", 0, stage=Stage.EVALUATING, blueprint=0, strategy=0)
+  new = set_seed(seeds, "dec", 0, stage=Stage.CULLED, blueprint=0, strategy=0)
+  fr = tamiyo.field_reports(old, new, _report_with(names), ctrl)
+  ctrl = observe_jit(ctrl, fr, config=config)
+  stats = tamiyo.strategy_statistics(ctrl)["dec"]
+  assert stats["count"] == [1.0, 0.0] and stats["failures"] == [1.0, 0.0]
+  recs = tamiyo.to_records(fr, strategy_names=names)
+  assert [(r["layer"], r["strategy"]) for r in recs] == [("dec", "my_ramp")]
+  cmds, _ = decide_jit(_report_with(names, sick), seeds, ctrl, config=config)
+  assert int(cmds["dec"].strategy[0]) == 1
+
+
 # ----------------------------------------------------------------------------- jit, records
 
 
@@ -583,7 +629,11 @@ def test_bad_arguments_are_named():
   with pytest.raises(ValueError, match="history"):
     tamiyo.TamiyoConfig(history=3)
   with pytest.raises(ValueError, match="grafting_strategy"):
-    tamiyo.TamiyoConfig(grafting_strategy=4)
+    tamiyo.TamiyoConfig(grafting_strategy=-1)
+  with pytest.raises(TypeError, match="grafting_strategy"):
+    tamiyo.TamiyoConfig(grafting_strategy=1.5)
+  with pytest.raises(ValueError, match="grafting_selection"):
+    tamiyo.TamiyoConfig(grafting_selection="best")
   with pytest.raises(ValueError, match="selection"):
     tamiyo.TamiyoConfig(selection=9)
   seeds = fresh_seeds()
@@ -596,6 +646,14 @@ def test_bad_arguments_are_named():
     tamiyo.decide(report(), seeds, ctrl, {"plateau_patience": 2})
   with pytest.raises(ValueError, match="num_blueprints"):
     tamiyo.init_controller(seeds, 0)
+  # A fixed strategy the layers do not have: named when `decide` sees the layers' strategies.
+  for fixed in (NUM_STRATEGIES, "no_such_strategy"):
+    with pytest.raises(ValueError, match="grafting_strategy"):
+      tamiyo.decide(report(), seeds, ctrl, tamiyo.TamiyoConfig(grafting_strategy=fixed))
+  with pytest.raises(ValueError, match="grafting strategies"):
+    tamiyo.decide(report(), seeds, tamiyo.init_controller(seeds, NUM_BP, num_strategies=2))
+  with pytest.raises(TypeError, match="strategy_names"):
+    tamiyo.layer_report(SPECS["enc"], health(3), "fixed_ramp")
 
 
 # ----------------------------------------------------------------------------- property

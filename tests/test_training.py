@@ -1,6 +1,7 @@
 """The train step, the epoch transition, checkpoints and resumption, emergency rollback, and
 the demo's growth end to end."""
 
+import dataclasses
 import os
 import sys
 
@@ -157,8 +158,9 @@ def test_emergency_rollback_without_checkpoint_reports_and_counts_the_seeds(tmp_
     valid = np.asarray(fr.valid)
     np.testing.assert_array_equal(valid, inflight[name] | queued[name])
     np.testing.assert_array_equal(np.asarray(fr.outcome)[inflight[name]], Stage.ROLLED_BACK)
-    expected |= {(name, int(k), "ROLLED_BACK") for k in np.nonzero(inflight[name])[0]}
-    expected |= {(name, int(k), "CANCELLED") for k in np.nonzero(queued[name])[0]}
+    label = training.layer_name(name)
+    expected |= {(label, int(k), "ROLLED_BACK") for k in np.nonzero(inflight[name])[0]}
+    expected |= {(label, int(k), "CANCELLED") for k in np.nonzero(queued[name])[0]}
   logged = {(r["layer"], r["seed"], r["outcome"])
             for r in events.read_events(tmp_path / "events.jsonl") if r["type"] == "field_report"}
   assert logged == expected
@@ -251,9 +253,9 @@ def test_unjudged_seeds_keep_their_stage():
       bad_epochs=jnp.array([0, 0, 0, 1], jnp.int32))
   state = _with_layer(state, path, seeds, _live_children(lv.spec, jax.random.key(3)))
   new, out = training.epoch_transition(state, VAL, training.cross_entropy_loss)
-  delta = np.asarray(out.delta["hidden0/kasmina"])
+  delta = np.asarray(out.delta[path])
   assert np.isfinite(delta[0]) and np.all(np.isnan(delta[1:]))
-  new_stage = np.asarray(out.new_stage["hidden0/kasmina"])
+  new_stage = np.asarray(out.new_stage[path])
   assert new_stage[0] in (Stage.FINE_TUNING, Stage.CULLED)  # judged: it moves either way
   np.testing.assert_array_equal(new_stage[1:], np.asarray(stage[1:]))
   kept = knn.find_layers(new.kasmina)[path].seeds
@@ -387,3 +389,76 @@ def test_fossils_follow_the_mode_and_have_left_the_lifecycle(fossil, tmp_path):
                                          life, num_blueprints=8, num_strategies=4)
       assert not np.any(np.asarray(acc)), (name, op)
       chex.assert_trees_all_equal(ns, s)
+
+
+# ------------------------------------------------------------------ user grafting strategies
+
+
+def crawl(seeds, signals, config):
+  """A user grafting strategy: alpha += 1e-3 a step (the built-ins here finish in 5 steps)."""
+  del signals, config
+  return jnp.full(seeds.stage.shape, 1e-3, jnp.float32), jnp.zeros(seeds.stage.shape, bool)
+
+
+class CrawlNet(nn.Module):
+  """TinyNet with `crawl` as the only strategy of "hidden0" and beside the built-ins in
+  "seeds1" (its id there: 4)."""
+
+  strategies: tuple = (crawl,)
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    catalog = blueprints.default_blueprints(parallel_hidden=8)
+    x = knn.KasminaDense(8, 4, blueprints=catalog, activation=nn.relu, corr_rows=32,
+                         grafting_strategies=self.strategies, name="hidden0")(x, train=train)
+    x = knn.KasminaLayer(2, corr_rows=32, name="seeds1",
+                         grafting_strategies=grafting.DEFAULT_STRATEGIES + (crawl,))(x, train=train)
+    return nn.Dense(2, name="head")(x)
+
+
+def crawl_config(**tamiyo_fields):
+  cfg = fast_config()
+  return dataclasses.replace(cfg, tamiyo=dataclasses.replace(cfg.tamiyo, **tamiyo_fields))
+
+
+def test_user_strategy_grafts_through_fit_and_layer_keys_agree():
+  state = training.create_train_state(CrawlNet(), TX, jnp.asarray(DATA["x"][:2]),
+                                      jax.random.key(0), crawl_config(grafting_strategy="crawl"))
+  state, history = training.fit(state, DATA, VAL, training.cross_entropy_loss, epochs=3,
+                                batch_size=64, progress=False)
+  slots = knn.layer_slots(state.kasmina)
+  ids = {("hidden0", "kasmina"): 0, ("seeds1",): 4}
+  assert {p: s.strategy_names.index("crawl") for p, s in slots.items()} == ids
+  grafting_seeds = 0
+  for path, slot in slots.items():
+    seeds = jax.tree.map(np.asarray, slot.seeds)
+    germinated = seeds.stage != Stage.DORMANT
+    np.testing.assert_array_equal(seeds.strategy[germinated], ids[path])
+    g = seeds.stage == Stage.GRAFTING
+    grafting_seeds += int(g.sum())
+    # The ramp is crawl's: 1e-3 a step in GRAFTING, not a built-in's 1/5.
+    np.testing.assert_allclose(seeds.alpha[g], 1e-3 * seeds.steps_in_stage[g], rtol=1e-4)
+  assert grafting_seeds >= 1
+  # One convention: every per-layer map is keyed by the layer paths of `layer_slots`; the
+  # history (plain Python, JSON) by their names.
+  _, out = training.epoch_transition(state, VAL, training.cross_entropy_loss)
+  for tree in (out.report.layers, out.commands, out.accepted, out.delta, out.old_stage,
+               out.new_stage, out.field_reports, state.ctrl.layers):
+    assert set(tree) == set(slots)
+  assert {k for h in history for k in h["stages"]} == {training.layer_name(p) for p in slots}
+  stats = tamiyo.strategy_statistics(state.ctrl)
+  assert stats[("hidden0", "kasmina")]["tries"][0] >= 1
+
+
+def test_bad_grafting_strategies_are_named():
+  x = jnp.asarray(DATA["x"][:2])
+  unnamed = lambda seeds, signals, config: (0.0, False)
+  for strategies, error in (((unnamed,), TypeError), (("fixed_ramp",), TypeError),
+                            ((crawl, crawl), ValueError), ((), ValueError),
+                            (crawl, TypeError)):
+    with pytest.raises(error, match="grafting_strategies"):
+      training.create_train_state(CrawlNet(strategies), TX, x, jax.random.key(0), fast_config())
+  state = training.create_train_state(CrawlNet(), TX, x, jax.random.key(0),
+                                      crawl_config(grafting_strategy="fixed_ramp"))
+  with pytest.raises(ValueError, match="grafting_strategy"):  # "hidden0" has crawl only
+    training.epoch_transition(state, VAL, training.cross_entropy_loss)

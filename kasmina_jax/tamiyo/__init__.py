@@ -92,18 +92,21 @@ the last `trend_window` epochs, this one included): mean relative weight drift a
 `[grad_norm_lower, grad_norm_upper]` -> GRAD_NORM_GATED (non-finite values are left out of
 the means); else validation loss
 falling by more than `fast_improvement` (relative) since the last epoch -> PERFORMANCE_LINKED;
-else FIXED_RAMP. `grafting_strategy` (an int) overrides the choice.
+else FIXED_RAMP. That pick is found by name among the layer's own grafting strategies (given
+to the layer at construction, `LayerReport.strategy_names`); a layer without it, or every layer
+under `grafting_selection="bandit"`, takes the strategy with the best UCB score over its field
+reports (`ucb_c`; untried first). `grafting_strategy` (an id or a name) overrides the choice.
 
 `observe` feeds the bandit with every field report but CANCELLED ones (a cancel says the chunk
 recovered, nothing about the blueprint): reward `reward_fossilized` / `reward_culled` /
 `reward_rolled_back` plus `delta_reward_weight * tanh(delta / delta_reward_scale)`."""
 
-from kasmina_jax.tamiyo.config import FIXED_RAMP, PERFORMANCE_LINKED, DRIFT_CONTROLLED, GRAD_NORM_GATED, NUM_GRAFTING_STRATEGIES, GRAFTING_STRATEGY_NAMES, HEALTH_FIELDS, REPORTED_STAGES, SelectionStrategy, TamiyoConfig, _check_config  # noqa: F401
+from kasmina_jax.tamiyo.config import FIXED_RAMP, PERFORMANCE_LINKED, DRIFT_CONTROLLED, GRAD_NORM_GATED, NUM_GRAFTING_STRATEGIES, GRAFTING_STRATEGY_NAMES, GRAFTING_SELECTIONS, HEALTH_FIELDS, REPORTED_STAGES, SelectionStrategy, TamiyoConfig, _check_config  # noqa: F401
 from kasmina_jax.tamiyo.reports import LayerReport, layer_report, EpochReport, _check_health, _finite_or, _health_matrix  # noqa: F401
 from kasmina_jax.tamiyo.state import LayerControllerState, ControllerState, _is_seed_state, _flatten_layers, _up_to, init_controller, _check_layer  # noqa: F401
-from kasmina_jax.tamiyo.policy import SCORE_RESOLUTION, quantize, _signature, need_score, _recent, _masked_median, _masked_mean, _stable_rank, _grafting_choice, _blueprint_scores, rollback_commands, decide, _layer_commands  # noqa: F401
-from kasmina_jax.tamiyo.bandit import FieldReports, field_reports, observe, blueprint_statistics  # noqa: F401
-from kasmina_jax.tamiyo.records import _path_name, _float_or_none, _names_for, _lookup, to_records  # noqa: F401
+from kasmina_jax.tamiyo.policy import SCORE_RESOLUTION, quantize, _signature, need_score, _recent, _masked_median, _masked_mean, _stable_rank, _grafting_choice, _fixed_strategy, _strategy_scores, _layer_strategy, _blueprint_scores, rollback_commands, decide, _layer_commands  # noqa: F401
+from kasmina_jax.tamiyo.bandit import FieldReports, field_reports, observe, blueprint_statistics, strategy_statistics  # noqa: F401
+from kasmina_jax.tamiyo.records import layer_name, _path_name, _float_or_none, _names_for, _lookup, to_records  # noqa: F401
 
 __all__ = [
     "FIXED_RAMP",
@@ -112,6 +115,7 @@ __all__ = [
     "GRAD_NORM_GATED",
     "NUM_GRAFTING_STRATEGIES",
     "GRAFTING_STRATEGY_NAMES",
+    "GRAFTING_SELECTIONS",
     "HEALTH_FIELDS",
     "REPORTED_STAGES",
     "SelectionStrategy",
@@ -131,5 +135,7 @@ __all__ = [
     "field_reports",
     "observe",
     "blueprint_statistics",
+    "strategy_statistics",
+    "layer_name",
     "to_records",
 ]

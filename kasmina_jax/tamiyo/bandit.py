@@ -110,6 +110,13 @@ def observe(ctrl: ControllerState, reports,
     reward = base + config.delta_reward_weight * jnp.tanh(delta / config.delta_reward_scale)
     hot = jax.nn.one_hot(jnp.clip(r.blueprint, 0, b - 1), b, dtype=jnp.float32)
     add = lambda m: jnp.sum(hot * m[:, None], 0)
+    # The same outcomes per grafting strategy (the layer's own tuple; ids out of it skipped).
+    ns = lc.sg_count.shape[0]
+    s_counted = (r.valid & (r.strategy >= 0) & (r.strategy < ns)
+                 & lifecycle.stage_in(outcome, (Stage.FOSSILIZED, Stage.CULLED, Stage.ROLLED_BACK)))
+    s_failed = s_counted & ((outcome == Stage.CULLED) | (outcome == Stage.ROLLED_BACK))
+    s_hot = jax.nn.one_hot(jnp.clip(r.strategy, 0, ns - 1), ns, dtype=jnp.float32)
+    s_add = lambda m: jnp.sum(s_hot * m[:, None], 0)
     # Growth stop: a child pays when it fossilized with a counterfactual above pay_margin.
     paid = counted & (outcome == Stage.FOSSILIZED) & (delta > config.pay_margin)
     unpaid = jnp.sum((counted & ~paid).astype(jnp.int32))
@@ -118,16 +125,32 @@ def observe(ctrl: ControllerState, reports,
         unpaid_streak=streak,
         bp_count=lc.bp_count + add(counted.astype(jnp.float32)),
         bp_reward_sum=lc.bp_reward_sum + add(jnp.where(counted, reward, 0.0)),
-        bp_failures=lc.bp_failures + add(failed.astype(jnp.float32))))
+        bp_failures=lc.bp_failures + add(failed.astype(jnp.float32)),
+        sg_count=lc.sg_count + s_add(s_counted.astype(jnp.float32)),
+        sg_reward_sum=lc.sg_reward_sum + s_add(jnp.where(s_counted, reward, 0.0)),
+        sg_failures=lc.sg_failures + s_add(s_failed.astype(jnp.float32))))
   return ctrl.replace(layers=jax.tree.unflatten(treedef, new_layers))
+
+
+def _statistics(ctrl: ControllerState, prefix: str):
+  """Per layer, plain-Python {count, mean_reward, failures, tries} lists of the statistics
+  `prefix`_count, ... ("bp": per blueprint, "sg": per grafting strategy)."""
+  def one(lc: LayerControllerState):
+    n = np.asarray(getattr(lc, f"{prefix}_count"))
+    return {"count": n.tolist(),
+            "mean_reward": (np.asarray(getattr(lc, f"{prefix}_reward_sum"))
+                            / np.maximum(n, 1.0)).tolist(),
+            "failures": np.asarray(getattr(lc, f"{prefix}_failures")).tolist(),
+            "tries": np.asarray(getattr(lc, f"{prefix}_tries")).tolist()}
+  return jax.tree.map(one, ctrl.layers, is_leaf=lambda x: isinstance(x, LayerControllerState))
+
+
+def strategy_statistics(ctrl: ControllerState):
+  """Per layer, plain-Python grafting-strategy statistics: {count, mean_reward, failures,
+  tries} lists, indexed like the layer's strategies."""
+  return _statistics(ctrl, "sg")
 
 
 def blueprint_statistics(ctrl: ControllerState):
   """Per layer, plain-Python bandit statistics: {count, mean_reward, failures, tries} lists."""
-  def one(lc: LayerControllerState):
-    n = np.asarray(lc.bp_count)
-    return {"count": n.tolist(),
-            "mean_reward": (np.asarray(lc.bp_reward_sum) / np.maximum(n, 1.0)).tolist(),
-            "failures": np.asarray(lc.bp_failures).tolist(),
-            "tries": np.asarray(lc.bp_tries).tolist()}
-  return jax.tree.map(one, ctrl.layers, is_leaf=lambda x: isinstance(x, LayerControllerState))
+  return _statistics(ctrl, "bp")

@@ -20,6 +20,9 @@ GRAD_NORM_GATED = int(GraftingStrategy.GRAD_NORM_GATED)
 NUM_GRAFTING_STRATEGIES = len(GraftingStrategy)
 GRAFTING_STRATEGY_NAMES = STRATEGY_NAMES
 
+# How `decide` picks a germinating seed's grafting strategy among its layer's (see TamiyoConfig).
+GRAFTING_SELECTIONS = ("trend", "bandit")
+
 # The health fields Tamiyo reads, in the order of its (K, 3) health matrices.
 HEALTH_FIELDS = telemetry.HEALTH_FIELDS
 
@@ -80,7 +83,14 @@ class TamiyoConfig:
     grad_norm_lower, grad_norm_upper: host gradient-norm band; outside -> GRAD_NORM_GATED.
     fast_improvement: relative fall of the validation loss in one epoch above which
       PERFORMANCE_LINKED is chosen.
-    grafting_strategy: a fixed grafting strategy id (0..3) instead of the choice; None: choose.
+    grafting_selection: "trend" (default): the host-trend rule below picks one of the built-in
+      strategies; a layer that was not given that one (its `grafting_strategies`) takes the
+      bandit's pick among its own. "bandit": every layer picks among its own strategies, custom
+      ones included, by UCB over their field reports (`ucb_c`; untried ones first, ties: the
+      lowest id).
+    grafting_strategy: a fixed grafting strategy instead of the choice: an id into every
+      layer's strategies, or a name (a strategy function's `__name__`) every layer must have;
+      None: choose.
     trend_window: epochs averaged for the drift and gradient-norm trends.
   Safety:
     rollback_factor: emergency rollback when the epoch's mean training loss is non-finite or
@@ -119,7 +129,8 @@ class TamiyoConfig:
   grad_norm_lower: float = 0.1
   grad_norm_upper: float = 1.0
   fast_improvement: float = 0.05
-  grafting_strategy: int | None = None
+  grafting_selection: str = "trend"
+  grafting_strategy: int | str | None = None
   trend_window: int = 3
   rollback_factor: float = 10.0
   rollback_window: int = 5
@@ -168,11 +179,14 @@ class TamiyoConfig:
       raise ValueError(f"grad_norm_upper: must be >= grad_norm_lower ({self.grad_norm_lower}), "
                        f"got {self.grad_norm_upper}")
     _checks.finite_float("fast_improvement", self.fast_improvement, min_value=0.0)
-    if self.grafting_strategy is not None:
+    if self.grafting_selection not in GRAFTING_SELECTIONS:
+      raise ValueError(f"grafting_selection: expected one of {GRAFTING_SELECTIONS}, got "
+                       f"{self.grafting_selection!r}")
+    if isinstance(self.grafting_strategy, str):
+      if not self.grafting_strategy:
+        raise ValueError("grafting_strategy: expected a strategy name, got ''")
+    elif self.grafting_strategy is not None:
       _checks.non_negative_int("grafting_strategy", self.grafting_strategy)
-      if self.grafting_strategy >= NUM_GRAFTING_STRATEGIES:
-        raise ValueError(f"grafting_strategy: expected None or 0..{NUM_GRAFTING_STRATEGIES - 1}, "
-                         f"got {self.grafting_strategy}")
     _checks.positive_int("trend_window", self.trend_window)
     _checks.finite_float("rollback_factor", self.rollback_factor, min_value=1.0)
     _checks.positive_int("rollback_window", self.rollback_window)

@@ -14,6 +14,7 @@ from kasmina_jax.tamiyo.config import (
     PERFORMANCE_LINKED,
     DRIFT_CONTROLLED,
     GRAD_NORM_GATED,
+    GRAFTING_STRATEGY_NAMES,
     SelectionStrategy,
     TamiyoConfig,
     _check_config)
@@ -80,8 +81,8 @@ def _stable_rank(priority: jax.Array, eligible: jax.Array) -> jax.Array:
 
 
 def _grafting_choice(report: EpochReport, ctrl: ControllerState, config: TamiyoConfig):
-  if config.grafting_strategy is not None:
-    return jnp.asarray(config.grafting_strategy, jnp.int32)
+  """The host-trend rule's pick among the built-in strategies (a `GraftingStrategy` id);
+  `_layer_strategy` turns it into an id into each layer's own strategies."""
   w = config.trend_window
   drift_prev, drift_ok = _recent(ctrl.drift_history, ctrl.history_count, w - 1)
   grad_prev, grad_ok = _recent(ctrl.grad_history, ctrl.history_count, w - 1)
@@ -102,6 +103,44 @@ def _grafting_choice(report: EpochReport, ctrl: ControllerState, config: TamiyoC
   return jnp.select([drifting, grad_bad, fast],
                     [jnp.int32(DRIFT_CONTROLLED), jnp.int32(GRAD_NORM_GATED),
                      jnp.int32(PERFORMANCE_LINKED)], jnp.int32(FIXED_RAMP))
+
+
+def _fixed_strategy(names: tuple[str, ...], config: TamiyoConfig) -> int:
+  """`config.grafting_strategy` as an id into a layer's strategies `names` (before tracing)."""
+  fixed = config.grafting_strategy
+  if isinstance(fixed, str):
+    if fixed not in names:
+      raise ValueError(f"grafting_strategy: {fixed!r} is not one of a layer's grafting "
+                       f"strategies {names}")
+    return names.index(fixed)
+  if fixed >= len(names):
+    raise ValueError(f"grafting_strategy: id {fixed} is out of range for a layer with "
+                     f"{len(names)} grafting strategies {names}")
+  return fixed
+
+
+def _strategy_scores(lc: LayerControllerState, config: TamiyoConfig) -> jax.Array:
+  """(S,) UCB score of each of a layer's grafting strategies from their field reports."""
+  n = lc.sg_count
+  mean = lc.sg_reward_sum / jnp.maximum(n, 1.0)
+  return mean + config.ucb_c * jnp.sqrt(jnp.log(jnp.sum(n) + 1.0) / (n + 1.0))
+
+
+def _layer_strategy(rule: jax.Array, lr: LayerReport, lc: LayerControllerState,
+                    config: TamiyoConfig) -> jax.Array:
+  """() int32: the grafting strategy (an id into the layer's `strategy_names`) of the seeds
+  the layer germinates this epoch (see `TamiyoConfig.grafting_selection`)."""
+  names = lr.strategy_names
+  if config.grafting_strategy is not None:
+    return jnp.int32(_fixed_strategy(names, config))
+  bandit = jnp.argmax(quantize(_strategy_scores(lc, config))).astype(jnp.int32)
+  if config.grafting_selection == "bandit":
+    return bandit
+  # The rule's built-in pick, found by name among the layer's strategies (-1: not given).
+  table = jnp.asarray([names.index(n) if n in names else -1 for n in GRAFTING_STRATEGY_NAMES],
+                      jnp.int32)
+  mapped = table[rule]
+  return jnp.where(mapped >= 0, mapped, bandit).astype(jnp.int32)
 
 
 def _blueprint_scores(lr: LayerReport, lc: LayerControllerState, health_sig,
@@ -263,14 +302,18 @@ def _emit_commands(seed_leaves, report_leaves, ctrl_leaves, partial, chosen, str
     blueprint = jnp.argmax(scores, axis=-1).astype(jnp.int32)  # ties: the lowest id
     op = jnp.where(germ, Op.GERMINATE, p["op"]).astype(jnp.int32)
     k = s.num_seeds
+    layer_strategy = _layer_strategy(strategy, lr, lc, config)
     commands.append(lifecycle.Commands(
         op=op, target=jnp.full((k,), -1, jnp.int32),
         blueprint=jnp.where(germ, blueprint, -1).astype(jnp.int32),
-        strategy=jnp.where(germ, strategy, -1).astype(jnp.int32)))
+        strategy=jnp.where(germ, layer_strategy, -1).astype(jnp.int32)))
     b = lc.bp_tries.shape[0]
     tries = jnp.sum(jax.nn.one_hot(blueprint, b, dtype=jnp.float32) * germ[:, None], 0)
+    sg_tries = jax.nn.one_hot(layer_strategy, lc.sg_tries.shape[0], dtype=jnp.float32) * jnp.sum(
+        germ.astype(jnp.float32))
     new_layers.append(lc.replace(
         bp_tries=lc.bp_tries + tries,
+        sg_tries=lc.sg_tries + sg_tries,
         germ_health=jnp.where(germ[:, None], _health_matrix(lr.health), lc.germ_health),
         germ_need=jnp.where(germ, p["need"], lc.germ_need)))
   return commands, new_layers

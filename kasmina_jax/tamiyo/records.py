@@ -14,12 +14,21 @@ from kasmina_jax.tamiyo.config import GRAFTING_STRATEGY_NAMES, HEALTH_FIELDS
 from kasmina_jax.tamiyo.bandit import FieldReports
 
 
+def layer_name(path: tuple) -> str:
+  """A layer path (the tuple of keys down to a Kasmina layer, how every map of layers is
+  keyed) as the string the JSON outputs use: its keys joined by "/" ("hidden0/kasmina")."""
+  if not isinstance(path, tuple):
+    raise TypeError(f"path: expected a tuple of keys, got {type(path).__name__}")
+  return "/".join(str(p) for p in path)
+
+
 def _path_name(path) -> str:
   parts = []
   for key in path:
     for attr in ("key", "name", "idx"):
       if hasattr(key, attr):
-        parts.append(str(getattr(key, attr)))
+        value = getattr(key, attr)
+        parts.append(layer_name(value) if isinstance(value, tuple) else str(value))
         break
     else:
       parts.append(str(key))
@@ -67,8 +76,9 @@ def to_records(reports, *, layer_names: Sequence[str] | Mapping[str, str] | None
   name, or a sequence, which is either exactly the path names (in any order; nothing is
   renamed) or one name per layer in pytree order (for a dict: sorted keys). `blueprint_names`: one
   sequence for every layer, a sequence of sequences (one per layer) or a dict from layer name
-  to names (default: the id as a string). `strategy_names`: grafting strategy names (default
-  `GRAFTING_STRATEGY_NAMES`). Non-finite floats become None.
+  to names (default: the id as a string). `strategy_names`: grafting strategy names, in the
+  same forms (default `GRAFTING_STRATEGY_NAMES`, the built-in tuple's). Non-finite floats
+  become None.
   """
   flat, _ = jax.tree_util.tree_flatten_with_path(
       reports, is_leaf=lambda x: isinstance(x, FieldReports))
@@ -86,11 +96,13 @@ def to_records(reports, *, layer_names: Sequence[str] | Mapping[str, str] | None
     if len(layer_names) != len(flat):
       raise ValueError(f"layer_names: expected {len(flat)} names, got {len(layer_names)}")
     names = path_names if sorted(layer_names) == sorted(path_names) else layer_names
-  strategy_names = tuple(GRAFTING_STRATEGY_NAMES if strategy_names is None else strategy_names)
+  if strategy_names is None:
+    strategy_names = GRAFTING_STRATEGY_NAMES
   records = []
   for li, (path, r) in enumerate(flat):
     name = names[li]
     bp_names = _names_for(blueprint_names, name, li, "blueprint_names")
+    sg_names = _names_for(strategy_names, name, li, "strategy_names")
     r = jax.tree.map(np.asarray, r)
     for k in np.nonzero(r.valid)[0]:
       bp, sg, outcome = int(r.blueprint[k]), int(r.strategy[k]), int(r.outcome[k])
@@ -99,7 +111,7 @@ def to_records(reports, *, layer_names: Sequence[str] | Mapping[str, str] | None
           "seed": int(r.seed[k]),
           "blueprint": _lookup(bp_names, bp),
           "blueprint_id": bp,
-          "strategy": _lookup(strategy_names, sg),
+          "strategy": _lookup(sg_names, sg),
           "strategy_id": sg,
           "outcome": Stage(outcome).name if 0 <= outcome < lifecycle.NUM_STAGES else str(outcome),
           "epoch": int(r.epoch[k]),

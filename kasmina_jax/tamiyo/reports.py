@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from kasmina_jax import _struct as struct
 from kasmina_jax import telemetry
-from kasmina_jax.tamiyo.config import HEALTH_FIELDS
+from kasmina_jax.tamiyo.config import GRAFTING_STRATEGY_NAMES, HEALTH_FIELDS
 
 
 @struct.dataclass
@@ -21,20 +21,30 @@ class LayerReport:
   blueprint_flops: jax.Array  # (B,) int32 FLOPs per row per blueprint
   blueprint_replacement: jax.Array  # (B,) bool: kind == "replacement"
   blueprint_parallel: jax.Array  # (B,) bool: wiring == "parallel"
+  # The names of the layer's grafting strategies (static; a seed's `strategy` indexes them).
+  strategy_names: tuple[str, ...] = struct.field(pytree_node=False,
+                                                 default=GRAFTING_STRATEGY_NAMES)
 
   @property
   def num_blueprints(self) -> int:
     return int(jnp.shape(self.blueprint_params)[-1])
 
 
-def layer_report(spec, health: telemetry.HealthReport) -> LayerReport:
-  """A `LayerReport` with the catalog arrays of `spec` (a `layer.KasminaSpec`)."""
+def layer_report(spec, health: telemetry.HealthReport,
+                 strategy_names=GRAFTING_STRATEGY_NAMES) -> LayerReport:
+  """A `LayerReport` with the catalog arrays of `spec` (a `layer.KasminaSpec`) and the names
+  of the layer's grafting strategies (`grafting.strategy_names` of the layer's tuple)."""
   from kasmina_jax import layer as layer_lib  # pylint: disable=g-import-not-at-top
   if not isinstance(spec, layer_lib.KasminaSpec):
     raise TypeError(f"spec: expected a KasminaSpec, got {type(spec).__name__}")
   if not isinstance(health, telemetry.HealthReport):
     raise TypeError(f"health: expected a telemetry.HealthReport, got {type(health).__name__}")
   _check_health(health, spec.num_seeds, "health")
+  if (isinstance(strategy_names, str) or not isinstance(strategy_names, (tuple, list))
+      or not strategy_names or not all(isinstance(n, str) and n for n in strategy_names)):
+    raise TypeError(f"strategy_names: expected a non-empty tuple of names, got {strategy_names!r}")
+  if len(set(strategy_names)) != len(strategy_names):
+    raise ValueError(f"strategy_names: expected distinct names, got {strategy_names!r}")
   cat = spec.catalog
   return LayerReport(
       health=health,
@@ -42,6 +52,7 @@ def layer_report(spec, health: telemetry.HealthReport) -> LayerReport:
       blueprint_flops=jnp.asarray(cat.flops_per_row, jnp.int32),
       blueprint_replacement=jnp.asarray(~cat.residual),
       blueprint_parallel=jnp.asarray(cat.parallel),
+      strategy_names=tuple(strategy_names),
   )
 
 

@@ -11,7 +11,8 @@ import jax.numpy as jnp
 from kasmina_jax import _checks
 from kasmina_jax import _struct as struct
 from kasmina_jax.lifecycle import SeedState
-from kasmina_jax.tamiyo.config import HEALTH_FIELDS, TamiyoConfig, _check_config
+from kasmina_jax.tamiyo.config import (HEALTH_FIELDS, NUM_GRAFTING_STRATEGIES, TamiyoConfig,
+                                       _check_config)
 from kasmina_jax.tamiyo.reports import LayerReport, _check_health
 
 
@@ -23,6 +24,10 @@ class LayerControllerState:
   bp_reward_sum: jax.Array  # (B,) float32: their rewards, summed
   bp_failures: jax.Array  # (B,) float32: culls and rollbacks among them
   bp_tries: jax.Array  # (B,) float32: germinations commanded per blueprint
+  sg_count: jax.Array  # (S,) float32: field reports counted per grafting strategy
+  sg_reward_sum: jax.Array  # (S,) float32: their rewards, summed
+  sg_failures: jax.Array  # (S,) float32: culls and rollbacks among them
+  sg_tries: jax.Array  # (S,) float32: germinations commanded per grafting strategy
   germ_health: jax.Array  # (K, 3) float32: HEALTH_FIELDS at the seed's last germination
   germ_need: jax.Array  # (K,) float32: need score at the seed's last germination
   unpaid_streak: jax.Array  # () int32: children in a row that did not pay (see growth_patience)
@@ -74,30 +79,38 @@ def _up_to(treedef, tree, name: str, kind: type):
   return items
 
 
-def init_controller(seeds, num_blueprints,
-                    config: TamiyoConfig = TamiyoConfig()) -> ControllerState:
+def _per_layer(name: str, value, treedef, n: int) -> list:
+  if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+    return [value] * n
+  try:
+    return treedef.flatten_up_to(value)
+  except (ValueError, TypeError) as e:
+    raise ValueError(f"{name}: expected an int or a pytree of ints keyed like seeds, "
+                     f"got {value!r}: {e}") from None
+
+
+def init_controller(seeds, num_blueprints, config: TamiyoConfig = TamiyoConfig(),
+                    num_strategies=NUM_GRAFTING_STRATEGIES) -> ControllerState:
   """A fresh `ControllerState` for the seed-state pytree `seeds`.
 
-  `num_blueprints`: the catalog size, an int for every layer or a pytree of ints keyed like
-  `seeds`.
+  `num_blueprints`, `num_strategies`: the catalog size and the number of grafting strategies
+  (`len` of the layer's `grafting_strategies`), each an int for every layer or a pytree of
+  ints keyed like `seeds`.
   """
   _check_config(config)
   leaves, treedef = _flatten_layers(seeds)
-  if isinstance(num_blueprints, numbers.Integral) and not isinstance(num_blueprints, bool):
-    counts = [num_blueprints] * len(leaves)
-  else:
-    try:
-      counts = treedef.flatten_up_to(num_blueprints)
-    except (ValueError, TypeError) as e:
-      raise ValueError("num_blueprints: expected an int or a pytree of ints keyed like seeds, "
-                       f"got {num_blueprints!r}: {e}") from None
+  counts = _per_layer("num_blueprints", num_blueprints, treedef, len(leaves))
+  strategies = _per_layer("num_strategies", num_strategies, treedef, len(leaves))
   layer_states = []
-  for i, (leaf, b) in enumerate(zip(leaves, counts)):
+  for i, (leaf, b, ns) in enumerate(zip(leaves, counts, strategies)):
     b = _checks.positive_int(f"num_blueprints[{i}]", b)
+    ns = _checks.positive_int(f"num_strategies[{i}]", ns)
     k = leaf.num_seeds
     zb = jnp.zeros((b,), jnp.float32)
+    zs = jnp.zeros((ns,), jnp.float32)
     layer_states.append(LayerControllerState(
         bp_count=zb, bp_reward_sum=zb, bp_failures=zb, bp_tries=zb,
+        sg_count=zs, sg_reward_sum=zs, sg_failures=zs, sg_tries=zs,
         germ_health=jnp.full((k, len(HEALTH_FIELDS)), jnp.nan, jnp.float32),
         germ_need=jnp.zeros((k,), jnp.float32), unpaid_streak=jnp.zeros((), jnp.int32)))
   h = config.history
@@ -125,6 +138,10 @@ def _check_layer(i: int, s: SeedState, lr: LayerReport, lc: LayerControllerState
   if jnp.shape(lc.bp_count) != b:
     raise ValueError(f"ctrl.layers[{i}]: statistics for {jnp.shape(lc.bp_count)[0]} blueprints, "
                      f"the report's catalog has {b[0]}")
+  s_names = len(lr.strategy_names)
+  if jnp.shape(lc.sg_count) != (s_names,):
+    raise ValueError(f"ctrl.layers[{i}]: statistics for {jnp.shape(lc.sg_count)[0]} grafting "
+                     f"strategies, the report's layer has {s_names} ({lr.strategy_names})")
   if jnp.shape(lc.germ_need) != (k,):
     raise ValueError(f"ctrl.layers[{i}].germ_need: expected shape ({k},), got "
                      f"{jnp.shape(lc.germ_need)}")
