@@ -60,7 +60,7 @@ def effective_precision(precision) -> jax.lax.Precision:
   precision = canonical_precision(precision)
   if precision is not None:
     return precision
-  configured = jax.config.jax_default_matmul_precision
+  configured = getattr(jax.config, "jax_default_matmul_precision", None)
   if configured is None:
     return jax.lax.Precision.DEFAULT
   try:
