@@ -1,5 +1,6 @@
-"""Runs `kasmina_jax.kernels.triton` on the CPU through Triton's interpreter (CI's check of
-the Triton kernels, `tests/test_kernels.py`, and `benchmarks/check_triton.py --interpret`).
+"""Runs `kasmina_jax.kernels.triton` on the CPU through Triton's interpreter (for
+`benchmarks/check_triton.py --interpret` and, with KASMINA_TRITON_INTERPRET=1, the Triton tests
+of `tests/test_kernels.py`; not in CI yet).
 
 jax-triton has no CPU path (its `triton_call` lowers for GPUs only), so `stand_in()` builds a
 stand-in `jax_triton` module whose `triton_call` runs the `@triton.jit` kernel under Triton's
