@@ -488,9 +488,11 @@ def triton_interpreted(monkeypatch):
   `jax_triton` module (its `launches` record every kernel call).
 
   Opt-in (`KASMINA_TRITON_INTERPRET=1`, with `pip install "triton==3.6.*"`), not yet in CI:
-  the interpreter runs these kernels (benchmarks/check_triton.py --interpret passes), but the
-  first pytest run of this test, on a CPU shared with a long benchmark, reported a failure
-  of the `uneven_parallel` case that could not be looked into in time."""
+  the interpreter runs these kernels (benchmarks/check_triton.py --interpret passes), but here
+  `importorskip` imports triton before TRITON_INTERPRET is set, so triton's own `@jit` library
+  functions (`tl.sigmoid`, ...) are compiled-mode `JITFunction`s and the interpreted kernels
+  fail with "Cannot call @triton.jit'd outside of the scope of a kernel". To do: set
+  TRITON_INTERPRET before triton is first imported (or run the check in a subprocess)."""
   if os.environ.get("KASMINA_TRITON_INTERPRET") != "1":
     pytest.skip("set KASMINA_TRITON_INTERPRET=1 (and install triton) to run the Triton "
                 "kernels under Triton's interpreter")
