@@ -22,7 +22,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
 
 def parse_args(argv=None):
@@ -35,8 +35,8 @@ def parse_args(argv=None):
 
 ARGS = parse_args()
 if ARGS.interpret:
-  import _triton_interpret  # pylint: disable=g-import-not-at-top
-  _triton_interpret.install()
+  import triton_interpret  # pylint: disable=g-import-not-at-top
+  triton_interpret.install()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -23,19 +23,31 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from kasmina_jax import _struct as struct
 
 from kasmina_jax import _checks
 from kasmina_jax import blueprints as bp_lib
+from kasmina_jax import kernels
 from kasmina_jax import telemetry as tel_lib
+# The helpers the reference shares with the kernels live in `chunks` (below both modules);
+# they stay importable from here.
+from kasmina_jax.chunks import (  # pylint: disable=unused-import
+    SeedTables,
+    StepAux,
+    canonical_precision,
+    child_branch,
+    from_blocks,
+    parallel_first_layer,
+    seed_tables,
+    stage_masks,
+    to_blocks,
+)
 from kasmina_jax.lifecycle import Stage
 
-IMPLS = ("auto", "reference", "pallas", "triton")
+IMPLS = kernels.IMPLS  # the values of `forward`'s `impl` (defined with the backends)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,43 +122,6 @@ class KasminaSpec:
       raise ValueError(f"blueprint: unknown name {name!r}; known: {self.catalog.names}") from None
 
 
-def to_blocks(spec: KasminaSpec, x: jax.Array) -> jax.Array:
-  """(..., D) -> (..., K, c): chunks, the narrower ones zero-padded to the widest."""
-  q, r = divmod(spec.dim, spec.num_seeds)
-  lead = x.shape[:-1]
-  if r == 0:
-    return x.reshape(lead + (spec.num_seeds, q))
-  wide = x[..., : r * (q + 1)].reshape(lead + (r, q + 1))
-  narrow = x[..., r * (q + 1):].reshape(lead + (spec.num_seeds - r, q))
-  narrow = jnp.pad(narrow, [(0, 0)] * len(lead) + [(0, 0), (0, 1)])
-  return jnp.concatenate([wide, narrow], axis=-2)
-
-
-def from_blocks(spec: KasminaSpec, blocks: jax.Array) -> jax.Array:
-  """Inverse of `to_blocks`."""
-  q, r = divmod(spec.dim, spec.num_seeds)
-  lead = blocks.shape[:-2]
-  if r == 0:
-    return blocks.reshape(lead + (spec.dim,))
-  wide = blocks[..., :r, :].reshape(lead + (r * (q + 1),))
-  narrow = blocks[..., r:, :q].reshape(lead + ((spec.num_seeds - r) * q,))
-  return jnp.concatenate([wide, narrow], axis=-1)
-
-
-@struct.dataclass
-class StepAux:
-  """What one forward pass reports besides its output (per seed unless said otherwise)."""
-
-  child_loss: jax.Array  # scalar, differentiable: the TRAINING seeds' objectives, summed
-  # (K,) the child's own objective as far as the forward knows it (NaN where no live child):
-  # reconstruction loss, or for residual / parallel children the penalty lambda mean ||f||^2
-  # only; `whole_objective` adds <dL/dout, f> from the gradients (the train step does).
-  objective: jax.Array
-  recon_ratio: jax.Array  # (K,) ||g(x)-x||^2 / ||x||^2 (NaN where no live child)
-  nonfinite: jax.Array  # (K,) bool: the child's output was non-finite this step
-  telemetry: Any  # the updated TelemetryState, or None on evaluation passes
-
-
 def init_children(spec: KasminaSpec, dtype=jnp.float32) -> bp_lib.ChildParams:
   """Every seed's child parameters, zero (no seed holds a child yet)."""
   return bp_lib.zeros_like_layout(spec.catalog, spec.num_seeds, dtype)
@@ -186,112 +161,26 @@ def changed_children(old_stage: jax.Array, new_stage: jax.Array) -> jax.Array:
                     | (new_stage == Stage.DORMANT))
 
 
-# ----------------------------------------------------------------------------- per-seed tables
-
-
-@struct.dataclass
-class SeedTables:
-  """Per-seed float32 lookups of the seed's blueprint and stage, computed once a pass."""
-
-  act: jax.Array  # (K, 4) one-hot activation
-  glu: jax.Array  # (K,)
-  diagonal: jax.Array  # (K,)
-  residual: jax.Array  # (K,)
-  parallel: jax.Array  # (K,)
-  hidden_mask: jax.Array  # (K, H)
-
-
-def seed_tables(catalog: bp_lib.Catalog, blueprint: jax.Array) -> SeedTables:
-  b = jnp.clip(blueprint, 0, len(catalog.blueprints) - 1)
-  f = lambda a: jnp.asarray(a, jnp.float32)[b]
-  return SeedTables(
-      act=jax.nn.one_hot(jnp.asarray(catalog.act_id)[b], len(bp_lib.ACTIVATIONS)),
-      glu=f(catalog.glu), diagonal=f(catalog.diagonal), residual=f(catalog.residual),
-      parallel=f(catalog.parallel), hidden_mask=f(catalog.hidden_mask))
-
-
-def _activate(pre: jax.Array, act: jax.Array) -> jax.Array:
-  """Per-seed activation: `pre` (N, K, H), `act` (K, 4) one-hot over ACTIVATIONS."""
-  outs = (pre, jax.nn.relu(pre), jax.nn.gelu(pre, approximate=True), jnp.tanh(pre))
-  return sum(a[None, :, None] * o for a, o in zip(jnp.moveaxis(act, -1, 0), outs))
-
-
-def child_branch(params: bp_lib.ChildParams, tables: SeedTables, xb: jax.Array,
-                 pre_u: jax.Array | None) -> jax.Array:
-  """f of every seed: `xb` (N, K, c) float32, `pre_u` (N, K, H) or None -> (N, K, c).
-
-  `g(x) = x + f` for residual children and `g(x) = f` for replacement children.
-  """
-  hp = jax.lax.Precision.HIGHEST
-  pre = jnp.einsum("nkc,kch->nkh", xb, params.w1, precision=hp) + params.b1[None]
-  if pre_u is not None:
-    pre = pre + pre_u
-  a = _activate(pre, tables.act)
-  if params.wg.shape[-1]:
-    gate = jax.nn.sigmoid(jnp.einsum("nkc,kch->nkh", xb, params.wg, precision=hp) + params.bg[None])
-    a = a * jnp.where(tables.glu[None, :, None] > 0, gate, 1.0)
-  a = a * tables.hidden_mask[None]
-  f = jnp.einsum("nkh,khc->nkc", a, params.w2, precision=hp) + params.b2[None]
-  if params.s.shape[-1]:
-    f = f + tables.diagonal[None, :, None] * params.s[None] * xb
-  return f
-
-
-@jax.custom_vjp
-def _masked_input_matmul(u: jax.Array, w: jax.Array, host_grad: jax.Array) -> jax.Array:
-  """`u (N, Din) @ w (K, Din, H) -> (N, K, H)`; the gradient reaches `u` only through the
-  seeds where `host_grad` (K,) is set (one GEMM, no per-seed stop_gradient copies)."""
-  return jnp.einsum("nd,kdh->nkh", u, w, precision=jax.lax.Precision.HIGHEST)
-
-
-def _mim_fwd(u, w, host_grad):
-  return _masked_input_matmul(u, w, host_grad), (u, w, host_grad)
-
-
-def _mim_bwd(res, ct):
-  u, w, host_grad = res
-  hp = jax.lax.Precision.HIGHEST
-  # Zero the weights of seeds without host gradient (and non-finite ones, whose cotangent the
-  # non-finite guard has zeroed): 0 * NaN would otherwise reach `u`'s gradient.
-  w_host = jnp.where((host_grad[:, None, None] > 0) & jnp.isfinite(w), w, 0.0)
-  du = jnp.einsum("nkh,kdh->nd", ct, w_host, precision=hp)
-  dw = jnp.einsum("nd,nkh->kdh", u, ct, precision=hp)
-  return du, dw, jnp.zeros_like(host_grad)
-
-
-_masked_input_matmul.defvjp(_mim_fwd, _mim_bwd)
-
-
-def parallel_first_layer(u2: jax.Array, w1u: jax.Array, host_grad: jax.Array,
-                         live_parallel: jax.Array) -> jax.Array:
-  """The parallel children's first layer `u @ W1u` for every seed, one GEMM; skipped (zeros)
-  while no parallel-wired child is live, so dormant parallel seeds cost no GEMM."""
-  k, _, h = w1u.shape
-  return jax.lax.cond(
-      jnp.any(live_parallel),
-      lambda: _masked_input_matmul(u2, w1u, host_grad),
-      lambda: jnp.zeros((u2.shape[0], k, h), jnp.float32))
-
-
-@jax.custom_vjp
-def _guarded_child(params, tables, xb, pre_u):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _guarded_child(params, tables, xb, pre_u, precision):
   """`child_branch` with the non-finite guard: returns `(f, ok)`, `f` zero for bad seeds;
   the backward zeroes every cotangent of a bad seed, so NaN reaches no gradient."""
-  f = child_branch(params, tables, xb, pre_u)
+  f = child_branch(params, tables, xb, pre_u, precision)
   ok = jnp.all(jnp.isfinite(f), axis=(0, 2))
   return jnp.where(ok[None, :, None], f, 0.0), ok
 
 
-def _gc_fwd(params, tables, xb, pre_u):
-  out = _guarded_child(params, tables, xb, pre_u)
+def _gc_fwd(params, tables, xb, pre_u, precision):
+  out = _guarded_child(params, tables, xb, pre_u, precision)
   return out, (params, tables, xb, pre_u, out[1])
 
 
-def _gc_bwd(res, cts):
+def _gc_bwd(precision, res, cts):
   params, tables, xb, pre_u, ok = res
   ct_f, _ = cts
   ct_f = jnp.where(ok[None, :, None], ct_f, 0.0)
-  _, vjp = jax.vjp(lambda p, x, pu: child_branch(p, tables, x, pu), params, xb, pre_u)
+  _, vjp = jax.vjp(lambda p, x, pu: child_branch(p, tables, x, pu, precision), params, xb,
+                   pre_u)
   dp, dx, dpu = vjp(ct_f)
   k_axis_zero = lambda g: jnp.where(ok.reshape((-1,) + (1,) * (g.ndim - 1)), g, 0.0)
   dp = jax.tree.map(k_axis_zero, dp)
@@ -301,20 +190,6 @@ def _gc_bwd(res, cts):
 
 
 _guarded_child.defvjp(_gc_fwd, _gc_bwd)
-
-
-def stage_masks(stage: jax.Array):
-  """`(training, grafting, full_on, live, learning)` bool masks of `stage` (DESIGN.md's stage
-  table; the reference and every kernel path read the stages through this one function)."""
-  s = stage
-  training = s == Stage.TRAINING
-  grafting = s == Stage.GRAFTING
-  full_on = (s >= Stage.STABILIZATION) & (s <= Stage.FOSSILIZED)
-  live = training | grafting | full_on
-  # Gradients reach FOSSILIZED children too: whether a fossil learns is the optimizer's call
-  # (`LifecycleConfig.fossil`; `optim.learning_mask` freezes it in "frozen" mode).
-  learning = training | grafting | (s == Stage.FINE_TUNING) | (s == Stage.FOSSILIZED)
-  return training, grafting, full_on, live, learning
 
 
 def check_inputs(spec: KasminaSpec, params: bp_lib.ChildParams, seeds, x, u=None,
@@ -347,7 +222,7 @@ def check_inputs(spec: KasminaSpec, params: bp_lib.ChildParams, seeds, x, u=None
 
 def forward(spec: KasminaSpec, params: bp_lib.ChildParams, seeds, x: jax.Array, *,
             u: jax.Array | None = None, telemetry: tel_lib.TelemetryState | None = None,
-            eval_alpha: jax.Array | None = None, impl: str = "reference"):
+            eval_alpha: jax.Array | None = None, impl: str = "reference", precision=None):
   """The chunked layer. Returns `(out, aux)`; `out` has `x`'s shape and dtype.
 
   Training pass: pass `telemetry` (the epoch accumulators) and get it back updated in
@@ -355,23 +230,30 @@ def forward(spec: KasminaSpec, params: bp_lib.ChildParams, seeds, x: jax.Array, 
   Evaluation pass: pass `eval_alpha` (scalar or per seed; 0 = seed off, 1 = fully on, also
   for a seed still in TRAINING): every live seed blends `x + eval_alpha (g(x) - x)`, and no
   telemetry is taken.
+
+  impl: "reference" (default), "pallas", "triton" or "auto" (see `kasmina_jax.kernels`).
+  precision: of the child matmuls (float32 inside), as for `jnp.dot`: None (default) is
+  JAX's default matmul precision (TF32 on NVIDIA GPUs since Ampere, as XLA uses for
+  `jnp.dot`; exact float32 on CPU; `jax.default_matmul_precision` changes it); "highest" /
+  `jax.lax.Precision.HIGHEST` is the exact path. Every `impl` honours it.
   """
   check_inputs(spec, params, seeds, x, u, eval_alpha)
   if impl not in IMPLS:
     raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
+  precision = canonical_precision(precision)
   if impl != "reference":
-    from kasmina_jax import kernels  # pylint: disable=g-import-not-at-top
     resolved = kernels.resolve_impl(impl, spec)
     if resolved != "reference":
       return kernels.forward(spec, params, seeds, x, u=u, telemetry=telemetry,
-                             eval_alpha=eval_alpha, impl=resolved)
+                             eval_alpha=eval_alpha, impl=resolved, precision=precision)
   return forward_reference(spec, params, seeds, x, u=u, telemetry=telemetry,
-                           eval_alpha=eval_alpha)
+                           eval_alpha=eval_alpha, precision=precision)
 
 
 def forward_reference(spec: KasminaSpec, params: bp_lib.ChildParams, seeds, x: jax.Array, *,
-                      u=None, telemetry=None, eval_alpha=None):
+                      u=None, telemetry=None, eval_alpha=None, precision=None):
   """Pure-`jnp` forward (see `forward`); the contract every kernel matches."""
+  precision = canonical_precision(precision)
   catalog = spec.catalog
   lead = x.shape[:-1]
   rows = int(np.prod(lead)) if lead else 1
@@ -398,8 +280,8 @@ def forward_reference(spec: KasminaSpec, params: bp_lib.ChildParams, seeds, x: j
   if catalog.any_parallel:
     u2 = u.reshape((rows, spec.input_dim)).astype(jnp.float32)
     pre_u = parallel_first_layer(u2, p_eff.w1u, host_grad.astype(jnp.float32),
-                                 live & (tables.parallel > 0))
-  f, ok = _guarded_child(p_eff, tables, x_child, pre_u)
+                                 live & (tables.parallel > 0), precision)
+  f, ok = _guarded_child(p_eff, tables, x_child, pre_u, precision)
   ok = ok | ~live
   f = f * (node_mask[None] & live[None, :, None])
   is_res = tables.residual[None, :, None] > 0

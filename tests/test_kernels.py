@@ -4,10 +4,18 @@ On CPU the Pallas kernels run in interpret mode, where every output buffer start
 (Pallas's interpreter fills uninitialised outputs with NaN; `test_interpreter_poisons_outputs`
 checks that premise): an element a kernel fails to write shows up as NaN, which no comparison
 below lets through. Inputs are fresh random draws; float32 is compared at 1e-5, bfloat16 at
-1e-2 (relative L2 error per leaf).
+1e-2 (relative L2 error per leaf), the exact paths (`precision="highest"`) unless a test says
+otherwise. The Triton kernels run under Triton's interpreter (`tests/triton_interpret.py`)
+on request (`KASMINA_TRITON_INTERPRET=1`, triton installed); CI does not run them yet.
 """
 
 from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+import zlib
 
 import chex
 import hypothesis
@@ -16,7 +24,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import zlib
 from jax.experimental import pallas as pl
 
 from kasmina_jax import blueprints as bp
@@ -25,7 +32,11 @@ from kasmina_jax import layer
 from kasmina_jax import lifecycle
 from kasmina_jax.kernels import common
 from kasmina_jax.kernels import pallas as kpallas
+from kasmina_jax.kernels import select
+from kasmina_jax.kernels import triton as ktriton
 from kasmina_jax.lifecycle import Stage
+
+HP = jax.lax.Precision.HIGHEST
 
 NODE_BLUEPRINTS = (
     bp.Blueprint("node_relu", hidden=3, activation="relu"),
@@ -76,13 +87,14 @@ def make_layer(name, key, *, dtype=jnp.float32, lead=(13,), stages=None):
   return spec, params, seeds, x, u, tel
 
 
-def run(forward, spec, params, seeds, x, u, tel, eval_alpha=None):
+def run(forward, spec, params, seeds, x, u, tel, eval_alpha=None, **kw):
   """(out, aux, grads of a scalar loss w.r.t. (params, x, u)), under jit."""
   weights = jnp.cos(jnp.arange(x.size, dtype=jnp.float32)).reshape(x.shape)
 
   def loss(params, x, u):
     out, aux = forward(spec, params, seeds, x, u=u,
-                       telemetry=None if eval_alpha is not None else tel, eval_alpha=eval_alpha)
+                       telemetry=None if eval_alpha is not None else tel, eval_alpha=eval_alpha,
+                       **kw)
     return jnp.sum(out.astype(jnp.float32) * weights) + 0.7 * aux.child_loss, (out, aux)
 
   f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
@@ -122,9 +134,13 @@ def assert_close(got, ref, tol, what=""):
 
 
 def check_against_reference(spec, params, seeds, x, u, tel, *, tol, eval_alpha=None,
-                            forward=pallas_forward):
-  got = run(forward, spec, params, seeds, x, u, tel, eval_alpha)
-  ref = run(layer.forward_reference, spec, params, seeds, x, u, tel, eval_alpha)
+                            forward=pallas_forward, precision="highest",
+                            ref_precision="highest"):
+  """`forward` at `precision` against the reference at `ref_precision`: by default the exact
+  paths (DESIGN.md amendment 5: they agree at 1e-5 on any platform)."""
+  got = run(forward, spec, params, seeds, x, u, tel, eval_alpha, precision=precision)
+  ref = run(layer.forward_reference, spec, params, seeds, x, u, tel, eval_alpha,
+            precision=ref_precision)
   assert not np.isnan(np.asarray(got[0], np.float32)).any(), "an output element was not written"
   assert_close(got[0], ref[0], tol, "out")
   for field in ("objective", "recon_ratio", "nonfinite", "child_loss"):
@@ -157,16 +173,140 @@ def test_interpreter_poisons_outputs():
   assert np.isnan(np.asarray(out[2:])).all() and (np.asarray(out[:2]) == 1).all()
 
 
-def test_resolve_impl_on_cpu():
+def test_resolve_impl_on_cpu(caplog):
   assert kernels.resolve_impl("reference") == "reference"
   assert kernels.resolve_impl("pallas") == "pallas"
-  assert kernels.resolve_impl("auto") == "reference"
+  select._LOGGED.clear()  # pylint: disable=protected-access
+  with caplog.at_level(logging.INFO, logger="kasmina_jax.kernels.select"):
+    assert kernels.resolve_impl("auto") == "reference"
+    spec, params, seeds, x, u, tel = make_layer("even", jax.random.PRNGKey(0))
+    out, _ = layer.forward(spec, params, seeds, x, impl="auto")  # the reference, as on CPU
+    chex.assert_trees_all_equal(out, layer.forward_reference(spec, params, seeds, x)[0])
+  lines = [r for r in caplog.records if r.name == "kasmina_jax.kernels.select"]
+  assert len(lines) == 1, [r.getMessage() for r in lines]  # once, not once a call
+  assert "'reference'" in lines[0].getMessage() and "cpu" in lines[0].getMessage()
   with pytest.raises(ValueError, match="triton"):
     kernels.resolve_impl("triton")
   with pytest.raises(ValueError, match="impl"):
     kernels.resolve_impl("cuda")
   with pytest.raises(ValueError, match="impl"):
     layer.forward(*make_layer("even", jax.random.PRNGKey(0))[:4], impl="fast")
+
+
+CUDA = functools.partial(select.DeviceInfo, "cuda")
+
+
+@pytest.mark.parametrize("device,mode,jt,expected", [
+    (select.DeviceInfo("cpu"), "chunk", True, "reference"),
+    (select.DeviceInfo("tpu"), "chunk", True, "reference"),
+    (select.DeviceInfo("rocm", "gfx942"), "chunk", True, "reference"),
+    (CUDA("9.0", "NVIDIA H100 80GB HBM3"), "chunk", True, "triton"),
+    (CUDA("9.0", "NVIDIA H200"), "per_node", True, "triton"),
+    (CUDA("10.0", "a future GPU"), "chunk", True, "triton"),
+    (CUDA("12.0"), "per_node", True, "triton"),
+    (CUDA("9.0"), "chunk", False, "pallas"),  # jax-triton not installed
+    (CUDA("8.0", "NVIDIA A100-SXM4-40GB"), "chunk", True, "triton"),
+    (CUDA("8.9"), "per_node", False, "pallas"),
+    (CUDA("7.5", "Tesla T4"), "chunk", True, "reference"),
+    (CUDA("7.0"), "per_node", False, "reference"),
+    (CUDA(None), "chunk", True, "reference"),
+    (CUDA("sm_90"), "chunk", True, "reference"),
+])
+def test_auto_chooses_by_capability(device, mode, jt, expected):
+  choice, why = kernels.choose_impl(device, mode, jt)
+  assert choice == expected and why
+  # The product name takes no part in the choice.
+  renamed = select.DeviceInfo(device.platform, device.compute_capability, "renamed")
+  assert kernels.choose_impl(renamed, mode, jt) == (choice, why)
+  if device.platform == "cuda" and device.compute_capability in ("9.0", "8.0"):
+    assert device.compute_capability in why
+
+
+def test_device_info_of_this_machine():
+  info = kernels.device_info()
+  if jax.default_backend() == "cpu":
+    assert info.platform == "cpu" and info.compute_capability is None
+    assert kernels.choose_impl(info)[0] == "reference"
+  with pytest.raises(ValueError, match="mode"):
+    kernels.choose_impl(info, "rows")
+
+
+# ----------------------------------------------------------------------------- precision
+
+
+def _dot_precisions(fn, *args) -> list:
+  """The `precision` of every `dot_general` in `fn`'s jaxpr, the kernels' (`pallas_call`'s
+  jaxpr) and every other sub-jaxpr included."""
+  found = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "dot_general":
+        found.append(eqn.params["precision"])
+      for v in eqn.params.values():
+        for sub in (v if isinstance(v, (tuple, list)) else (v,)):
+          sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's Jaxpr
+          if hasattr(sub, "eqns"):
+            walk(sub)
+
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return found
+
+
+@pytest.mark.parametrize("precision,dot_precision,expected", [
+    (None, "highest", None),
+    ("highest", "highest", (HP, HP)),
+    ("highest", "tf32x3", (HP, HP)),  # interpret mode: tf32x3 is GPU only, HIGHEST stands in
+    ("default", "highest", (jax.lax.Precision.DEFAULT,) * 2),
+])
+def test_precision_reaches_the_pallas_kernel_dots(precision, dot_precision, expected):
+  """`precision` reaches every `jnp.dot` inside the Pallas kernels (forced by `min_dot=1`)
+  and the parallel children's GEMM, forward and backward."""
+  tiling = kpallas.Tiling(strip_rows=8, tile_rows=4, max_seeds=2, max_cols=64, nodes=4,
+                          min_dot=1, bwd_strip_rows=16, dot_precision=dot_precision)
+  fused = kpallas.make_fused_blend(tiling)
+  spec, params, seeds, x, u, tel = make_layer("uneven_parallel", jax.random.PRNGKey(5))
+
+  def loss(params, x, u):
+    out, aux = common.forward(spec, params, seeds, x, u=u, telemetry=None, fused=fused,
+                              precision=precision)
+    return jnp.sum(out * out) + aux.child_loss
+
+  found = _dot_precisions(jax.grad(loss, argnums=(0, 1, 2)), params, x, u)
+  assert len(found) >= 12, found
+  assert all(p == expected for p in found), found
+  assert kpallas._dot_precision(  # pylint: disable=protected-access
+      tiling, "highest", interpret=False) == (
+          jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3 if dot_precision == "tf32x3" else HP)
+  with pytest.raises(ValueError, match="precision"):
+    common.forward(spec, params, seeds, x, u=u, fused=fused, precision="exact")
+
+
+def test_triton_input_precision():
+  """The `tl.dot` input precision of the Triton kernels: TF32 for JAX's default (as XLA's
+  dots), the exact path (tf32x3, or ieee where tuned) for HIGHEST."""
+  assert ktriton.input_precision({}, None) == "tf32"
+  assert ktriton.input_precision({}, "default") == "tf32"
+  assert ktriton.input_precision({}, jax.lax.Precision.HIGH) == "tf32"
+  assert ktriton.input_precision({}, "highest") == "tf32x3"
+  assert ktriton.input_precision({"PREC": "ieee"}, HP) == "ieee"
+  with jax.default_matmul_precision("highest"):  # None follows JAX's default
+    assert ktriton.input_precision({}, None) == "tf32x3"
+  with jax.default_matmul_precision("tensorfloat32"):
+    assert ktriton.input_precision({}, None) == "tf32"
+
+
+# On CPU every precision is exact float32; on a GPU JAX's default is TF32 (inputs rounded to
+# 10 mantissa bits, 2^-11 relative), checked against the exact reference at bfloat16's bound.
+TF32_TOL = 1e-2 if jax.default_backend() == "gpu" else 1e-5
+
+
+@pytest.mark.parametrize("precision,tol", [("highest", 1e-5), (None, TF32_TOL)])
+def test_precision_paths_match_the_exact_reference(precision, tol):
+  """The exact path at 1e-5, JAX's default path (TF32 on GPU) within TF32's tolerance."""
+  spec, params, seeds, x, u, tel = make_layer("uneven_parallel", jax.random.PRNGKey(9))
+  check_against_reference(spec, params, seeds, x, u, tel, tol=tol, precision=precision,
+                          ref_precision="highest")
 
 
 # ----------------------------------------------------------------------------- correctness
@@ -192,13 +332,29 @@ def test_matches_reference_eval_alpha(name, eval_alpha):
   check_against_reference(spec, params, seeds, x, u, tel, tol=1e-5, eval_alpha=eval_alpha)
 
 
-# Derandomized: CI draws the same examples every run. A fresh-random run once (in about 60
-# draws) exceeded the 1e-5 bound on one small-norm array; that draw was not recorded and has
-# not been reproduced since (60 further draws pass): see the closing note of the kernel issue.
-@hypothesis.settings(max_examples=2, deadline=None, derandomize=True)
+# Random on every run (a few draws: each compiles and interprets the kernels); a failing draw
+# is printed by hypothesis as `key=..., rows=...`, and `make_layer("uneven_parallel",
+# jax.random.PRNGKey(key), lead=(rows,))` reproduces it exactly.
+@hypothesis.settings(max_examples=3, deadline=None)
 @hypothesis.given(key=st.integers(0, 2**31 - 1), rows=st.integers(1, 20))
 def test_matches_reference_random_stage_mix(key, rows):
-  """Fresh stages, alphas, children and inputs; any row count (partial strips and tiles)."""
+  """Fresh stages, alphas, children and inputs; any row count (partial strips and tiles).
+
+  What made draws miss 1e-5 before: a leaf whose reference nearly cancels (a gradient summed
+  over rows and nodes of both signs, e.g. 4.4e-6 against terms of order 1) carries float32
+  rounding of its terms, not of its sum; the kernel sums in another order (tiles, strips,
+  broadcast-and-reduce instead of `einsum`), so its relative error on such a leaf is
+  unbounded. `assert_close` measures each leaf against at least 1e-3 of its tree's norm.
+  Looked for anything else (2026-12-01): fresh random draws of this test compared leaf by
+  leaf, with and without the floor, stayed at or below 3e-7 relative error (only 3 draws: the
+  CPU was shared with a long benchmark), every worst leaf at 8% or more of its tree's norm.
+  From the code, one other source can break 1e-5 and the floor does not cover it: a ReLU
+  pre-activation within float32 rounding of 0 takes derivative 0 in one path and 1 in the
+  other (kernel and reference sum `x @ w1` in different orders), which moves a `w1` / `b1`
+  gradient by a whole row's term; at these sizes (<= 20 rows x 4 seeds x 16 hidden units,
+  densities ~0.3 at 0, rounding ~1e-7) that is ~1e-4 of draws. If a printed draw fails, check
+  that first (`pre` near 0 in the failing seed).
+  """
   spec, params, seeds, x, u, tel = make_layer("uneven_parallel", jax.random.PRNGKey(key),
                                               lead=(rows,))
   check_against_reference(spec, params, seeds, x, u, tel, tol=1e-5)
@@ -243,7 +399,7 @@ def test_vmap_over_batch_and_leading_dims():
 
   def per_batch(forward):
     def f(params, x, u):
-      out, aux = forward(spec, params, seeds, x, u=u, telemetry=tel)
+      out, aux = forward(spec, params, seeds, x, u=u, telemetry=tel, precision="highest")
       return out, aux.telemetry.sum, aux.child_loss
     g = jax.vmap(f, in_axes=(None, 0, 0))
 
@@ -265,7 +421,7 @@ def test_vmap_over_stacked_layers():
   def stacked(forward):
     def loss(params, x, u):
       def one(p, s, xx, uu, t):
-        out, aux = forward(spec, p, s, xx, u=uu, telemetry=t)
+        out, aux = forward(spec, p, s, xx, u=uu, telemetry=t, precision="highest")
         return jnp.sum(out * out) + aux.child_loss, aux.telemetry
       losses, tels = jax.vmap(one)(params, seeds, x, u, tel)
       return jnp.sum(losses), tels
@@ -320,3 +476,66 @@ def test_gpu_lowering(monkeypatch, dim, num_seeds, blueprints):
     raise
   launches = 2 if dim % num_seeds else 1
   assert text.count("__gpu$xla.gpu.triton") == 2 * launches
+
+
+# ----------------------------------------------------------------------------- Triton, interpreted
+
+
+@pytest.fixture
+def triton_interpreted(monkeypatch):
+  """`impl="triton"`'s fused primitive with its kernels run by Triton's interpreter on the
+  CPU (`tests/triton_interpret.py`: jax-triton itself has no CPU path). Yields the stand-in
+  `jax_triton` module (its `launches` record every kernel call).
+
+  Opt-in (`KASMINA_TRITON_INTERPRET=1`, with `pip install "triton==3.6.*"`), not yet in CI:
+  the interpreter runs these kernels (benchmarks/check_triton.py --interpret passes), but here
+  `importorskip` imports triton before TRITON_INTERPRET is set, so triton's own `@jit` library
+  functions (`tl.sigmoid`, ...) are compiled-mode `JITFunction`s and the interpreted kernels
+  fail with "Cannot call @triton.jit'd outside of the scope of a kernel". To do: set
+  TRITON_INTERPRET before triton is first imported (or run the check in a subprocess)."""
+  if os.environ.get("KASMINA_TRITON_INTERPRET") != "1":
+    pytest.skip("set KASMINA_TRITON_INTERPRET=1 (and install triton) to run the Triton "
+                "kernels under Triton's interpreter")
+  pytest.importorskip("triton")
+  if jax.default_backend() != "cpu":
+    pytest.skip("on a GPU the Triton kernels run compiled: benchmarks/check_triton.py")
+  import triton_interpret  # pylint: disable=g-import-not-at-top
+  stand_in = triton_interpret.stand_in()
+  monkeypatch.setenv("TRITON_INTERPRET", "1")
+  monkeypatch.setitem(sys.modules, "jax_triton", stand_in)
+  # The `@triton.jit` kernels are built when their module loads: load it under the interpreter.
+  monkeypatch.delitem(sys.modules, "kasmina_jax.kernels._triton_kernels", raising=False)
+  ktriton._kernels.cache_clear()  # pylint: disable=protected-access
+  yield stand_in
+  ktriton._kernels.cache_clear()  # pylint: disable=protected-access
+
+
+def triton_forward(spec, params, seeds, x, **kw):
+  return common.forward(spec, params, seeds, x, fused=ktriton.fused_blend, **kw)
+
+
+@pytest.mark.parametrize("name", ["uneven_parallel", "per_node"])
+def test_triton_kernels_match_reference_interpreted(triton_interpreted, name):
+  """The coarse and per-node Triton kernels, forward (telemetry in the pass) and backward,
+  every stage mixed, against the reference at 1e-5 (the interpreter's dots are exact)."""
+  spec, params, seeds, x, u, tel = make_layer(name, jax.random.PRNGKey(zlib.crc32(name.encode())))
+  check_against_reference(spec, params, seeds, x, u, tel, tol=1e-5, forward=triton_forward,
+                          precision="highest")
+  names = {n for n, _ in triton_interpreted.launches}
+  assert names == ({"fwd_node", "bwd_node"} if name == "per_node"
+                   else {"fwd_coarse", "bwd_coarse"}), names
+  if name != "per_node":  # the exact path's dots, for the coarse kernels
+    assert {kw["PREC"] for _, kw in triton_interpreted.launches} <= {"tf32x3", "ieee"}
+
+
+def test_triton_default_precision_and_eval_pass_interpreted(triton_interpreted):
+  """JAX's default precision reaches the coarse kernels as TF32; an evaluation pass
+  (`eval_alpha`, no telemetry) and a non-finite child match the reference."""
+  spec, params, seeds, x, u, tel = make_layer("even", jax.random.PRNGKey(2), stages=[
+      Stage.GRAFTING, Stage.FINE_TUNING, Stage.TRAINING, Stage.STABILIZATION])
+  params = params.replace(b2=params.b2.at[1, 0].set(jnp.inf))
+  check_against_reference(spec, params, seeds, x, u, tel, tol=1e-5, forward=triton_forward,
+                          precision=None)
+  check_against_reference(spec, params, seeds, x, u, tel, tol=1e-5, forward=triton_forward,
+                          eval_alpha=0.6, precision=None)
+  assert {kw["PREC"] for _, kw in triton_interpreted.launches} == {"tf32"}

@@ -40,6 +40,17 @@ UNEVEN = layer.KasminaSpec(dim=22, num_seeds=3)
 PER_NODE = layer.KasminaSpec(dim=5, num_seeds=5)
 
 
+@pytest.fixture(autouse=True)
+def _exact_matmuls_on_gpu():
+  """The hand-written model's matmuls are exact; the layer's follow JAX's default precision
+  (DESIGN.md amendment 5), TF32 on a GPU: there, make JAX's default exact too."""
+  if jax.default_backend() == "gpu":
+    with jax.default_matmul_precision("highest"):
+      yield
+  else:
+    yield
+
+
 # --------------------------------------------------------------------------------------------
 # Helpers: seeds, random children, and the hand-written model.
 
@@ -816,3 +827,75 @@ def test_spec_is_hashable_and_static():
   a, b = layer.KasminaSpec(dim=22, num_seeds=3), layer.KasminaSpec(dim=22, num_seeds=3)
   assert a == b and hash(a) == hash(b)
   assert a != layer.KasminaSpec(dim=22, num_seeds=2)
+
+
+# --------------------------------------------------------------------------------------------
+# Precision of the child matmuls (DESIGN.md amendment 5).
+
+
+def dot_precisions(fn, *args) -> list:
+  """The `precision` of every `dot_general` in `fn`'s jaxpr, sub-jaxprs (cond, custom_vjp,
+  pjit, pallas_call, ...) included."""
+  found = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "dot_general":
+        found.append(eqn.params["precision"])
+      for v in eqn.params.values():
+        for sub in (v if isinstance(v, (tuple, list)) else (v,)):
+          sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's Jaxpr
+          if hasattr(sub, "eqns"):
+            walk(sub)
+
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return found
+
+
+def _precision_case():
+  spec = PSPEC
+  params = random_children(spec, 0)
+  seeds = make_seeds(3, [Stage.FINE_TUNING, Stage.GRAFTING, Stage.STABILIZATION],
+                     blueprint=[PAR, NAMES.index("glu_mlp"), 0], alpha=0.5)
+  return spec, params, seeds, normal(1, (6, spec.dim)), normal(2, (6, spec.input_dim))
+
+
+@pytest.mark.parametrize("precision,expected", [
+    (None, "as jnp.dot"),
+    ("highest", (HP, HP)),
+    (jax.lax.Precision.HIGHEST, (HP, HP)),
+    ("default", (jax.lax.Precision.DEFAULT,) * 2),
+])
+def test_precision_reaches_every_child_matmul(precision, expected):
+  """Forward and backward, the parallel children's input GEMM included: every dot runs at
+  the caller's precision (None: JAX's default, as `jnp.dot` without one)."""
+  spec, params, seeds, x, u = _precision_case()
+
+  def loss(params, x, u, precision=precision):
+    out, aux = layer.forward(spec, params, seeds, x, u=u, precision=precision)
+    return jnp.sum(out * out) + aux.child_loss
+
+  grad = jax.grad(loss, argnums=(0, 1, 2))
+  found = dot_precisions(grad, params, x, u)
+  if expected == "as jnp.dot":  # None, or what `jax.default_matmul_precision` set
+    expected, = dot_precisions(jnp.dot, x[:, :2], x[:2])
+  assert len(found) >= 12, found  # w1, wg, w2 and the u GEMM, forward and backward
+  assert all(p == expected for p in found), found
+  if jax.default_backend() == "cpu":  # every precision is exact float32 there
+    chex.assert_trees_all_close(grad(params, x, u),
+                                jax.grad(functools.partial(loss, precision="highest"),
+                                         argnums=(0, 1, 2))(params, x, u),
+                                rtol=1e-6, atol=1e-6)
+
+
+def test_precision_is_validated_before_tracing():
+  spec, params, seeds, x, u = _precision_case()
+  for bad in ("fast", "HIGHESTT", 3, ("highest", "highest"), jax.lax.DotAlgorithmPreset.DEFAULT):
+    with pytest.raises(ValueError, match="precision"):
+      layer.forward(spec, params, seeds, x, u=u, precision=bad)
+    with pytest.raises(ValueError, match="precision"):
+      layer.forward_reference(spec, params, seeds, x, u=u, precision=bad)
+  for good in (None, "HIGHEST", "high", "float32", jax.lax.Precision.DEFAULT):
+    layer.forward(spec, params, seeds, x, u=u, precision=good)
+  assert layer.canonical_precision("Highest") is jax.lax.Precision.HIGHEST
+  assert layer.canonical_precision("tensorfloat32") is jax.lax.Precision.HIGH

@@ -8,83 +8,34 @@
                any other platform they run in interpret mode (slow: for tests);
   "triton"     hand-written Triton kernels through jax-triton (`kernels.triton`): the GPU
                extra (`pip install kasmina_jax[gpu]`); needs an NVIDIA GPU;
-  "auto"       on an NVIDIA GPU the backend measured fastest on that GPU model
-               (`AUTO_BY_GPU`, filled from `benchmarks/`), Pallas where none was measured;
-               the reference elsewhere.
+  "auto"       by the default device's capability (`select.choose_impl`): on NVIDIA GPUs
+               from Ampere on, the backend measured fastest for that architecture
+               (`select.AUTO_BY_CAPABILITY`, from `benchmarks/`), the reference elsewhere;
+               it logs one line saying what it chose and why.
+
+Every path takes the caller's `precision` for the child matmuls (`chunks.canonical_precision`:
+None = JAX's default, TF32 on those GPUs; "highest" = the exact path).
 
 `common` defines the fused primitive every backend implements (`fused_blend_reference` and
-its backward) and the wrapper around it.
+its backward) and the wrapper around it. The backends are imported on first use (Pallas
+loads `jax.experimental.pallas`; Triton needs the optional jax-triton), not to break an
+import cycle: this package imports `chunks`, `blueprints` and `telemetry`, never `layer`.
 """
 
 from __future__ import annotations
 
-import importlib.util
-
-import jax
-
-from kasmina_jax import layer as layer_lib
 from kasmina_jax.kernels import common
-
-IMPLS = layer_lib.IMPLS  # one list of the layer's `impl` values (kasmina_jax.layer)
-
-# GPU model (`jax.Device.device_kind`) -> {layer mode: the backend measured fastest there,
-# forward and forward+backward, by benchmarks/bench_layer.py (benchmarks/RESULTS.md)}. Modes:
-# "chunk" (chunks of several nodes) and "per_node" (num_seeds == dim). H100, 2026-11-25,
-# float32, 16384 x 4096: 64 seeds, Triton 0.358 / 1.237 ms against Pallas 0.562 / 2.107 ms
-# (fwd / fwd+bwd, all seeds blending); per-node forward, Pallas 0.795 ms against Triton 1.243.
-# Models not listed get `DEFAULT_GPU_IMPL`.
-AUTO_BY_GPU: dict[str, dict[str, str]] = {
-    "NVIDIA H100 80GB HBM3": {"chunk": "triton", "per_node": "pallas"},
-}
-DEFAULT_GPU_IMPL = "pallas"
-
-
-def cuda_device_kind() -> str | None:
-  """The default device's model name when it is an NVIDIA (CUDA) GPU, else None."""
-  if jax.default_backend() != "gpu":
-    return None
-  dev = jax.devices()[0]
-  version = str(getattr(getattr(dev, "client", None), "platform_version", "")).lower()
-  if "rocm" in version or "hip" in version:
-    return None
-  return dev.device_kind
-
-
-def triton_available() -> bool:
-  """jax-triton is importable (the GPU extra is installed)."""
-  return importlib.util.find_spec("jax_triton") is not None
-
-
-def resolve_impl(impl: str, spec=None) -> str:
-  """Maps a user's `impl` to the backend that will run: "reference", "pallas" or "triton".
-
-  For "auto", `spec` (a `KasminaSpec`, optional) selects the layer mode looked up in
-  `AUTO_BY_GPU`: "per_node" when every chunk has one node, else "chunk".
-
-  Raises ValueError for an unknown name, and for "triton" where jax-triton or an NVIDIA GPU
-  is missing (an explicit request is never silently replaced).
-  """
-  if impl not in IMPLS:
-    raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
-  if impl in ("reference", "pallas"):
-    return impl
-  kind = cuda_device_kind()
-  if impl == "triton":
-    if not triton_available():
-      raise ValueError("impl='triton': needs jax-triton (pip install 'kasmina_jax[gpu]'); "
-                       "use impl='pallas' or 'reference' instead")
-    if kind is None:
-      raise ValueError(f"impl='triton': needs an NVIDIA GPU, but the default backend is "
-                       f"{jax.default_backend()!r}; use impl='reference' (or 'pallas')")
-    return "triton"
-  # auto
-  if kind is None:
-    return "reference"
-  mode = "per_node" if (spec is not None and spec.chunk_width == 1) else "chunk"
-  choice = AUTO_BY_GPU.get(kind, {}).get(mode, DEFAULT_GPU_IMPL)
-  if choice == "triton" and not triton_available():
-    return "pallas"
-  return choice
+from kasmina_jax.kernels import select
+from kasmina_jax.kernels.select import (
+    AUTO_BY_CAPABILITY,
+    IMPLS,
+    DeviceInfo,
+    choose_impl,
+    cuda_device_kind,
+    device_info,
+    resolve_impl,
+    triton_available,
+)
 
 
 def fused_primitive(impl: str):
@@ -102,16 +53,14 @@ def fused_primitive(impl: str):
 
 
 def forward(spec, params, seeds, x, *, u=None, telemetry=None, eval_alpha=None,
-            impl: str = "pallas"):
-  """The chunked layer through a fused backend; same contract as
-  `layer.forward_reference`. Inputs are checked by `layer.forward`; call that."""
-  if impl == "reference":
-    from kasmina_jax import layer  # pylint: disable=g-import-not-at-top
-    return layer.forward_reference(spec, params, seeds, x, u=u, telemetry=telemetry,
-                                   eval_alpha=eval_alpha)
+            impl: str = "pallas", precision=None):
+  """The chunked layer through a fused backend ("pallas", "triton" or "jnp"); same contract
+  as `layer.forward_reference`. Inputs are checked by `layer.forward`; call that."""
   return common.forward(spec, params, seeds, x, u=u, telemetry=telemetry,
-                        eval_alpha=eval_alpha, fused=fused_primitive(impl))
+                        eval_alpha=eval_alpha, fused=fused_primitive(impl),
+                        precision=precision)
 
 
-__all__ = ["AUTO_BY_GPU", "DEFAULT_GPU_IMPL", "IMPLS", "common", "cuda_device_kind", "forward",
-           "fused_primitive", "resolve_impl", "triton_available"]
+__all__ = ["AUTO_BY_CAPABILITY", "DeviceInfo", "IMPLS", "choose_impl", "common",
+           "cuda_device_kind", "device_info", "forward", "fused_primitive", "resolve_impl",
+           "select", "triton_available"]

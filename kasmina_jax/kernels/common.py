@@ -22,7 +22,11 @@ kernels have none (e.g. `jax_triton.triton_call`) wraps its implementations in
 `jax.custom_batching.custom_vmap` (or `sequential_vmap`) before passing them here.
 
 Everything is float32 inside; `x` may be float32, bfloat16 or float16 and the output has its
-dtype.
+dtype. The child matmuls run at the caller's `precision` (static; `chunks.canonical_precision`:
+None = JAX's default matmul precision, TF32 on NVIDIA GPUs since Ampere; HIGHEST = exact).
+The telemetry's Gram matrix is always exact (a statistic, not the model's function).
+
+`spec` is a `layer.KasminaSpec` (this package does not import `layer`: `layer` imports it).
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ import numpy as np
 from kasmina_jax import _struct as struct
 
 from kasmina_jax import blueprints as bp_lib
-from kasmina_jax import layer as layer_lib
+from kasmina_jax import chunks
 from kasmina_jax import telemetry as tel_lib
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -67,7 +71,7 @@ class SeedInputs:
   blend: jax.Array
   grad_blend: jax.Array
   host_grad: jax.Array
-  tables: layer_lib.SeedTables
+  tables: chunks.SeedTables
 
 
 class FusedOutputs(NamedTuple):
@@ -93,10 +97,10 @@ class FusedOutputs(NamedTuple):
   partials: tel_lib.TelemetryPartials | None
 
 
-def seed_inputs(spec: layer_lib.KasminaSpec, seeds, eval_alpha=None) -> SeedInputs:
+def seed_inputs(spec, seeds, eval_alpha=None) -> SeedInputs:
   """The stage rules of `layer.forward_reference` as per-seed float masks."""
-  training, grafting, full_on, live, _ = layer_lib.stage_masks(seeds.stage)
-  tables = layer_lib.seed_tables(spec.catalog, seeds.blueprint)
+  training, grafting, full_on, live, _ = chunks.stage_masks(seeds.stage)
+  tables = chunks.seed_tables(spec.catalog, seeds.blueprint)
   res = tables.residual > 0
   f32 = lambda m: m.astype(jnp.float32)
   if eval_alpha is None:
@@ -115,9 +119,10 @@ def seed_inputs(spec: layer_lib.KasminaSpec, seeds, eval_alpha=None) -> SeedInpu
                     tables=tables)
 
 
-def fused_blend_reference(spec: layer_lib.KasminaSpec, telemetry: bool, x2d: jax.Array,
+def fused_blend_reference(spec, telemetry: bool, x2d: jax.Array,
                           params: bp_lib.ChildParams, seed_in: SeedInputs,
-                          pre_u: jax.Array | None, shift: jax.Array | None) -> FusedOutputs:
+                          pre_u: jax.Array | None, shift: jax.Array | None,
+                          precision=None) -> FusedOutputs:
   """The fused primitive's forward, in `jnp` (the definition every backend matches).
 
   spec, telemetry: static. `spec` gives the geometry: `D = spec.dim`, `K = spec.num_seeds`,
@@ -132,6 +137,9 @@ def fused_blend_reference(spec: layer_lib.KasminaSpec, telemetry: bool, x2d: jax
   seed_in: `SeedInputs`.
   pre_u: (N, K, H) float32, `u @ W1u` per seed (parallel wiring), or None.
   shift: (K, c) float32, the telemetry shift, or None when `telemetry` is False.
+  precision: static, of the child matmuls (None or a `jax.lax.Precision`; see
+    `chunks.canonical_precision`): a backend runs its dots at that precision, resolving
+    None with `chunks.effective_precision` where it picks the dot algorithm itself.
 
   Per seed k with chunk `xk` (N, c_k) in float32, its child (blueprints.py):
     pre = xk @ w1[k] + b1[k] (+ pre_u[:, k]);  a = act_k(pre)
@@ -140,10 +148,10 @@ def fused_blend_reference(spec: layer_lib.KasminaSpec, telemetry: bool, x2d: jax
     r   = g(x) - x = f (residual) or f - xk (replacement)
     out = xk + blend[k] * r, written in x's dtype, where live[k] and ok[k]; else xk.
   """
-  xb = layer_lib.to_blocks(spec, x2d).astype(jnp.float32)  # (N, K, c), padded nodes 0
+  xb = chunks.to_blocks(spec, x2d).astype(jnp.float32)  # (N, K, c), padded nodes 0
   node = jnp.asarray(spec.node_mask)[None]  # (1, K, c)
   live = seed_in.live[None, :, None] > 0
-  f = layer_lib.child_branch(params, seed_in.tables, xb, pre_u)
+  f = chunks.child_branch(params, seed_in.tables, xb, pre_u, precision)
   f = jnp.where(node & live, f, 0.0)
   ok = jnp.all(jnp.isfinite(f), axis=(0, 2))
   f = jnp.where(ok[None, :, None], f, 0.0)
@@ -151,7 +159,7 @@ def fused_blend_reference(spec: layer_lib.KasminaSpec, telemetry: bool, x2d: jax
   r = jnp.where(node & live, jnp.where(res, f, f - xb), 0.0)
   blend = seed_in.blend[None, :, None]
   out = jnp.where(live & ok[None, :, None], xb + blend * r, xb)
-  out2d = layer_lib.from_blocks(spec, out.astype(x2d.dtype))
+  out2d = chunks.from_blocks(spec, out.astype(x2d.dtype))
   partials = None
   if telemetry:
     partials = _partials_real_nodes(spec, xb, shift)
@@ -176,10 +184,10 @@ def _partials_real_nodes(spec, xb, shift) -> tel_lib.TelemetryPartials:
       corr_sum=dm.sum(0), gram=gram)
 
 
-def fused_blend_backward_reference(spec: layer_lib.KasminaSpec, x2d: jax.Array,
+def fused_blend_backward_reference(spec, x2d: jax.Array,
                                    params: bp_lib.ChildParams, seed_in: SeedInputs,
                                    pre_u: jax.Array | None, ok: jax.Array, ct_out: jax.Array,
-                                   ct_sum_r2: jax.Array):
+                                   ct_sum_r2: jax.Array, precision=None):
   """The fused primitive's backward, in `jnp`. Returns `(dx, dparams, dpre_u)`.
 
   ct_out: (N, D) in x's dtype; ct_sum_r2: (K,) float32 (the other outputs carry no gradient:
@@ -195,15 +203,15 @@ def fused_blend_backward_reference(spec: layer_lib.KasminaSpec, x2d: jax.Array,
   the wrapper stops the gradient of children outside the learning stages. Seeds that are not
   ok get exactly zero child cotangents, so no NaN reaches any gradient. `dx` has x's dtype.
   """
-  xb = layer_lib.to_blocks(spec, x2d).astype(jnp.float32)
-  ct = layer_lib.to_blocks(spec, ct_out).astype(jnp.float32)
+  xb = chunks.to_blocks(spec, x2d).astype(jnp.float32)
+  ct = chunks.to_blocks(spec, ct_out).astype(jnp.float32)
   node = jnp.asarray(spec.node_mask)[None]
   on = (seed_in.live > 0) & ok
   gate = node & on[None, :, None]
   res = seed_in.tables.residual[None, :, None] > 0
   xs = jnp.where(gate, xb, 0.0)  # bad seeds: a finite stand-in (their cotangents are zeroed)
   pu = None if pre_u is None else jnp.where(on[None, :, None], pre_u, 0.0)
-  f, vjp = jax.vjp(lambda p, x, q: layer_lib.child_branch(p, seed_in.tables, x, q),
+  f, vjp = jax.vjp(lambda p, x, q: chunks.child_branch(p, seed_in.tables, x, q, precision),
                    params, xs, pu)
   r = jnp.where(gate, jnp.where(res, f, f - xb), 0.0)
   ct_f = jnp.where(gate, seed_in.grad_blend[None, :, None] * ct
@@ -212,7 +220,7 @@ def fused_blend_backward_reference(spec: layer_lib.KasminaSpec, x2d: jax.Array,
   repl = jnp.where(res, 0.0, 1.0)
   hg = jnp.where(gate, seed_in.host_grad[None, :, None], 0.0)
   dx = ct + hg * (dx_child - repl * seed_in.blend[None, :, None] * ct)
-  dx2d = layer_lib.from_blocks(spec, dx.astype(ct_out.dtype))
+  dx2d = chunks.from_blocks(spec, dx.astype(ct_out.dtype))
   return dx2d, dparams, dpre_u
 
 
@@ -225,25 +233,32 @@ BackwardImpl = Callable[..., tuple]
 
 def make_fused_blend(forward_impl: ForwardImpl, backward_impl: BackwardImpl):
   """Wraps a backend's forward / backward implementations into the differentiable primitive
-  `fused(spec, telemetry, x2d, params, seed_in, pre_u, shift) -> FusedOutputs`."""
+  `fused(spec, telemetry, x2d, params, seed_in, pre_u, shift, precision=None) ->
+  FusedOutputs` (`spec`, `telemetry` and `precision` static). The implementations take
+  `precision` as their last positional argument."""
 
-  @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-  def fused(spec, telemetry, x2d, params, seed_in, pre_u, shift):
-    return forward_impl(spec, telemetry, x2d, params, seed_in, pre_u, shift)
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+  def primitive(spec, telemetry, precision, x2d, params, seed_in, pre_u, shift):
+    return forward_impl(spec, telemetry, x2d, params, seed_in, pre_u, shift, precision)
 
-  def fwd(spec, telemetry, x2d, params, seed_in, pre_u, shift):
-    outs = forward_impl(spec, telemetry, x2d, params, seed_in, pre_u, shift)
+  def fwd(spec, telemetry, precision, x2d, params, seed_in, pre_u, shift):
+    outs = forward_impl(spec, telemetry, x2d, params, seed_in, pre_u, shift, precision)
     return outs, (x2d, params, seed_in, pre_u, shift, outs.ok)
 
-  def bwd(spec, telemetry, res, cts):
+  def bwd(spec, telemetry, precision, res, cts):
     del telemetry
     x2d, params, seed_in, pre_u, shift, ok = res
     dx, dparams, dpre_u = backward_impl(spec, x2d, params, seed_in, pre_u, ok, cts.out,
-                                        cts.sum_r2)
+                                        cts.sum_r2, precision)
     zeros = lambda t: jax.tree.map(jnp.zeros_like, t)
     return (dx, dparams, zeros(seed_in), dpre_u, None if shift is None else zeros(shift))
 
-  fused.defvjp(fwd, bwd)
+  primitive.defvjp(fwd, bwd)
+
+  def fused(spec, telemetry, x2d, params, seed_in, pre_u, shift, precision=None):
+    return primitive(spec, bool(telemetry), chunks.canonical_precision(precision), x2d,
+                     params, seed_in, pre_u, shift)
+
   return fused
 
 
@@ -270,26 +285,28 @@ def _pad_partials(spec, p: tel_lib.TelemetryPartials, shift) -> tel_lib.Telemetr
                    corr_sum=p.corr_sum - m * sp, gram=gram)
 
 
-def apply_guard(spec: layer_lib.KasminaSpec, x2d: jax.Array, out2d: jax.Array,
+def apply_guard(spec, x2d: jax.Array, out2d: jax.Array,
                 ok: jax.Array) -> jax.Array:
   """For backends whose forward writes the output before it knows `ok` (a child may turn
   non-finite on a later row): rewrites the chunks of bad seeds to `x`. The rewrite runs only
   when a bad seed exists (`lax.cond`; under `vmap` it becomes a select over the output)."""
-  good_cols = layer_lib.from_blocks(
+  good_cols = chunks.from_blocks(
       spec, jnp.broadcast_to(ok[:, None], (spec.num_seeds, spec.chunk_width)))
   return jax.lax.cond(jnp.all(ok), lambda: out2d,
                       lambda: jnp.where(good_cols[None, :], out2d, x2d))
 
 
-def forward(spec: layer_lib.KasminaSpec, params: bp_lib.ChildParams, seeds, x: jax.Array, *,
-            u=None, telemetry=None, eval_alpha=None, fused=fused_blend_jnp):
-  """`layer.forward_reference` through a fused primitive `fused` (see `make_fused_blend`)."""
+def forward(spec, params: bp_lib.ChildParams, seeds, x: jax.Array, *,
+            u=None, telemetry=None, eval_alpha=None, fused=fused_blend_jnp, precision=None):
+  """`layer.forward_reference` through a fused primitive `fused` (see `make_fused_blend`),
+  the child matmuls at `precision`."""
+  precision = chunks.canonical_precision(precision)
   catalog = spec.catalog
   lead = x.shape[:-1]
   rows = int(np.prod(lead)) if lead else 1
   x2d = x.reshape((rows, spec.dim))
   evaluating = eval_alpha is not None
-  training, _, full_on, live, learning = layer_lib.stage_masks(seeds.stage)
+  training, _, full_on, live, learning = chunks.stage_masks(seeds.stage)
   seed_in = seed_inputs(spec, seeds, eval_alpha)
   host_grad = full_on & ~jnp.asarray(evaluating)
 
@@ -305,17 +322,17 @@ def forward(spec: layer_lib.KasminaSpec, params: bp_lib.ChildParams, seeds, x: j
   pre_u = None
   if catalog.any_parallel:
     u2 = u.reshape((rows, spec.input_dim)).astype(jnp.float32)
-    pre_u = layer_lib.parallel_first_layer(u2, p_eff.w1u, host_grad.astype(jnp.float32),
-                                           live & (seed_in.tables.parallel > 0))
+    pre_u = chunks.parallel_first_layer(u2, p_eff.w1u, host_grad.astype(jnp.float32),
+                                        live & (seed_in.tables.parallel > 0), precision)
 
   take_telemetry = telemetry is not None and not evaluating
   tel = shift = None
   if take_telemetry:
-    first = layer_lib.to_blocks(spec, jax.lax.stop_gradient(x2d[:1])).astype(jnp.float32)[0]
+    first = chunks.to_blocks(spec, jax.lax.stop_gradient(x2d[:1])).astype(jnp.float32)[0]
     tel = tel_lib.with_shift(telemetry, first)
     shift = tel.shift
 
-  outs = fused(spec, take_telemetry, x2d, p_eff, seed_in, pre_u, shift)
+  outs = fused(spec, take_telemetry, x2d, p_eff, seed_in, pre_u, shift, precision)
   ok = outs.ok | ~live
 
   res_seed = seed_in.tables.residual > 0
@@ -337,6 +354,6 @@ def forward(spec: layer_lib.KasminaSpec, params: bp_lib.ChildParams, seeds, x: j
     new_tel = tel_lib.merge(tel, partials)
     new_tel = new_tel.replace(nonfinite=new_tel.nonfinite | (live & ~ok))
 
-  aux = layer_lib.StepAux(child_loss=child_loss, objective=aux_objective, recon_ratio=aux_ratio,
+  aux = chunks.StepAux(child_loss=child_loss, objective=aux_objective, recon_ratio=aux_ratio,
                           nonfinite=live & ~ok, telemetry=new_tel)
   return outs.out.reshape(x.shape), aux

@@ -44,6 +44,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from kasmina_jax import blueprints as bp_lib
+from kasmina_jax import chunks
 from kasmina_jax import telemetry as tel_lib
 from kasmina_jax.kernels import common
 
@@ -63,8 +64,10 @@ class Tiling:
   strip_rows: rows a program owns; tile_rows: rows per inner iteration; max_seeds and
   max_cols: bounds on the seeds (and their columns) a chunk-kernel program owns; nodes: the
   node block of the per-node kernel; min_dot: a matmul whose every dimension reaches this uses
-  `jnp.dot` (Triton needs 16), smaller ones broadcast and reduce; dot_precision: "highest"
-  (exact float32) or "tf32x3" (GPU only); num_warps / num_stages: Triton compiler parameters;
+  `jnp.dot` (Triton needs 16), smaller ones broadcast and reduce; dot_precision: the dot
+  algorithm of the exact path (`precision="highest"`): "highest" (IEEE float32) or "tf32x3"
+  (GPU only; other precisions go to `jnp.dot` as given: None and DEFAULT / HIGH lower to TF32
+  on GPU, as XLA's dots); num_warps / num_stages: Triton compiler parameters;
   bwd_strip_rows / bwd_max_seeds: the same for the backward kernels (longer strips there keep
   the per-strip partial parameter gradients small; fewer seeds a program keep the grid full);
   pad_chunks: compute on chunk widths padded to a power of two with masked loads and stores
@@ -191,8 +194,22 @@ class _Cfg:
     return self.cs == 1
 
 
+def _dot_precision(tiling: Tiling, precision, interpret: bool):
+  """What the kernels' `jnp.dot`s get: the caller's precision (None: JAX's default matmul
+  precision, read by `jnp.dot` when the kernel is traced), the exact path (HIGHEST) as
+  `tiling.dot_precision` says (interpret mode: always plain HIGHEST)."""
+  if tiling.dot_precision not in ("highest", "tf32x3"):
+    raise ValueError(f"Tiling.dot_precision: expected 'highest' or 'tf32x3', got "
+                     f"{tiling.dot_precision!r}")
+  precision = chunks.canonical_precision(precision)
+  if (precision == jax.lax.Precision.HIGHEST and tiling.dot_precision == "tf32x3"
+      and not interpret):
+    return jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3
+  return precision
+
+
 def _make_cfg(spec, launch: _Launch, n: int, h: int, tiling: Tiling, telemetry: bool,
-              par: bool, interpret: bool, backward: bool) -> _Cfg:
+              par: bool, interpret: bool, backward: bool, precision=None) -> _Cfg:
   cat = spec.catalog
   tile = min(tiling.tile_rows, _pow2_ceil(n))
   strip_rows = tiling.bwd_strip_rows if backward else tiling.strip_rows
@@ -203,13 +220,7 @@ def _make_cfg(spec, launch: _Launch, n: int, h: int, tiling: Tiling, telemetry: 
     max_seeds = tiling.bwd_max_seeds if backward else tiling.max_seeds
     group = _largest_divisor(launch.ks, min(max_seeds, max(1, tiling.max_cols // launch.cs)),
                              pow2=False)
-  if interpret or tiling.dot_precision == "highest":
-    precision = jax.lax.Precision.HIGHEST
-  elif tiling.dot_precision == "tf32x3":
-    precision = jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3
-  else:
-    raise ValueError(f"Tiling.dot_precision: expected 'highest' or 'tf32x3', got "
-                     f"{tiling.dot_precision!r}")
+  precision = _dot_precision(tiling, precision, interpret)
   acts = tuple(sorted(set(int(a) for a in np.asarray(cat.act_id))))
   pad = tiling.pad_chunks if tiling.pad_chunks is not None else not interpret
   cw = _pow2_ceil(launch.cs) if pad and launch.cs > 1 else launch.cs
@@ -262,7 +273,7 @@ _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 
 def _act_fns(pre):
-  """Value and derivative of each activation of `bp_lib.ACTIVATIONS` (as `layer._activate`
+  """Value and derivative of each activation of `bp_lib.ACTIVATIONS` (as `chunks._activate`
   computes them: GELU is the tanh approximation)."""
   def identity():
     return pre, jnp.ones_like(pre)
@@ -843,7 +854,8 @@ def _pad_hidden(h: int, interpret: bool) -> int:
   return h if interpret else _pow2_ceil(h)
 
 
-def _forward(tiling: Tiling | None, spec, telemetry, x2d, params, seed_in, pre_u, shift):
+def _forward(tiling: Tiling | None, spec, telemetry, x2d, params, seed_in, pre_u, shift,
+             precision=None):
   interpret = not _on_gpu()
   tiling = tiling or (INTERPRET_TILING if interpret else GPU_TILING)
   n = x2d.shape[0]
@@ -855,7 +867,7 @@ def _forward(tiling: Tiling | None, spec, telemetry, x2d, params, seed_in, pre_u
   parts = []
   for launch in _launches(spec):
     cfg = _make_cfg(spec, launch, n, h, tiling, telemetry, pre_u is not None, interpret,
-                    backward=False)
+                    backward=False, precision=precision)
     sl = slice(cfg.k0, cfg.k0 + cfg.ks)
     p = _launch_params(cfg, params, seed_in.tables.hidden_mask)
     s_n, s_g, grid = cfg.num_strips, cfg.gram_strips, None
@@ -934,7 +946,8 @@ def _forward(tiling: Tiling | None, spec, telemetry, x2d, params, seed_in, pre_u
                              sum_x2=jnp.sum(gather("x2"), axis=-1), ok=ok, partials=partials)
 
 
-def _backward(tiling: Tiling | None, spec, x2d, params, seed_in, pre_u, ok, ct_out, ct_sum_r2):
+def _backward(tiling: Tiling | None, spec, x2d, params, seed_in, pre_u, ok, ct_out, ct_sum_r2,
+              precision=None):
   interpret = not _on_gpu()
   tiling = tiling or (INTERPRET_TILING if interpret else GPU_TILING)
   n = x2d.shape[0]
@@ -948,7 +961,7 @@ def _backward(tiling: Tiling | None, spec, x2d, params, seed_in, pre_u, ok, ct_o
   grads = []
   for launch in _launches(spec):
     cfg = _make_cfg(spec, launch, n, h, tiling, False, pre_u is not None, interpret,
-                    backward=True)
+                    backward=True, precision=precision)
     sl = slice(cfg.k0, cfg.k0 + cfg.ks)
     p = _launch_params(cfg, params, seed_in.tables.hidden_mask)
     s_n = cfg.num_strips

@@ -9,9 +9,10 @@ Kernels (one program = one strip of rows x one seed, or a block of nodes in per-
 
 * coarse (`chunk_width >= 2`, chunk padded to a power of two `CP >= 16` in registers): the
   program loops over `TILES` row tiles of `BR` rows, loads its chunk once, runs the child with
-  `tl.dot` (float32 operands accumulating in float32: `tf32x3` (or exact `ieee` where the
-  sweep found it faster) for float32 activations, `tf32` for 16-bit ones), blends, writes the output and keeps the telemetry sums in
-  registers, written once per strip (XLA adds the strips). A seed that is not live does no
+  `tl.dot` (float32 operands accumulating in float32, at the caller's `precision`: `tf32` for
+  JAX's default (DEFAULT / HIGH, as XLA's dots on these GPUs); for HIGHEST, the exact path,
+  `tf32x3` or `ieee`, whichever the tuning sweep found faster for the shape class),
+  blends, writes the output and keeps the telemetry sums in registers, written once per strip (XLA adds the strips). A seed that is not live does no
   child work (a uniform branch), so a dormant chunk costs its read and its write.
 * per-node (`chunk_width == 1`): a program owns `BR` rows x `BN` nodes (one node = one seed)
   and evaluates every node's child element-wise on `(BR, BN, H)` tensors.
@@ -39,9 +40,10 @@ import jax
 import jax.numpy as jnp
 
 from kasmina_jax import blueprints as bp_lib
-from kasmina_jax import layer as layer_lib
+from kasmina_jax import chunks
 from kasmina_jax import telemetry as tel_lib
 from kasmina_jax.kernels import common
+from kasmina_jax.kernels import select
 
 MAX_INLINE_CHUNK = 128
 
@@ -54,8 +56,7 @@ def available() -> bool:
   """jax-triton and triton are importable and the default backend is an NVIDIA GPU."""
   if importlib.util.find_spec("jax_triton") is None or importlib.util.find_spec("triton") is None:
     return False
-  from kasmina_jax import kernels  # pylint: disable=g-import-not-at-top
-  return kernels.cuda_device_kind() is not None
+  return select.cuda_device_kind() is not None
 
 
 # ----------------------------------------------------------------------------- the kernels
@@ -87,7 +88,9 @@ def shape_class(spec) -> str:
 
 
 # Measured on an H100 (benchmarks/tune_triton.py; see benchmarks/RESULTS.md). Keys
-# (kind, class) or (kind, class, dtype name); the latter wins.
+# (kind, class) or (kind, class, dtype name); the latter wins. "PREC" is the exact path's
+# `tl.dot` input precision (precision="highest"): "tf32x3" unless given ("ieee" where the sweep
+# found it faster); JAX's default precision always runs "tf32".
 _DEFAULT_CONFIGS = {
     ("fwd", "node"): dict(BR=32, BN=32, TILES=8, num_warps=2, num_stages=2),
     ("fwd", "small"): dict(BR=16, TILES=32, num_warps=2, num_stages=2),
@@ -110,15 +113,24 @@ def _config(kind: str, spec, dtype) -> dict[str, Any]:
   return cfg
 
 
+def input_precision(cfg: dict[str, Any], precision) -> str:
+  """The `tl.dot` input precision for the caller's `precision` (None: JAX's default matmul
+  precision at trace time): "tf32" for DEFAULT and HIGH (what XLA's dots use on these GPUs),
+  the exact path for HIGHEST (`cfg["PREC"]`, "tf32x3" unless the tuning chose "ieee")."""
+  if chunks.effective_precision(precision) == jax.lax.Precision.HIGHEST:
+    return cfg.get("PREC", "tf32x3")
+  return "tf32"
+
+
 def _statics(spec, dtype) -> dict[str, Any]:
+  del dtype
   cat = spec.catalog
   acts = 0
   for i in set(int(a) for a in cat.act_id):
     acts |= 1 << i
   h = cat.hidden
   return dict(ACTS=acts, HAS_GLU=bool(cat.any_glu), HAS_DIAG=bool(cat.any_diagonal),
-              H=h, HP=max(16, _pow2(h)),
-              PREC="tf32x3" if jnp.dtype(dtype) == jnp.float32 else "tf32")
+              H=h, HP=max(16, _pow2(h)))
 
 
 def _seed_arrays(seed_in: common.SeedInputs):
@@ -145,9 +157,10 @@ def _inline(spec) -> bool:
 # ----------------------------------------------------------------------------- forward
 
 
-def _forward_impl(spec, telemetry: bool, x2d, params, seed_in, pre_u, shift):
+def _forward_impl(spec, telemetry: bool, x2d, params, seed_in, pre_u, shift, precision=None):
   if not _inline(spec):
-    return common.fused_blend_reference(spec, telemetry, x2d, params, seed_in, pre_u, shift)
+    return common.fused_blend_reference(spec, telemetry, x2d, params, seed_in, pre_u, shift,
+                                        precision)
   import jax_triton as jt  # pylint: disable=g-import-not-at-top
   kern = _kernels()
   n, d = x2d.shape
@@ -184,7 +197,7 @@ def _forward_impl(spec, telemetry: bool, x2d, params, seed_in, pre_u, shift):
     outs = jt.triton_call(*args, kernel=kern["fwd_coarse"], out_shape=out_shape, grid=grid,
                           num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
                           K=k, Q=q, R=r, C=c, CP=max(16, _pow2(c)),
-                          PREC=cfg.get("PREC", st["PREC"]), **common_kw)
+                          PREC=input_precision(cfg, precision), **common_kw)
   out, tsum, tsq, tdead, r2, x2, bad = outs
   ok = jnp.sum(bad, axis=0) == 0
   out = common.apply_guard(spec, x2d, out, ok)
@@ -203,7 +216,7 @@ def _partials(spec, x2d, shift, s1, s2, dead) -> tel_lib.TelemetryPartials:
   if spec.correlation:
     m = min(spec.corr_rows, n)
     node = jnp.asarray(spec.node_mask, jnp.float32)[None]
-    dm = (layer_lib.to_blocks(spec, x2d[:m]).astype(jnp.float32) - shift[None]) * node
+    dm = (chunks.to_blocks(spec, x2d[:m]).astype(jnp.float32) - shift[None]) * node
     gram = jnp.einsum("nki,nkj->kij", dm, dm, precision=jax.lax.Precision.HIGHEST)
     corr_sum, corr_count = dm.sum(0), jnp.asarray(m, jnp.float32)
   else:
@@ -217,10 +230,10 @@ def _partials(spec, x2d, shift, s1, s2, dead) -> tel_lib.TelemetryPartials:
 # ----------------------------------------------------------------------------- backward
 
 
-def _backward_impl(spec, x2d, params, seed_in, pre_u, ok, ct_out, ct_sum_r2):
+def _backward_impl(spec, x2d, params, seed_in, pre_u, ok, ct_out, ct_sum_r2, precision=None):
   if not _inline(spec):
     return common.fused_blend_backward_reference(spec, x2d, params, seed_in, pre_u, ok, ct_out,
-                                                 ct_sum_r2)
+                                                 ct_sum_r2, precision)
   import jax_triton as jt  # pylint: disable=g-import-not-at-top
   kern = _kernels()
   n, d = x2d.shape
@@ -273,7 +286,7 @@ def _backward_impl(spec, x2d, params, seed_in, pre_u, ok, ct_out, ct_sum_r2):
                           grid=(strips, k), num_warps=cfg["num_warps"],
                           num_stages=cfg["num_stages"], input_output_aliases=aliases,
                           K=k, Q=q, R=r, C=c, CP=max(16, _pow2(c)),
-                          PREC=cfg.get("PREC", st["PREC"]), **common_kw)
+                          PREC=input_precision(cfg, precision), **common_kw)
   dx, dw1, db1, dwg, dbg, dw2, db2, ds, dpreu = outs
   if node:
     dw1 = dw1.sum(0).reshape(k, 1, h)
@@ -299,26 +312,28 @@ def _backward_impl(spec, x2d, params, seed_in, pre_u, ok, ct_out, ct_sum_r2):
 
 
 @functools.lru_cache(maxsize=None)
-def _batched_forward(spec, telemetry):
+def _batched_forward(spec, telemetry, precision):
   return jax.custom_batching.sequential_vmap(
       lambda x2d, params, seed_in, pre_u, shift: _forward_impl(spec, telemetry, x2d, params,
-                                                               seed_in, pre_u, shift))
+                                                               seed_in, pre_u, shift, precision))
 
 
 @functools.lru_cache(maxsize=None)
-def _batched_backward(spec):
+def _batched_backward(spec, precision):
   return jax.custom_batching.sequential_vmap(
-      lambda *a: _backward_impl(spec, *a))
+      lambda *a: _backward_impl(spec, *a, precision))
 
 
-def forward_impl(spec, telemetry, x2d, params, seed_in, pre_u, shift):
+def forward_impl(spec, telemetry, x2d, params, seed_in, pre_u, shift, precision=None):
   """`common.fused_blend_reference` in Triton (vmap: sequential over the batch axis)."""
-  return _batched_forward(spec, bool(telemetry))(x2d, params, seed_in, pre_u, shift)
+  return _batched_forward(spec, bool(telemetry), chunks.canonical_precision(precision))(
+      x2d, params, seed_in, pre_u, shift)
 
 
-def backward_impl(spec, x2d, params, seed_in, pre_u, ok, ct_out, ct_sum_r2):
+def backward_impl(spec, x2d, params, seed_in, pre_u, ok, ct_out, ct_sum_r2, precision=None):
   """`common.fused_blend_backward_reference` in Triton (vmap: sequential over the batch)."""
-  return _batched_backward(spec)(x2d, params, seed_in, pre_u, ok, ct_out, ct_sum_r2)
+  return _batched_backward(spec, chunks.canonical_precision(precision))(
+      x2d, params, seed_in, pre_u, ok, ct_out, ct_sum_r2)
 
 
 fused_blend = common.make_fused_blend(forward_impl, backward_impl)
@@ -326,4 +341,4 @@ fused_blend = common.make_fused_blend(forward_impl, backward_impl)
 
 
 __all__ = ["CONFIG_OVERRIDES", "MAX_INLINE_CHUNK", "available", "backward_impl", "forward_impl",
-           "fused_blend", "shape_class"]
+           "fused_blend", "input_precision", "shape_class"]

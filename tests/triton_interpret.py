@@ -1,10 +1,16 @@
-"""Runs `kasmina_jax.kernels.triton` on the CPU through Triton's interpreter (a debugging aid).
+"""Runs `kasmina_jax.kernels.triton` on the CPU through Triton's interpreter (for
+`benchmarks/check_triton.py --interpret` and, with KASMINA_TRITON_INTERPRET=1, the Triton tests
+of `tests/test_kernels.py`; not in CI yet).
 
-`install()` puts a stand-in `jax_triton` module in `sys.modules` whose `triton_call` runs the
-kernel with `TRITON_INTERPRET=1` inside a `jax.pure_callback`, so the whole primitive (jit,
-custom_vjp, vmap) runs unchanged on numpy buffers. Outputs are poisoned with NaN before each
-call (an aliased output starts as its input), so an element a kernel fails to write shows up.
-Needs `triton` and `numpy` (no GPU, no torch): `pip install triton numpy`.
+jax-triton has no CPU path (its `triton_call` lowers for GPUs only), so `stand_in()` builds a
+stand-in `jax_triton` module whose `triton_call` runs the `@triton.jit` kernel under Triton's
+interpreter (`TRITON_INTERPRET=1`, set before the kernels are first imported) inside a
+`jax.pure_callback`, so the whole primitive (jit, custom_vjp, vmap) runs unchanged on numpy
+buffers. Outputs are poisoned with NaN before each call (an aliased output starts as its
+input), so an element a kernel fails to write shows up. The interpreter's `tl.dot` is a
+float32 numpy matmul whatever its `input_precision`: this checks the kernels' logic, not TF32.
+Needs `triton` (3.6, the GPU image's; no GPU, no torch) and `numpy`. `install()` puts the
+stand-in in `sys.modules` for a whole process (the benchmark script); tests patch it in.
 """
 
 from __future__ import annotations
@@ -15,7 +21,6 @@ import types
 
 import numpy as np
 
-os.environ["TRITON_INTERPRET"] = "1"
 
 
 class _D:
@@ -100,9 +105,21 @@ def triton_call(*args, kernel, out_shape, grid, num_warps=None, num_stages=None,
   return res[0] if single else res
 
 
-def install():
+def stand_in() -> types.ModuleType:
+  """The stand-in `jax_triton` module (set `TRITON_INTERPRET=1` before the kernels load)."""
   mod = types.ModuleType("jax_triton")
-  mod.triton_call = triton_call
-  sys.modules["jax_triton"] = mod
+  mod.launches = []  # (kernel name, metaparameters) of every call, as traced
+
+  def recording_call(*args, kernel, **kw):
+    mod.launches.append((getattr(kernel, "__name__", str(kernel)), dict(kw)))
+    return triton_call(*args, kernel=kernel, **kw)
+
+  mod.triton_call = recording_call
+  return mod
+
+
+def install():
+  os.environ["TRITON_INTERPRET"] = "1"
+  sys.modules["jax_triton"] = stand_in()
   # The kernels module checks for a CUDA device in `available()`; callers of this helper call
   # the primitive directly, so nothing else needs patching.

@@ -1,0 +1,147 @@
+"""Which backend runs the chunked layer: the `impl` names, and what `impl="auto"` picks.
+
+`choose_impl` is a pure function of a device description (`DeviceInfo`: platform and, on
+NVIDIA GPUs, compute capability), the layer mode and whether jax-triton is installed; it
+decides by capability (GPU architecture), never by product name. `resolve_impl` applies it
+to the default device and logs, once per distinct outcome, one line saying what it chose
+and why (logger `kasmina_jax.kernels.select`, level INFO).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import logging
+
+import jax
+
+_LOG = logging.getLogger(__name__)
+
+IMPLS = ("auto", "reference", "pallas", "triton")
+"""The values of `layer.forward`'s `impl`."""
+
+# (minimum compute capability, architecture, {layer mode: backend}), newest first. Modes:
+# "chunk" (chunks of several nodes) and "per_node" (num_seeds == dim). Hopper (H100, 2026-11-25,
+# float32, 16384 x 4096, benchmarks/RESULTS.md): 64 seeds, Triton 0.358 / 1.237 ms against
+# Pallas 0.562 / 2.107 ms (forward / forward+backward); per node, Pallas's forward is faster
+# (0.795 against 1.243 ms) but its backward is not: forward+backward on an H200 (DESIGN.md
+# amendment 8) Triton 2.88 ms against Pallas 32.0 ms, so Triton, a training layer's cost being
+# its forward+backward. Ampere and Ada (sm_80 .. sm_89) are not measured: the kernels are the
+# same (TF32 tensor cores), so Hopper's ranking is assumed. Before Ampere there are no TF32
+# tensor cores, for which the kernels are written: the reference.
+AUTO_BY_CAPABILITY: tuple[tuple[tuple[int, int], str, dict[str, str]], ...] = (
+    ((9, 0), "Hopper or later", {"chunk": "triton", "per_node": "triton"}),
+    ((8, 0), "Ampere / Ada (not measured: Hopper's ranking)",
+     {"chunk": "triton", "per_node": "triton"}),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceInfo:
+  """What `choose_impl` needs to know about a device.
+
+  platform: "cuda" (NVIDIA GPU), "rocm" (AMD GPU), "cpu", "tpu", ...; compute_capability:
+  "major.minor" on NVIDIA GPUs (`jax.Device.compute_capability`), else None; name: the model
+  (`device_kind`), for the log line only.
+  """
+
+  platform: str
+  compute_capability: str | None = None
+  name: str = ""
+
+
+def device_info(device=None) -> DeviceInfo:
+  """The `DeviceInfo` of `device` (default: the default backend's first device)."""
+  dev = device if device is not None else jax.devices()[0]
+  platform = str(getattr(dev, "platform", "")).lower()
+  if platform in ("gpu", "cuda", "rocm"):
+    version = str(getattr(getattr(dev, "client", None), "platform_version", "")).lower()
+    platform = "rocm" if (platform == "rocm" or "rocm" in version or "hip" in version) else "cuda"
+  cc = getattr(dev, "compute_capability", None) if platform == "cuda" else None
+  return DeviceInfo(platform=platform, compute_capability=None if cc is None else str(cc),
+                    name=str(getattr(dev, "device_kind", "")))
+
+
+def cuda_device_kind() -> str | None:
+  """The default device's model name when it is an NVIDIA (CUDA) GPU, else None."""
+  info = device_info()
+  return info.name if info.platform == "cuda" else None
+
+
+def triton_available() -> bool:
+  """jax-triton is importable (the GPU extra is installed)."""
+  return importlib.util.find_spec("jax_triton") is not None
+
+
+def _capability(cc: str | None) -> tuple[int, int] | None:
+  try:
+    major, _, minor = str(cc).partition(".")
+    return int(major), int(minor or 0)
+  except ValueError:
+    return None
+
+
+def choose_impl(device: DeviceInfo, mode: str = "chunk",
+                triton_installed: bool = False) -> tuple[str, str]:
+  """`impl="auto"`'s choice: `(backend, reason)`, backend "reference", "pallas" or
+  "triton". Pure: depends only on its arguments. `mode` is "chunk" or "per_node"."""
+  if mode not in ("chunk", "per_node"):
+    raise ValueError(f"mode: expected 'chunk' or 'per_node', got {mode!r}")
+  if device.platform != "cuda":
+    return "reference", f"no NVIDIA GPU (platform {device.platform!r}): the jnp reference"
+  cc = _capability(device.compute_capability)
+  if cc is None:
+    return "reference", (f"NVIDIA GPU of unknown compute capability "
+                         f"({device.compute_capability!r}): the jnp reference")
+  for min_cc, arch, table in AUTO_BY_CAPABILITY:
+    if cc >= min_cc:
+      choice = table[mode]
+      why = f"compute capability {cc[0]}.{cc[1]}, {arch}, {mode} mode"
+      if choice == "triton" and not triton_installed:
+        return "pallas", f"{why}: Triton measured fastest, but jax-triton is not installed"
+      return choice, f"{why}: {choice} measured fastest"
+  return "reference", (f"compute capability {cc[0]}.{cc[1]} is older than Ampere (8.0), "
+                       "which the kernels need (TF32 tensor cores): the jnp reference")
+
+
+_LOGGED: set[str] = set()
+
+
+def _log_once(message: str) -> None:
+  if message not in _LOGGED:
+    _LOGGED.add(message)
+    _LOG.info(message)
+
+
+def resolve_impl(impl: str, spec=None) -> str:
+  """Maps a user's `impl` to the backend that will run: "reference", "pallas" or "triton".
+
+  For "auto", `spec` (a `KasminaSpec`, optional) selects the layer mode: "per_node" when
+  every chunk has one node, else "chunk"; the choice is `choose_impl`'s for the default
+  device, logged once (INFO) with its reason.
+
+  Raises ValueError for an unknown name, and for "triton" where jax-triton or an NVIDIA GPU
+  is missing (an explicit request is never silently replaced).
+  """
+  if impl not in IMPLS:
+    raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
+  if impl in ("reference", "pallas"):
+    return impl
+  info = device_info()
+  if impl == "triton":
+    if not triton_available():
+      raise ValueError("impl='triton': needs jax-triton (pip install 'kasmina_jax[gpu]'); "
+                       "use impl='pallas' or 'reference' instead")
+    if info.platform != "cuda":
+      raise ValueError(f"impl='triton': needs an NVIDIA GPU, but the default backend is "
+                       f"{jax.default_backend()!r}; use impl='reference' (or 'pallas')")
+    return "triton"
+  mode = "per_node" if (spec is not None and spec.chunk_width == 1) else "chunk"
+  choice, why = choose_impl(info, mode, triton_available())
+  name = f" ({info.name})" if info.name else ""
+  _log_once(f"kasmina_jax: impl='auto' chose {choice!r} on {info.platform}{name}: {why}")
+  return choice
+
+
+__all__ = ["AUTO_BY_CAPABILITY", "DeviceInfo", "IMPLS", "choose_impl", "cuda_device_kind",
+           "device_info", "resolve_impl", "triton_available"]
