@@ -80,13 +80,15 @@ class KasminaLayer(nn.Module):
   trust_penalty: float = 1.0
   dead_eps: float = tel_lib.DEAD_EPS
   impl: str = "reference"
+  telemetry_every: int = tel_lib.DEFAULT_TELEMETRY_EVERY
 
   def spec_for(self, x: jax.Array, u: jax.Array | None) -> layer_lib.KasminaSpec:
     needs_u = any(b.wiring == "parallel" for b in self.blueprints)
     return layer_lib.KasminaSpec(
         dim=x.shape[-1], num_seeds=self.num_seeds, blueprints=tuple(self.blueprints),
         input_dim=(u.shape[-1] if (u is not None and needs_u) else None),
-        corr_rows=self.corr_rows, dead_eps=self.dead_eps, trust_penalty=self.trust_penalty)
+        corr_rows=self.corr_rows, dead_eps=self.dead_eps, trust_penalty=self.trust_penalty,
+        telemetry_every=self.telemetry_every)
 
   @nn.compact
   def __call__(self, x: jax.Array, u: jax.Array | None = None, *, train: bool = True):
@@ -133,6 +135,7 @@ class KasminaDense(nn.Module):
   corr_rows: int = 256
   trust_penalty: float = 1.0
   impl: str = "reference"
+  telemetry_every: int = tel_lib.DEFAULT_TELEMETRY_EVERY
 
   @nn.compact
   def __call__(self, u: jax.Array, *, train: bool = True):
@@ -141,7 +144,8 @@ class KasminaDense(nn.Module):
       h = self.activation(h)
     return KasminaLayer(num_seeds=self.num_seeds, blueprints=self.blueprints,
                         corr_rows=self.corr_rows, trust_penalty=self.trust_penalty,
-                        impl=self.impl, name="kasmina")(h, u=u, train=train)
+                        impl=self.impl, telemetry_every=self.telemetry_every,
+                        name="kasmina")(h, u=u, train=train)
 
 
 # ------------------------------------------------------------------------------ tree helpers

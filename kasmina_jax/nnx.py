@@ -97,6 +97,7 @@ class KasminaLayer(nnx.Module):
                blueprints: tuple[bp_lib.Blueprint, ...] = bp_lib.default_blueprints(),
                input_dim: int | None = None, corr_rows: int = 256, trust_penalty: float = 1.0,
                dead_eps: float = tel_lib.DEAD_EPS, impl: str = "reference",
+               telemetry_every: int = tel_lib.DEFAULT_TELEMETRY_EVERY,
                rngs: nnx.Rngs | None = None):
     if impl not in layer_lib.IMPLS:
       raise ValueError(f"impl: expected one of {layer_lib.IMPLS}, got {impl!r}")
@@ -104,7 +105,8 @@ class KasminaLayer(nnx.Module):
       raise TypeError(f"rngs: expected nnx.Rngs or None, got {type(rngs).__name__}")
     self.spec = layer_lib.KasminaSpec(
         dim=dim, num_seeds=num_seeds, blueprints=tuple(blueprints), input_dim=input_dim,
-        corr_rows=corr_rows, dead_eps=dead_eps, trust_penalty=trust_penalty)
+        corr_rows=corr_rows, dead_eps=dead_eps, trust_penalty=trust_penalty,
+        telemetry_every=telemetry_every)
     self.impl = impl
     self.deterministic = False
     self.children = Children(layer_lib.init_children(self.spec))
@@ -153,6 +155,7 @@ class KasminaDense(nnx.Module):
                activation: Callable[[jax.Array], jax.Array] | None = None,
                corr_rows: int = 256, trust_penalty: float = 1.0,
                dead_eps: float = tel_lib.DEAD_EPS, impl: str = "reference",
+               telemetry_every: int = tel_lib.DEFAULT_TELEMETRY_EVERY,
                rngs: nnx.Rngs):
     if not isinstance(rngs, nnx.Rngs):
       raise TypeError(f"rngs: expected nnx.Rngs, got {type(rngs).__name__}")
@@ -161,7 +164,8 @@ class KasminaDense(nnx.Module):
     self.kasmina = KasminaLayer(
         features, num_seeds, blueprints=blueprints,
         input_dim=in_features if needs_u else None, corr_rows=corr_rows,
-        trust_penalty=trust_penalty, dead_eps=dead_eps, impl=impl, rngs=rngs)
+        trust_penalty=trust_penalty, dead_eps=dead_eps, impl=impl,
+        telemetry_every=telemetry_every, rngs=rngs)
     self.activation = activation
 
   def __call__(self, u: jax.Array, *, eval_alpha: jax.Array | None = None,

@@ -166,9 +166,14 @@ def step_update(slots: Slots, *, old_params, params, grads, snapshot, summaries:
         slot.spec, get_children(old_params, path), get_children(grads, path), slot.seeds,
         summary.objective, summary.nonfinite)
     seeds = lifecycle.tick_step(slot.seeds)
-    signals = graft_lib.GraftSignals(
-        objective=objective, host_drift=layer_host_drift(params, snapshot, path),
-        host_grad_norm=host_norm)
+    # The layer's drift is read only by a GRAFTING seed that follows DRIFT_CONTROLLED (the
+    # default strategies; others ignore it): skip its pass over the host weights otherwise.
+    reads_drift = jnp.any((seeds.stage == lifecycle.Stage.GRAFTING)
+                          & (seeds.strategy == graft_lib.GraftingStrategy.DRIFT_CONTROLLED))
+    drift = jax.lax.cond(reads_drift, lambda: layer_host_drift(params, snapshot, path),
+                         lambda: jnp.zeros((), jnp.float32))
+    signals = graft_lib.GraftSignals(objective=objective, host_drift=drift,
+                                     host_grad_norm=host_norm)
     seeds = graft_lib.grafting_step(seeds, signals, grafting)
     seeds = seeds.replace(nonfinite=seeds.nonfinite | summary.nonfinite)
     learning = lifecycle.stage_in(seeds.stage, lifecycle.learning_stages(fossil))
