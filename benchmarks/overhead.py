@@ -370,6 +370,7 @@ def parse_args(argv=None):
   p.add_argument("--steps", type=int, default=20)
   p.add_argument("--repeats", type=int, default=7)
   p.add_argument("--account", action="store_true", help="print the dormant step's cost account")
+  p.add_argument("--account-only", action="store_true", help="the account, no timing")
   p.add_argument("--label", default="", help="added to the output file name")
   p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                "results"))
@@ -396,7 +397,7 @@ def main(argv=None):
   kjit = kasmina_step
   records = []
   spec0 = layer_lib.KasminaSpec(dim=args.width, num_seeds=args.seeds, corr_rows=args.corr_rows)
-  for rows in args.rows:
+  for rows in ([] if args.account_only else args.rows):
     batches = [synthetic(rows, args.d_in, args.classes, seed=100 + i) for i in range(2)]
     for impl in args.impls:
       for blending in args.blending:
@@ -405,6 +406,14 @@ def main(argv=None):
         if reason is not None:
           records.append({**base, "skipped": reason})
           print(f"rows {rows} {impl:9s} blending {blending:4.2f}: skipped ({reason})", flush=True)
+          continue
+        same = [r for r in records if r.get("resolved_impl") == resolved and r["rows"] == rows
+                and r["blending"] == blending and "skipped" not in r]
+        if same:  # e.g. "auto" resolving to an impl already timed: the same program
+          for r in [r for r in same if r["impl"] == same[0]["impl"]]:
+            records.append({**r, "impl": impl, "same_program_as": r["impl"]})
+          print(f"rows {rows} {impl:9s} blending {blending:4.2f}: resolves to {resolved}, "
+                f"timed above", flush=True)
           continue
         state = kasmina_state(args, impl, blending)
         every = telemetry_every_of(state)
@@ -445,7 +454,7 @@ def main(argv=None):
                    f"| {100 * r['overhead']:+.1f}% |")
   table = "\n".join(lines)
   acc = None
-  if args.account:
+  if args.account or args.account_only:
     acc = account(args)
     print_account(acc)
     acc = {k: ({kk: (dict(vv) if isinstance(vv, collections.Counter) else vv)
