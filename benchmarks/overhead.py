@@ -16,8 +16,8 @@ Timing (as `scaling.py`): after compilation and `--warmup` steps, `--repeats` ti
 row count are timed in alternation (A B A B ...) so that drift of the machine (other jobs,
 clocks) hits both. `overhead = ms / plain_ms - 1`.
 
-With `telemetry_every = N > 1` (`KasminaDense(telemetry_every=N)`), one step in N takes the
-telemetry; both kinds of step are timed (`telemetry` = "on" / "off") and the amortized figure
+With `--telemetry-every N > 1` (`KasminaDense(telemetry_every=N)`; the library's default is
+1), one step in N takes the telemetry; both kinds of step are timed (`telemetry` = "on" / "off") and the amortized figure
 `((N - 1) * off + on) / N` is reported as `telemetry` = "amortized".
 
 Writes `<device>_<date>_overhead[_small].json` (one record per measurement: `rows`, `impl`,
@@ -25,6 +25,7 @@ Writes `<device>_<date>_overhead[_small].json` (one record per measurement: `row
 reason) under `--out` (default `benchmarks/results`) and prints a markdown table.
 
     python benchmarks/overhead.py                     # on the GPU
+    python benchmarks/overhead.py --telemetry-every 4 --impls reference   # the schedule
     JAX_PLATFORMS=cpu python benchmarks/overhead.py --small --impls reference,auto
     python benchmarks/overhead.py --small --account   # also the cost account of the step
 
@@ -48,9 +49,11 @@ what it does now:
 2. Per-step telemetry: sums of (a - shift), (a - shift)^2 and dead counts over every row
    (one read of the activations), the Gram matrix on `corr_rows` rows (a (K, c, c) batched
    einsum at `HIGHEST`), finiteness checks of every partial and the merge. Now: taken one
-   step in `telemetry_every` (a `lax.cond` on a pass counter in `TelemetryState`; the first
-   pass after each reset always measures, so every epoch's report has data, and its
-   figures are averages over the rows of the steps that measured).
+   step in `telemetry_every` when that is set above its default 1 (a `lax.cond` on a pass
+   counter in `TelemetryState`; the first pass after each reset always measures, so every
+   epoch's report has data, and its figures are averages over the rows of the steps that
+   measured). Whether a larger default pays is for the device run to show
+   (`--telemetry-every 4`: the "on", "off" and amortized rows).
 3. The seeds' per-step update (`orchestration.step_update`): `whole_objective` (child
    params x grads, K-sized), `tick_step`, `grafting_step` (four strategies, K-sized),
    the child gradient norms and `record_gradients` - all small (K or child-parameter
@@ -369,6 +372,8 @@ def parse_args(argv=None):
   p.add_argument("--warmup", type=int, default=3)
   p.add_argument("--steps", type=int, default=20)
   p.add_argument("--repeats", type=int, default=7)
+  p.add_argument("--telemetry-every", type=int, default=None,
+                 help="KasminaDense(telemetry_every=N) (default: the layer's default)")
   p.add_argument("--account", action="store_true", help="print the dormant step's cost account")
   p.add_argument("--account-only", action="store_true", help="the account, no timing")
   p.add_argument("--label", default="", help="added to the output file name")
@@ -415,7 +420,7 @@ def main(argv=None):
           print(f"rows {rows} {impl:9s} blending {blending:4.2f}: resolves to {resolved}, "
                 f"timed above", flush=True)
           continue
-        state = kasmina_state(args, impl, blending)
+        state = kasmina_state(args, impl, blending, args.telemetry_every)
         every = telemetry_every_of(state)
         steps = {"plain": plain, "kasmina": kjit}
         states = {"plain": pst, "kasmina": state}

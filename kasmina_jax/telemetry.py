@@ -17,8 +17,10 @@ from kasmina_jax import _struct as struct
 
 DEAD_EPS = 1e-6
 DEAD_FRACTION = 0.99
-# Training passes take the telemetry one pass in this many (`scheduled`).
-DEFAULT_TELEMETRY_EVERY = 4
+# Training passes take the telemetry one pass in this many (`scheduled`). 1 keeps every
+# pass measured (the behaviour before the schedule existed); `benchmarks/overhead.py
+# --telemetry-every N` measures what a larger default would save on the device.
+DEFAULT_TELEMETRY_EVERY = 1
 
 
 @struct.dataclass
