@@ -436,12 +436,12 @@ def forward_reference(spec: KasminaSpec, params: bp_lib.ChildParams, seeds, x: j
   if spec.catalog.any_parallel:
     u2 = u.reshape((rows, spec.input_dim))
   live = stage_masks(seeds.stage)[3]
-  const = (seeds.stage, seeds.blueprint, seeds.alpha,
-           None if eval_alpha is None else jnp.asarray(eval_alpha, jnp.float32))
+  ea = None if eval_alpha is None else jnp.asarray(eval_alpha, jnp.float32)
+  const = (seeds.stage, seeds.blueprint, seeds.alpha)
   live_fn = functools.partial(_child_path, spec, eval_alpha is not None)
   dormant_fn = functools.partial(_dormant_path, spec)
   out2d, child_loss, aux_objective, aux_ratio, ok = _live_or_dormant(
-      live_fn, dormant_fn, jnp.any(live), (params, x2d, u2), const)
+      live_fn, dormant_fn, jnp.any(live), (params, x2d, u2, ea), const)
 
   new_tel = None
   if telemetry is not None and eval_alpha is None:
@@ -463,7 +463,7 @@ def forward_reference(spec: KasminaSpec, params: bp_lib.ChildParams, seeds, x: j
 def _dormant_path(spec: KasminaSpec, diff, const):
   """`_child_path` when no seed is live: the output is `x`, nothing else is measured."""
   del const
-  _, x2d, _ = diff
+  x2d = diff[1]
   k = spec.num_seeds
   nan = jnp.full((k,), jnp.nan, jnp.float32)
   return x2d, jnp.zeros((), jnp.float32), nan, nan, jnp.ones((k,), bool)
@@ -472,10 +472,10 @@ def _dormant_path(spec: KasminaSpec, diff, const):
 def _child_path(spec: KasminaSpec, evaluating: bool, diff, const):
   """The children's part of the forward: `(out2d, child_loss, objective, recon_ratio, ok)`.
 
-  `diff = (params, x2d, u2)` (differentiable), `const = (stage, blueprint, alpha,
-  eval_alpha)`."""
-  params, x2d, u2 = diff
-  stage, blueprint, alpha_in, eval_alpha = const
+  `diff = (params, x2d, u2, eval_alpha)` (differentiable: the evaluation blend weights carry
+  a gradient, the counterfactual's derivative), `const = (stage, blueprint, alpha)`."""
+  params, x2d, u2, eval_alpha = diff
+  stage, blueprint, alpha_in = const
   catalog = spec.catalog
   rows = x2d.shape[0]
   xb = to_blocks(spec, x2d).astype(jnp.float32)  # (N, K, c)

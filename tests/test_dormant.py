@@ -57,10 +57,10 @@ def _unconditioned(spec, params, seeds, x, u, eval_alpha=None):
   """The child path run directly, as the layer did before the dormant branch existed."""
   rows = int(np.prod(x.shape[:-1]))
   u2 = None if u is None else u.reshape((rows, spec.input_dim))
-  const = (seeds.stage, seeds.blueprint, seeds.alpha,
-           None if eval_alpha is None else jnp.asarray(eval_alpha, jnp.float32))
+  ea = None if eval_alpha is None else jnp.asarray(eval_alpha, jnp.float32)
+  const = (seeds.stage, seeds.blueprint, seeds.alpha)
   out2d, loss, obj, ratio, ok = layer_lib._child_path(  # pylint: disable=protected-access
-      spec, eval_alpha is not None, (params, x.reshape((rows, spec.dim)), u2), const)
+      spec, eval_alpha is not None, (params, x.reshape((rows, spec.dim)), u2, ea), const)
   return out2d.reshape(x.shape), loss, obj, ratio, ok
 
 
