@@ -58,7 +58,9 @@ class KasminaSpec:
   blueprints: the catalog of children; input_dim: width of the wrapped host layer's input
   (needed by parallel-wired blueprints); corr_rows: rows a step used for the correlation Gram
   matrix (0 disables it); dead_eps: |a| at or below which a node counts as inactive on a row;
-  trust_penalty: lambda of the TRAINING objective of residual / parallel children.
+  trust_penalty: lambda of the TRAINING objective of residual / parallel children;
+  telemetry_every: training passes take the health telemetry one pass in this many (the
+  first pass after each reset always does; see `telemetry.scheduled`).
   """
 
   dim: int
@@ -69,6 +71,7 @@ class KasminaSpec:
   corr_rows: int = 256
   dead_eps: float = tel_lib.DEAD_EPS
   trust_penalty: float = 1.0
+  telemetry_every: int = tel_lib.DEFAULT_TELEMETRY_EVERY
 
   def __post_init__(self):
     _checks.positive_int("dim", self.dim)
@@ -80,6 +83,7 @@ class KasminaSpec:
     _checks.non_negative_int("corr_rows", self.corr_rows)
     _checks.finite_float("dead_eps", self.dead_eps, min_value=0.0)
     _checks.finite_float("trust_penalty", self.trust_penalty, min_value=0.0)
+    _checks.positive_int("telemetry_every", self.telemetry_every)
     object.__setattr__(self, "blueprints", tuple(self.blueprints))
     self.catalog  # validates the blueprints
 
@@ -250,19 +254,116 @@ def forward(spec: KasminaSpec, params: bp_lib.ChildParams, seeds, x: jax.Array, 
                            eval_alpha=eval_alpha, precision=precision)
 
 
+def _zero_cotangent(x):
+  """The zero cotangent of a primal `x` (float0 for integer and bool arrays)."""
+  x = jnp.asarray(x)
+  if jnp.issubdtype(x.dtype, jnp.inexact):
+    return jnp.zeros_like(x)
+  return np.zeros(x.shape, dtype=jax.dtypes.float0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _live_or_dormant(live_fn, dormant_fn, any_live, diff, const):
+  """`live_fn(diff, const)` when `any_live`, else `dormant_fn(diff, const)` (`lax.cond`).
+
+  Its own VJP keeps only the inputs as residuals and runs the backward of the chosen branch
+  under a second `lax.cond`: differentiating a plain `lax.cond` would make the dormant branch
+  write zeros for every residual of the live one (activation-sized buffers), so a dormant
+  layer would still pay memory traffic. The live branch's backward recomputes its forward
+  (the child was recomputed in the backward already, `_guarded_child`)."""
+  return jax.lax.cond(any_live, live_fn, dormant_fn, diff, const)
+
+
+def _lod_fwd(live_fn, dormant_fn, any_live, diff, const):
+  return _live_or_dormant(live_fn, dormant_fn, any_live, diff, const), (any_live, diff, const)
+
+
+def _lod_bwd(live_fn, dormant_fn, res, ct):
+  any_live, diff, const = res
+
+  # Only the output and the child loss carry gradient (the objective and the ratio are
+  # stopped, `ok` is bool): pass those two cotangents and rebuild the rest inside the branch.
+  ct_out, ct_loss = ct[0], ct[1]
+
+  def full_ct(ct_out_, ct_loss_):
+    return (ct_out_, ct_loss_, jnp.zeros_like(ct[2]), jnp.zeros_like(ct[3]),
+            np.zeros(jnp.shape(ct[4]), dtype=jax.dtypes.float0))
+
+  def branch(fn):
+    def bwd(diff_, const_, ct_out_, ct_loss_):
+      _, vjp = jax.vjp(lambda d: fn(d, const_), diff_)
+      return vjp(full_ct(ct_out_, ct_loss_))[0]
+    return bwd
+
+  d_diff = jax.lax.cond(any_live, branch(live_fn), branch(dormant_fn), diff, const, ct_out,
+                        ct_loss)
+  return (_zero_cotangent(any_live), d_diff, jax.tree.map(_zero_cotangent, const))
+
+
+_live_or_dormant.defvjp(_lod_fwd, _lod_bwd)
+
+
 def forward_reference(spec: KasminaSpec, params: bp_lib.ChildParams, seeds, x: jax.Array, *,
                       u=None, telemetry=None, eval_alpha=None, precision=None):
-  """Pure-`jnp` forward (see `forward`); the contract every kernel matches."""
+  """Pure-`jnp` forward (see `forward`); the contract every kernel matches.
+
+  While no seed of the layer is live (TRAINING .. FOSSILIZED) the child path does not run
+  (`lax.cond`): the output is `x`, the backward the identity, and only the telemetry reads
+  the activations."""
   precision = canonical_precision(precision)
-  catalog = spec.catalog
   lead = x.shape[:-1]
   rows = int(np.prod(lead)) if lead else 1
-  xb_in = to_blocks(spec, x.reshape((rows, spec.dim)))  # (N, K, c) in x.dtype
-  xb = xb_in.astype(jnp.float32)
+  x2d = x.reshape((rows, spec.dim))
+  u2 = None
+  if spec.catalog.any_parallel:
+    u2 = u.reshape((rows, spec.input_dim))
+  live = stage_masks(seeds.stage)[3]
+  ea = None if eval_alpha is None else jnp.asarray(eval_alpha, jnp.float32)
+  const = (seeds.stage, seeds.blueprint, seeds.alpha)
+  live_fn = functools.partial(_child_path, spec, eval_alpha is not None, precision)
+  dormant_fn = functools.partial(_dormant_path, spec)
+  out2d, child_loss, aux_objective, aux_ratio, ok = _live_or_dormant(
+      live_fn, dormant_fn, jnp.any(live), (params, x2d, u2, ea), const)
+
+  new_tel = None
+  if telemetry is not None and eval_alpha is None:
+    def measure(tel):
+      xb = jax.lax.stop_gradient(to_blocks(spec, x2d).astype(jnp.float32))
+      tel = tel_lib.with_shift(tel, xb[0])
+      partials = tel_lib.partials_reference(xb, tel.shift, corr_rows=spec.corr_rows,
+                                            correlation=spec.correlation,
+                                            dead_eps=spec.dead_eps)
+      return tel_lib.merge(tel, partials)
+    new_tel = tel_lib.scheduled(telemetry, measure, spec.telemetry_every)
+    new_tel = new_tel.replace(nonfinite=new_tel.nonfinite | (live & ~ok))
+
+  aux = StepAux(child_loss=child_loss, objective=aux_objective, recon_ratio=aux_ratio,
+                nonfinite=live & ~ok, telemetry=new_tel)
+  return out2d.reshape(x.shape), aux
+
+
+def _dormant_path(spec: KasminaSpec, diff, const):
+  """`_child_path` when no seed is live: the output is `x`, nothing else is measured."""
+  del const
+  x2d = diff[1]
+  k = spec.num_seeds
+  nan = jnp.full((k,), jnp.nan, jnp.float32)
+  return x2d, jnp.zeros((), jnp.float32), nan, nan, jnp.ones((k,), bool)
+
+
+def _child_path(spec: KasminaSpec, evaluating: bool, precision, diff, const):
+  """The children's part of the forward: `(out2d, child_loss, objective, recon_ratio, ok)`.
+
+  `diff = (params, x2d, u2, eval_alpha)` (differentiable: the evaluation blend weights carry
+  a gradient, the counterfactual's derivative), `const = (stage, blueprint, alpha)`."""
+  params, x2d, u2, eval_alpha = diff
+  stage, blueprint, alpha_in = const
+  catalog = spec.catalog
+  rows = x2d.shape[0]
+  xb = to_blocks(spec, x2d).astype(jnp.float32)  # (N, K, c)
   node_mask = jnp.asarray(spec.node_mask)
-  tables = seed_tables(catalog, seeds.blueprint)
-  training, grafting, full_on, live, learning = stage_masks(seeds.stage)
-  evaluating = eval_alpha is not None
+  tables = seed_tables(catalog, blueprint)
+  training, grafting, full_on, live, learning = stage_masks(stage)
 
   # Child parameters learn only in learning stages; the host's gradient goes through the
   # child only once it is fully on (STABILIZATION on).
@@ -278,9 +379,9 @@ def forward_reference(spec: KasminaSpec, params: bp_lib.ChildParams, seeds, x: j
   x_child = jnp.where(host_grad[None, :, None], xb, jax.lax.stop_gradient(xb))
   pre_u = None
   if catalog.any_parallel:
-    u2 = u.reshape((rows, spec.input_dim)).astype(jnp.float32)
-    pre_u = parallel_first_layer(u2, p_eff.w1u, host_grad.astype(jnp.float32),
-                                 live & (tables.parallel > 0), precision)
+    pre_u = parallel_first_layer(u2.astype(jnp.float32), p_eff.w1u,
+                                 host_grad.astype(jnp.float32), live & (tables.parallel > 0),
+                                 precision)
   f, ok = _guarded_child(p_eff, tables, x_child, pre_u, precision)
   ok = ok | ~live
   f = f * (node_mask[None] & live[None, :, None])
@@ -288,11 +389,11 @@ def forward_reference(spec: KasminaSpec, params: bp_lib.ChildParams, seeds, x: j
   # g(x) - x, computed so that a residual child's is exactly f.
   delta_g = jnp.where(is_res, f, f - x_child)
   if evaluating:
-    ea = jnp.broadcast_to(jnp.asarray(eval_alpha, jnp.float32), (spec.num_seeds,))
+    ea = jnp.broadcast_to(eval_alpha, (spec.num_seeds,))
     w = jnp.where(live & ok, ea, 0.0)[None, :, None]
     out = jnp.where(w > 0, xb + w * delta_g, xb)
   else:
-    alpha = jax.lax.stop_gradient(seeds.alpha.astype(jnp.float32))
+    alpha = jax.lax.stop_gradient(alpha_in.astype(jnp.float32))
     full_val = jnp.where(is_res, xb + f, f)
     ste = jnp.where((training[None, :, None] & is_res), f - jax.lax.stop_gradient(f), 0.0)
     out = jnp.select(
@@ -317,20 +418,8 @@ def forward_reference(spec: KasminaSpec, params: bp_lib.ChildParams, seeds, x: j
   nan = jnp.full_like(objective, jnp.nan)
   aux_objective = jnp.where(live, jax.lax.stop_gradient(objective), nan)
   aux_ratio = jnp.where(live, jax.lax.stop_gradient(recon_ratio), nan)
-
-  new_tel = None
-  if telemetry is not None and not evaluating:
-    tel = tel_lib.with_shift(telemetry, jax.lax.stop_gradient(xb[0]))
-    partials = tel_lib.partials_reference(jax.lax.stop_gradient(xb), tel.shift,
-                                          corr_rows=spec.corr_rows, correlation=spec.correlation,
-                                          dead_eps=spec.dead_eps)
-    new_tel = tel_lib.merge(tel, partials)
-    new_tel = new_tel.replace(nonfinite=new_tel.nonfinite | (live & ~ok))
-
-  out_x = from_blocks(spec, out.astype(x.dtype)).reshape(x.shape)
-  aux = StepAux(child_loss=child_loss, objective=aux_objective, recon_ratio=aux_ratio,
-                nonfinite=live & ~ok, telemetry=new_tel)
-  return out_x, aux
+  out2d = from_blocks(spec, out.astype(x2d.dtype))
+  return out2d, child_loss, aux_objective, aux_ratio, ok
 
 
 def _last_layer_moment(params: bp_lib.ChildParams, grads: bp_lib.ChildParams) -> jax.Array:

@@ -91,13 +91,16 @@ class KasminaLayer(nn.Module):
   trust_penalty: float = 1.0
   dead_eps: float = tel_lib.DEAD_EPS
   impl: str = "reference"
+  telemetry_every: int = tel_lib.DEFAULT_TELEMETRY_EVERY
+  precision: Any = None  # child matmuls: None (JAX's default), "highest", a lax.Precision
 
   def spec_for(self, x: jax.Array, u: jax.Array | None) -> layer_lib.KasminaSpec:
     needs_u = any(b.wiring == "parallel" for b in self.blueprints)
     return layer_lib.KasminaSpec(
         dim=x.shape[-1], num_seeds=self.num_seeds, blueprints=tuple(self.blueprints),
         input_dim=(u.shape[-1] if (u is not None and needs_u) else None),
-        corr_rows=self.corr_rows, dead_eps=self.dead_eps, trust_penalty=self.trust_penalty)
+        corr_rows=self.corr_rows, dead_eps=self.dead_eps, trust_penalty=self.trust_penalty,
+        telemetry_every=self.telemetry_every)
 
   @nn.compact
   def __call__(self, x: jax.Array, u: jax.Array | None = None, *, train: bool = True):
@@ -122,7 +125,7 @@ class KasminaLayer(nn.Module):
     out, aux = layer_lib.forward(
         spec, children, state.value.seeds, x, u=u,
         telemetry=state.value.telemetry if take_telemetry else None,
-        eval_alpha=eval_alpha, impl=self.impl)
+        eval_alpha=eval_alpha, impl=self.impl, precision=self.precision)
     if take_telemetry:
       state.value = state.value.replace(telemetry=aux.telemetry)
     if self.is_mutable_collection(KASMINA_AUX):
@@ -150,6 +153,8 @@ class KasminaDense(nn.Module):
   corr_rows: int = 256
   trust_penalty: float = 1.0
   impl: str = "reference"
+  telemetry_every: int = tel_lib.DEFAULT_TELEMETRY_EVERY
+  precision: Any = None
 
   @nn.compact
   def __call__(self, u: jax.Array, *, train: bool = True):
@@ -159,6 +164,7 @@ class KasminaDense(nn.Module):
     return KasminaLayer(num_seeds=self.num_seeds, blueprints=self.blueprints,
                         grafting_strategies=self.grafting_strategies, corr_rows=self.corr_rows,
                         trust_penalty=self.trust_penalty, impl=self.impl,
+                        telemetry_every=self.telemetry_every, precision=self.precision,
                         name="kasmina")(h, u=u, train=train)
 
 

@@ -40,6 +40,7 @@ import optax
 from flax import nnx
 
 from kasmina_jax import blueprints as bp_lib
+from kasmina_jax import chunks
 from kasmina_jax import grafting as graft_lib
 from kasmina_jax import layer as layer_lib
 from kasmina_jax import lifecycle
@@ -101,14 +102,17 @@ class KasminaLayer(nnx.Module):
                grafting_strategies: tuple = graft_lib.DEFAULT_STRATEGIES,
                input_dim: int | None = None, corr_rows: int = 256, trust_penalty: float = 1.0,
                dead_eps: float = tel_lib.DEAD_EPS, impl: str = "reference",
-               rngs: nnx.Rngs | None = None):
+               telemetry_every: int = tel_lib.DEFAULT_TELEMETRY_EVERY,
+               precision=None, rngs: nnx.Rngs | None = None):
     if impl not in layer_lib.IMPLS:
       raise ValueError(f"impl: expected one of {layer_lib.IMPLS}, got {impl!r}")
+    self.precision = chunks.canonical_precision(precision)
     if rngs is not None and not isinstance(rngs, nnx.Rngs):
       raise TypeError(f"rngs: expected nnx.Rngs or None, got {type(rngs).__name__}")
     self.spec = layer_lib.KasminaSpec(
         dim=dim, num_seeds=num_seeds, blueprints=tuple(blueprints), input_dim=input_dim,
-        corr_rows=corr_rows, dead_eps=dead_eps, trust_penalty=trust_penalty)
+        corr_rows=corr_rows, dead_eps=dead_eps, trust_penalty=trust_penalty,
+        telemetry_every=telemetry_every)
     self.grafting_strategies = graft_lib.check_strategies(grafting_strategies,
                                                           "grafting_strategies")
     self.impl = impl
@@ -139,7 +143,7 @@ class KasminaLayer(nnx.Module):
     out, aux = layer_lib.forward(
         spec, self.children.get(), self.seeds.get_value(), x, u=u,
         telemetry=self.telemetry.get_value() if training_pass else None,
-        eval_alpha=eval_alpha, impl=self.impl)
+        eval_alpha=eval_alpha, impl=self.impl, precision=self.precision)
     if training_pass:
       self.telemetry.set_value(aux.telemetry)
     if training_pass or self.record_eval:
@@ -160,7 +164,8 @@ class KasminaDense(nnx.Module):
                activation: Callable[[jax.Array], jax.Array] | None = None,
                corr_rows: int = 256, trust_penalty: float = 1.0,
                dead_eps: float = tel_lib.DEAD_EPS, impl: str = "reference",
-               rngs: nnx.Rngs):
+               telemetry_every: int = tel_lib.DEFAULT_TELEMETRY_EVERY,
+               precision=None, rngs: nnx.Rngs):
     if not isinstance(rngs, nnx.Rngs):
       raise TypeError(f"rngs: expected nnx.Rngs, got {type(rngs).__name__}")
     needs_u = any(b.wiring == "parallel" for b in blueprints)
@@ -168,7 +173,8 @@ class KasminaDense(nnx.Module):
     self.kasmina = KasminaLayer(
         features, num_seeds, blueprints=blueprints, grafting_strategies=grafting_strategies,
         input_dim=in_features if needs_u else None, corr_rows=corr_rows,
-        trust_penalty=trust_penalty, dead_eps=dead_eps, impl=impl, rngs=rngs)
+        trust_penalty=trust_penalty, dead_eps=dead_eps, impl=impl,
+        telemetry_every=telemetry_every, precision=precision, rngs=rngs)
     self.activation = activation
 
   def __call__(self, u: jax.Array, *, eval_alpha: jax.Array | None = None,

@@ -44,6 +44,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from kasmina_jax import _checks
@@ -139,7 +140,9 @@ def _mask_tree(params: Any, seeds: dict[tuple, Any], name: str,
         raise ValueError(f"{name}: no seed state for the layer at {lp} (children found in "
                          f"params); layers with seed state: {sorted(seeds, key=str)}")
       return _per_seed_mask(child_mask(seeds[lp]), x, lp)
-    return jnp.asarray(host_value)
+    # A concrete (numpy) flag, not a traced constant: `stage_masked` skips a constant True
+    # mask outright, so the host's update carries no select (see `_always`).
+    return np.asarray(host_value)
 
   return jax.tree_util.tree_map_with_path(leaf, params, is_leaf=_is_child)
 
@@ -226,6 +229,8 @@ def _select_state(mask: Any, new_state: Any, old_state: Any, treedef) -> Any:
 
   def select(new_sub, old_sub):
     def leaf(m, n, o):
+      if _always(m):
+        return n
       a = _aligned(m, n)
       return n if a is None else jnp.where(a, n, o)
     return jax.tree.map(leaf, mask, new_sub, old_sub)
@@ -243,6 +248,11 @@ def _select_state(mask: Any, new_state: Any, old_state: Any, treedef) -> Any:
 
 
 # ------------------------------------------------------------------------ transformations
+
+
+def _always(m) -> bool:
+  """`m` is a concrete scalar True (a host leaf's mask): nothing to mask, no op needed."""
+  return (isinstance(m, (bool, np.bool_, np.ndarray)) and np.ndim(m) == 0 and bool(m))
 
 
 class StageMaskedState(NamedTuple):
@@ -271,7 +281,7 @@ def _effective_mask(updates: Any, learn_mask: Any) -> Any:
             lambda gg: jnp.reshape(flag, jnp.shape(flag) + (1,) * (gg.ndim - jnp.ndim(flag))), g)
       return jax.tree.map(
           lambda mm, gg: jnp.asarray(mm, bool) & ok.reshape((-1,) + (1,) * (gg.ndim - 1)), m, g)
-    return jnp.asarray(m, bool)
+    return m if _always(m) else jnp.asarray(m, bool)
 
   try:
     return jax.tree.map(per_node, updates, learn_mask, is_leaf=_is_child)
@@ -306,7 +316,7 @@ def stage_masked(inner: optax.GradientTransformation) -> optax.GradientTransform
       raise TypeError("stage_masked: update needs learn_mask= (optim.learning_mask(params, "
                       "kasmina)); got none")
     mask = _effective_mask(updates, learn_mask)
-    zero_frozen = lambda m, g: jnp.where(m, g, jnp.zeros_like(g))
+    zero_frozen = lambda m, g: g if _always(m) else jnp.where(m, g, jnp.zeros_like(g))
     grads = jax.tree.map(zero_frozen, mask, updates)
     new_updates, new_inner = inner.update(grads, state.inner_state, params, **extra)
     new_updates = jax.tree.map(zero_frozen, mask, new_updates)

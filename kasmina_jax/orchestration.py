@@ -177,6 +177,10 @@ def layer_host_drift(params, snapshot, path: tuple) -> jax.Array:
 # ----------------------------------------------------------------------------------- per step
 
 
+# Built-in strategies that never read `GraftSignals.host_drift`.
+_DRIFT_FREE_STRATEGIES = (graft_lib.fixed_ramp, graft_lib.performance_linked,
+                          graft_lib.grad_norm_gated)
+
 def step_update(slots: Slots, *, old_params, params, grads, snapshot, summaries: Mapping,
                 host_norm: jax.Array, grafting: graft_lib.GraftingConfig,
                 fossil: str) -> dict[tuple, LayerSlot]:
@@ -195,9 +199,19 @@ def step_update(slots: Slots, *, old_params, params, grads, snapshot, summaries:
         slot.spec, get_children(old_params, path), get_children(grads, path), slot.seeds,
         summary.objective, summary.nonfinite)
     seeds = lifecycle.tick_step(slot.seeds)
-    signals = graft_lib.GraftSignals(
-        objective=objective, host_drift=layer_host_drift(params, snapshot, path),
-        host_grad_norm=host_norm)
+    # The layer's drift is read only by a GRAFTING seed whose strategy may read it (every
+    # strategy but the three built-ins known not to): skip its pass over the host weights
+    # otherwise.
+    drift_ids = [i for i, s in enumerate(slot.strategies) if s not in _DRIFT_FREE_STRATEGIES]
+    if drift_ids:
+      reads_drift = jnp.any((seeds.stage == lifecycle.Stage.GRAFTING)
+                            & jnp.isin(seeds.strategy, jnp.asarray(drift_ids, jnp.int32)))
+      drift = jax.lax.cond(reads_drift, lambda: layer_host_drift(params, snapshot, path),
+                           lambda: jnp.zeros((), jnp.float32))
+    else:
+      drift = jnp.zeros((), jnp.float32)
+    signals = graft_lib.GraftSignals(objective=objective, host_drift=drift,
+                                     host_grad_norm=host_norm)
     seeds = graft_lib.grafting_step(seeds, signals, grafting, slot.strategies)
     seeds = seeds.replace(nonfinite=seeds.nonfinite | summary.nonfinite)
     learning = lifecycle.stage_in(seeds.stage, lifecycle.learning_stages(fossil))

@@ -17,6 +17,10 @@ from kasmina_jax import _struct as struct
 
 DEAD_EPS = 1e-6
 DEAD_FRACTION = 0.99
+# Training passes take the telemetry one pass in this many (`scheduled`). 1 keeps every
+# pass measured (the behaviour before the schedule existed); `benchmarks/overhead.py
+# --telemetry-every N` measures what a larger default would save on the device.
+DEFAULT_TELEMETRY_EVERY = 1
 
 
 @struct.dataclass
@@ -49,6 +53,7 @@ class TelemetryState:
   grad_norm_sumsq: jax.Array  # float32 (K,)
   grad_steps: jax.Array  # float32 (K,)
   nonfinite: jax.Array  # bool (K,): a child's output was non-finite on some step
+  passes: jax.Array  # int32 (): training passes since the reset (measured or not)
 
 
 # The three health signals of the spec, in the order every (K, 3) health matrix, plot and
@@ -83,7 +88,7 @@ def init_telemetry(num_seeds: int, chunk_width: int, *, correlation: bool = True
       shift=z, has_shift=jnp.zeros((), bool), count=jnp.zeros((), jnp.float32), sum=z,
       sumsq=z, dead=z, corr_count=jnp.zeros((), jnp.float32), corr_sum=z,
       gram=jnp.zeros((k, g, g), jnp.float32), grad_norm_sum=zk, grad_norm_sumsq=zk,
-      grad_steps=zk, nonfinite=jnp.zeros((k,), bool))
+      grad_steps=zk, nonfinite=jnp.zeros((k,), bool), passes=jnp.zeros((), jnp.int32))
 
 
 def with_shift(tel: TelemetryState, first_row: jax.Array) -> TelemetryState:
@@ -118,6 +123,21 @@ def merge(tel: TelemetryState, p: TelemetryPartials) -> TelemetryState:
                      sumsq=add(tel.sumsq, p.sumsq), dead=add(tel.dead, p.dead),
                      corr_count=add(tel.corr_count, p.corr_count),
                      corr_sum=add(tel.corr_sum, p.corr_sum), gram=add(tel.gram, p.gram))
+
+
+def scheduled(tel: TelemetryState, measure, every: int = DEFAULT_TELEMETRY_EVERY
+              ) -> TelemetryState:
+  """One training pass's telemetry on the schedule `every`: `measure(tel)` (the pass's
+  partial sums merged in) on the passes `0, every, 2 * every, ...` since the last reset, `tel`
+  unchanged on the others (a `lax.cond`: the skipped passes compute nothing); `passes`
+  advances either way. The first pass of an epoch always measures, so every report has data,
+  and its figures (variance, dead ratio, correlation) are averages over the rows of the
+  passes that measured (`count` and `corr_count` count only those)."""
+  if every == 1:
+    new = measure(tel)
+  else:
+    new = jax.lax.cond(tel.passes % every == 0, measure, lambda t: t, tel)
+  return new.replace(passes=tel.passes + 1)
 
 
 def record_gradients(tel: TelemetryState, child_grad_norm: jax.Array,

@@ -9,11 +9,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from kasmina_jax import blueprints as bp
 from kasmina_jax import layer as layer_lib
 from kasmina_jax import lifecycle
 from kasmina_jax import nn as knn
+from kasmina_jax import nnx as knx
 from kasmina_jax import optim
 from kasmina_jax.lifecycle import Stage
 
@@ -121,8 +123,9 @@ def test_jitted_train_step_under_vmap_equals_members_one_by_one():
     np.testing.assert_allclose(losses[i], loss, rtol=1e-5)
     member = jax.tree.map(lambda a: a[i], (params, kasmina, opt_state))
     chex.assert_trees_all_close(member, (p, kas, s), rtol=1e-4, atol=1e-5)
-    # Telemetry accumulated every training pass of this member.
-    assert float(knn.find_layers(kas)[PATH].telemetry.count) == steps * ROWS
+    # Telemetry accumulated on the measuring passes of this member (one in telemetry_every).
+    lv = knn.find_layers(kas)[PATH]
+    assert float(lv.telemetry.count) == len(range(0, steps, lv.spec.telemetry_every)) * ROWS
     # The EVALUATING child is frozen; the parallel-wired TRAINING / FINE_TUNING ones learnt.
     c_new, c_old = p["hidden"]["kasmina"]["children"], p0["hidden"]["kasmina"]["children"]
     np.testing.assert_array_equal(c_new.w2[3], c_old.w2[3])
@@ -226,3 +229,17 @@ def test_kasmina_dense_output_is_the_kasmina_layer_over_the_activations():
   want, _ = layer_lib.forward(s, children, seeds, x, u=u)
   chex.assert_trees_all_close(out, want, rtol=1e-6, atol=1e-6)
   assert not np.allclose(out, x)
+
+
+def test_precision_reaches_the_layer_and_bad_values_name_it():
+  x = jax.random.normal(jax.random.PRNGKey(0), (8, 6))
+  for precision in ("highest", jax.lax.Precision.DEFAULT, None):
+    model = knn.KasminaDense(16, 4, activation=nn.relu, precision=precision)
+    variables = model.init(jax.random.PRNGKey(1), x)
+    out = model.apply(variables, x, train=False)
+    assert out.shape == (8, 16)
+  model = knn.KasminaDense(16, 4, activation=nn.relu, precision="exact")
+  with pytest.raises(ValueError, match="precision"):
+    model.init(jax.random.PRNGKey(1), x)
+  with pytest.raises(ValueError, match="precision"):
+    knx.KasminaLayer(16, 4, precision="fast")

@@ -351,7 +351,7 @@ def forward(spec, params: bp_lib.ChildParams, seeds, x: jax.Array, *,
   new_tel = None
   if take_telemetry:
     partials = jax.tree.map(jax.lax.stop_gradient, _pad_partials(spec, outs.partials, shift))
-    new_tel = tel_lib.merge(tel, partials)
+    new_tel = tel_lib.scheduled(tel, lambda t: tel_lib.merge(t, partials), spec.telemetry_every)
     new_tel = new_tel.replace(nonfinite=new_tel.nonfinite | (live & ~ok))
 
   aux = chunks.StepAux(child_loss=child_loss, objective=aux_objective, recon_ratio=aux_ratio,

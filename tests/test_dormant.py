@@ -1,0 +1,265 @@
+"""A dormant layer costs nothing it does not need (issue 19): the child path under `lax.cond`,
+the telemetry schedule, drift only where a strategy reads it, masks that are no ops on the
+host. Every change must leave values and gradients as they were."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from kasmina_jax import blueprints as bp_lib
+from kasmina_jax import grafting as graft_lib
+from kasmina_jax import layer as layer_lib
+from kasmina_jax import lifecycle
+from kasmina_jax import linen as knn
+from kasmina_jax import optim
+from kasmina_jax import orchestration as orch
+from kasmina_jax import telemetry as tel_lib
+from kasmina_jax import training
+from kasmina_jax.kernels import common
+from kasmina_jax.lifecycle import Stage
+
+MIXED = (Stage.TRAINING, Stage.GRAFTING, Stage.DORMANT, Stage.FINE_TUNING, Stage.STABILIZATION,
+         Stage.FOSSILIZED)
+
+
+def _problem(stages, *, parallel=False, dtype=jnp.float32, nan_dormant=False, every=1):
+  bps = bp_lib.default_blueprints(parallel_hidden=4) if parallel else bp_lib.default_blueprints()
+  spec = layer_lib.KasminaSpec(dim=26, num_seeds=6, blueprints=bps,
+                               input_dim=10 if parallel else None, corr_rows=5,
+                               telemetry_every=every)
+  k = spec.num_seeds
+  bids = [0, 1, 2, 3, 4, 5 if parallel else 0]
+  seeds = lifecycle.init_seed_state(k).replace(
+      stage=jnp.asarray(stages, jnp.int32),
+      blueprint=jnp.asarray([b if s != Stage.DORMANT else -1 for b, s in zip(bids, stages)],
+                            jnp.int32),
+      alpha=jnp.asarray([0.0, 0.3, 0.0, 1.0, 1.0, 1.0], jnp.float32))
+  p = layer_lib.germinate_children(spec, layer_lib.init_children(spec), jnp.ones(k, bool),
+                                   jnp.asarray(bids), jax.random.key(1))
+  leaves, tdef = jax.tree.flatten(p)
+  keys = jax.random.split(jax.random.key(2), len(leaves))
+  # Random children: a fresh residual child has f = 0, which would hide every difference.
+  p = jax.tree.unflatten(tdef, [l + 0.1 * jax.random.normal(r, l.shape)
+                                for l, r in zip(leaves, keys)])
+  if nan_dormant:
+    dormant = jnp.asarray(stages) == Stage.DORMANT
+    p = jax.tree.map(lambda l: jnp.where(dormant.reshape((-1,) + (1,) * (l.ndim - 1)),
+                                         jnp.nan, l), p)
+  x = jax.random.normal(jax.random.key(3), (4, 5, 26)).astype(dtype)
+  u = jax.random.normal(jax.random.key(4), (4, 5, 10)) if parallel else None
+  return spec, seeds, p, x, u
+
+
+def _unconditioned(spec, params, seeds, x, u, eval_alpha=None):
+  """The child path run directly, as the layer did before the dormant branch existed."""
+  rows = int(np.prod(x.shape[:-1]))
+  u2 = None if u is None else u.reshape((rows, spec.input_dim))
+  ea = None if eval_alpha is None else jnp.asarray(eval_alpha, jnp.float32)
+  const = (seeds.stage, seeds.blueprint, seeds.alpha)
+  out2d, loss, obj, ratio, ok = layer_lib._child_path(  # pylint: disable=protected-access
+      spec, eval_alpha is not None, (params, x.reshape((rows, spec.dim)), u2, ea), const)
+  return out2d.reshape(x.shape), loss, obj, ratio, ok
+
+
+def _value_and_grads(fn, x, params, u, w):
+  def f(x_, p_, u_):
+    out, loss, obj, ratio, ok = fn(x_, p_, u_)
+    return (jnp.sum(out.astype(jnp.float32) * w) + loss), (out, obj, ratio, ok)
+  argnums = (0, 1) if u is None else (0, 1, 2)
+  return jax.jit(jax.value_and_grad(f, argnums=argnums, has_aux=True))(x, params, u)
+
+
+def _assert_trees(a, b, tol=0.0):
+  la, ta = jax.tree.flatten(a)
+  lb, tb = jax.tree.flatten(b)
+  assert ta == tb
+  for x, y in zip(la, lb):
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    np.testing.assert_allclose(x, y, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("case", ["dormant", "mixed", "mixed_parallel", "dormant_bf16",
+                                  "mixed_eval"])
+def test_forward_and_gradients_as_before(case):
+  stages = [Stage.DORMANT] * 6 if case.startswith("dormant") else list(MIXED)
+  dtype = jnp.bfloat16 if case.endswith("bf16") else jnp.float32
+  spec, seeds, p, x, u = _problem(stages, parallel=case == "mixed_parallel", dtype=dtype)
+  ea = jnp.asarray([1.0, 0.5, 1.0, 0.0, 1.0, 1.0]) if case == "mixed_eval" else None
+  w = jax.random.normal(jax.random.key(5), x.shape)
+
+  def layer(x_, p_, u_):
+    out, aux = layer_lib.forward(spec, p_, seeds, x_, u=u_, eval_alpha=ea)
+    ok = ~aux.nonfinite
+    return out, aux.child_loss, aux.objective, aux.recon_ratio, ok
+
+  got = _value_and_grads(layer, x, p, u, w)
+  want = _value_and_grads(lambda a, b, c: _unconditioned(spec, b, seeds, a, c, ea), x, p, u, w)
+  _assert_trees(got, want, tol=1e-6)
+  if case.startswith("dormant"):
+    (_, (out, obj, ratio, ok)), grads = got
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(x, np.float32))
+    np.testing.assert_array_equal(np.asarray(grads[0], np.float32),
+                                  np.asarray(w.astype(dtype), np.float32))
+    assert all(np.all(np.asarray(g) == 0) for g in jax.tree.leaves(grads[1]))
+    assert np.all(np.isnan(obj)) and np.all(np.isnan(ratio)) and np.all(ok)
+
+
+def test_dormant_layer_runs_no_child():
+  """Dormant seeds holding NaN children: the dormant branch never evaluates them."""
+  spec, seeds, p, x, _ = _problem([Stage.DORMANT] * 6, nan_dormant=True)
+  def f(x_, p_):
+    out, aux = layer_lib.forward(spec, p_, seeds, x_, telemetry=layer_lib.init_telemetry(spec))
+    return jnp.sum(out * out) + aux.child_loss, aux
+  (val, aux), grads = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(x, p)
+  assert np.isfinite(float(val)) and not np.any(np.asarray(aux.nonfinite))
+  np.testing.assert_allclose(np.asarray(grads[0]), 2 * np.asarray(x), rtol=1e-6)
+  assert all(np.all(np.asarray(g) == 0) for g in jax.tree.leaves(grads[1]))
+  # The jitted dormant step's child path sits in a conditional (forward and backward).
+  text = jax.jit(jax.grad(lambda x_, p_: f(x_, p_)[0], argnums=(0, 1))).lower(x, p).as_text()
+  assert text.count("stablehlo.case") + text.count("mhlo.case") + text.count("conditional") >= 2
+
+
+def test_vmap_over_stacked_layers():
+  """Under `vmap` (stacked layers, one dormant and one live) the cond becomes a select."""
+  spec, seeds_live, p, x, _ = _problem(list(MIXED))
+  seeds_dorm = seeds_live.replace(stage=jnp.full((6,), int(Stage.DORMANT), jnp.int32))
+  stacked = jax.tree.map(lambda a, b: jnp.stack([a, b]), seeds_dorm, seeds_live)
+  f = lambda s: layer_lib.forward(spec, p, s, x)[0]
+  got = jax.vmap(f)(stacked)
+  _assert_trees(got, jnp.stack([f(seeds_dorm), f(seeds_live)]), tol=1e-6)
+
+
+# ------------------------------------------------------------------------------- telemetry
+
+
+def _passes(spec, seeds, p, xs, forward):
+  tel = layer_lib.init_telemetry(spec)
+  for x in xs:
+    _, aux = forward(spec, p, seeds, x, telemetry=tel)
+    tel = aux.telemetry
+  return tel
+
+
+@pytest.mark.parametrize("path", ["reference", "fused"])
+def test_telemetry_schedule_sums_the_measured_passes(path):
+  fwd = (layer_lib.forward_reference if path == "reference"
+         else lambda *a, **k: common.forward(*a, **k, fused=common.fused_blend_jnp))
+  _, seeds, p, _, _ = _problem(list(MIXED))
+  xs = [jax.random.normal(jax.random.key(10 + i), (12, 26)) for i in range(7)]
+  spec3, _, _, _, _ = _problem(list(MIXED), every=3)
+  spec1, _, _, _, _ = _problem(list(MIXED), every=1)
+  got = _passes(spec3, seeds, p, xs, fwd)
+  want = _passes(spec1, seeds, p, [xs[0], xs[3], xs[6]], fwd)
+  assert int(got.passes) == 7 and int(want.passes) == 3
+  _assert_trees(got.replace(passes=want.passes), want, tol=1e-6)
+  # Its report: averages over the measured passes' rows.
+  r3 = layer_lib.health_report(spec3, got, seeds)
+  r1 = layer_lib.health_report(spec1, want, seeds)
+  _assert_trees(r3, r1, tol=1e-6)
+
+
+def test_telemetry_reset_measures_first_pass():
+  spec, seeds, p, _, _ = _problem(list(MIXED), every=4)
+  tel = _passes(spec, seeds, p, [jnp.ones((3, 26))] * 2, layer_lib.forward_reference)
+  assert float(tel.count) == 3.0
+  tel = tel_lib.reset(tel)
+  assert int(tel.passes) == 0
+  _, aux = layer_lib.forward_reference(spec, p, seeds, jnp.ones((3, 26)), telemetry=tel)
+  assert float(aux.telemetry.count) == 3.0
+
+
+class _Net(nn.Module):
+  every: int
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    x = knn.KasminaDense(24, 4, activation=nn.relu, corr_rows=8, telemetry_every=self.every,
+                         name="hidden")(x, train=train)
+    return nn.Dense(3, name="head")(x)
+
+
+def test_epoch_report_same_on_a_deterministic_case():
+  """Activations that repeat every step (learning rate 0, one batch): the epoch report is the
+  same whether every step or one in three measured."""
+  rng = np.random.default_rng(0)
+  batch = {"x": jnp.asarray(rng.standard_normal((16, 5), np.float32)),
+           "y": jnp.asarray(rng.integers(0, 3, 16).astype(np.int32))}
+  reports = {}
+  for every in (1, 3):
+    state = training.create_train_state(_Net(every), optax.sgd(0.0), batch["x"],
+                                        jax.random.key(0))
+    for _ in range(7):
+      state, _ = training.train_step(state, batch, training.cross_entropy_loss)
+    lv = knn.find_layers(state.kasmina)[("hidden", "kasmina")]
+    assert float(lv.telemetry.count) == 16 * (7 if every == 1 else 3)
+    reports[every] = layer_lib.health_report(lv.spec, lv.telemetry, lv.seeds)
+    _, out = training.epoch_transition(state, batch, training.cross_entropy_loss)
+    reports[f"epoch{every}"] = out.report.layers["hidden/kasmina"]
+  _assert_trees(reports[1], reports[3], tol=1e-6)
+  _assert_trees(reports["epoch1"], reports["epoch3"], tol=1e-6)
+
+
+# ------------------------------------------------------------------------------- drift, masks
+
+
+def _drift_case(strategy):
+  spec = layer_lib.KasminaSpec(dim=8, num_seeds=2)
+  children = layer_lib.init_children(spec)
+  snap = {"d": {"host": {"kernel": jnp.ones((4, 8)), "bias": jnp.zeros(8)},
+                "kasmina": {"children": children}}}
+  params = {"d": {"host": {"kernel": 1.5 * jnp.ones((4, 8)), "bias": jnp.zeros(8)},
+                  "kasmina": {"children": children}}}
+  seeds = lifecycle.init_seed_state(2).replace(
+      stage=jnp.asarray([Stage.GRAFTING, Stage.DORMANT], jnp.int32),
+      blueprint=jnp.asarray([0, -1], jnp.int32), strategy=jnp.asarray([strategy, -1], jnp.int32),
+      alpha=jnp.asarray([0.2, 0.0], jnp.float32))
+  slot = orch.LayerSlot(seeds=seeds, telemetry=layer_lib.init_telemetry(spec), spec=spec)
+  summary = knn.StepSummary(child_loss=jnp.zeros(()), objective=jnp.full((2,), jnp.nan),
+                            recon_ratio=jnp.full((2,), jnp.nan), nonfinite=jnp.zeros(2, bool))
+  path = ("d", "kasmina")
+  grads = jax.tree.map(jnp.zeros_like, params)
+  out = orch.step_update({path: slot}, old_params=params, params=params, grads=grads,
+                         snapshot=snap, summaries={path: summary}, host_norm=jnp.float32(0.5),
+                         grafting=graft_lib.GraftingConfig(), fossil="integrated")[path]
+  # What the strategies give with the drift always computed (the code before the change).
+  drift = orch.layer_host_drift(params, snap, path)
+  assert float(drift) == pytest.approx(0.5)
+  want = graft_lib.grafting_step(lifecycle.tick_step(seeds), graft_lib.GraftSignals(
+      objective=jnp.full((2,), jnp.nan), host_drift=drift, host_grad_norm=jnp.float32(0.5)))
+  return out.seeds, want
+
+
+@pytest.mark.parametrize("strategy", list(graft_lib.GraftingStrategy))
+def test_drift_only_where_read(strategy):
+  got, want = _drift_case(int(strategy))
+  _assert_trees(got, want, tol=0.0)
+  if strategy == graft_lib.GraftingStrategy.DRIFT_CONTROLLED:
+    assert float(got.alpha[0]) == pytest.approx(0.2)  # paused on drift 0.5 > 0.12
+  elif strategy == graft_lib.GraftingStrategy.FIXED_RAMP:
+    assert float(got.alpha[0]) > 0.2
+
+
+def test_host_masks_are_no_ops():
+  spec = layer_lib.KasminaSpec(dim=8, num_seeds=2)
+  params = {"w": jnp.arange(12.0).reshape(3, 4),
+            "k": {"children": layer_lib.init_children(spec)}}
+  seeds = {("k",): lifecycle.init_seed_state(2)}
+  grads = jax.tree.map(lambda a: jnp.ones_like(a) * 0.1, params)
+  tx = optim.kasmina_optimizer(optax.adam(1e-2))
+  plain = optax.adam(1e-2)
+
+  def masked(g, p):
+    mask = optim.learning_mask(p, seeds)
+    return tx.update(g, tx.init(p), p, learn_mask=mask)[0]
+
+  got = jax.jit(masked)(grads, params)
+  want = plain.update(grads["w"], plain.init(params["w"]), params["w"])[0]
+  np.testing.assert_array_equal(np.asarray(got["w"]), np.asarray(want))
+  assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(got["k"]))
+  jaxpr = jax.make_jaxpr(masked)(grads, params)
+  host_selects = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "select_n"
+                  and e.outvars[0].aval.shape == (3, 4)]
+  assert not host_selects
