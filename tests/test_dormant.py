@@ -60,7 +60,7 @@ def _unconditioned(spec, params, seeds, x, u, eval_alpha=None):
   ea = None if eval_alpha is None else jnp.asarray(eval_alpha, jnp.float32)
   const = (seeds.stage, seeds.blueprint, seeds.alpha)
   out2d, loss, obj, ratio, ok = layer_lib._child_path(  # pylint: disable=protected-access
-      spec, eval_alpha is not None, (params, x.reshape((rows, spec.dim)), u2, ea), const)
+      spec, eval_alpha is not None, None, (params, x.reshape((rows, spec.dim)), u2, ea), const)
   return out2d.reshape(x.shape), loss, obj, ratio, ok
 
 
@@ -197,7 +197,7 @@ def test_epoch_report_same_on_a_deterministic_case():
     assert float(lv.telemetry.count) == 16 * (7 if every == 1 else 3)
     reports[every] = layer_lib.health_report(lv.spec, lv.telemetry, lv.seeds)
     _, out = training.epoch_transition(state, batch, training.cross_entropy_loss)
-    reports[f"epoch{every}"] = out.report.layers["hidden/kasmina"]
+    reports[f"epoch{every}"] = out.report.layers[("hidden", "kasmina")]
   _assert_trees(reports[1], reports[3], tol=1e-6)
   _assert_trees(reports["epoch1"], reports["epoch3"], tol=1e-6)
 

@@ -6,7 +6,7 @@ checks that premise): an element a kernel fails to write shows up as NaN, which 
 below lets through. Inputs are fresh random draws; float32 is compared at 1e-5, bfloat16 at
 1e-2 (relative L2 error per leaf), the exact paths (`precision="highest"`) unless a test says
 otherwise. The Triton kernels run under Triton's interpreter (`tests/triton_interpret.py`)
-on request (`KASMINA_TRITON_INTERPRET=1`, triton installed); CI does not run them yet.
+where triton is installed (it is not in the test extra, so CI does not run them).
 """
 
 from __future__ import annotations
@@ -487,15 +487,9 @@ def triton_interpreted(monkeypatch):
   CPU (`tests/triton_interpret.py`: jax-triton itself has no CPU path). Yields the stand-in
   `jax_triton` module (its `launches` record every kernel call).
 
-  Opt-in (`KASMINA_TRITON_INTERPRET=1`, with `pip install "triton==3.6.*"`), not yet in CI:
-  the interpreter runs these kernels (benchmarks/check_triton.py --interpret passes), but here
-  `importorskip` imports triton before TRITON_INTERPRET is set, so triton's own `@jit` library
-  functions (`tl.sigmoid`, ...) are compiled-mode `JITFunction`s and the interpreted kernels
-  fail with "Cannot call @triton.jit'd outside of the scope of a kernel". To do: set
-  TRITON_INTERPRET before triton is first imported (or run the check in a subprocess)."""
-  if os.environ.get("KASMINA_TRITON_INTERPRET") != "1":
-    pytest.skip("set KASMINA_TRITON_INTERPRET=1 (and install triton) to run the Triton "
-                "kernels under Triton's interpreter")
+  Needs `pip install "triton==3.6.*"` (not in the test extra: some 640 MB); skipped without
+  it. `tests/conftest.py` selects Triton's interpreter before triton is first imported (its own
+  `@jit` library functions are built at import in the mode then set)."""
   pytest.importorskip("triton")
   if jax.default_backend() != "cpu":
     pytest.skip("on a GPU the Triton kernels run compiled: benchmarks/check_triton.py")
