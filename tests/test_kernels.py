@@ -6,7 +6,7 @@ checks that premise): an element a kernel fails to write shows up as NaN, which 
 below lets through. Inputs are fresh random draws; float32 is compared at 1e-5, bfloat16 at
 1e-2 (relative L2 error per leaf), the exact paths (`precision="highest"`) unless a test says
 otherwise. The Triton kernels run under Triton's interpreter (`tests/triton_interpret.py`)
-where triton is installed (it is not in the test extra, so CI does not run them).
+where triton is installed (the test extra installs it on Linux x86_64, so CI runs them).
 """
 
 from __future__ import annotations
@@ -487,7 +487,7 @@ def triton_interpreted(monkeypatch):
   CPU (`tests/triton_interpret.py`: jax-triton itself has no CPU path). Yields the stand-in
   `jax_triton` module (its `launches` record every kernel call).
 
-  Needs `pip install "triton==3.6.*"` (not in the test extra: some 640 MB); skipped without
+  Needs triton (in the test extra on Linux x86_64, where its wheels exist); skipped without
   it. `tests/conftest.py` selects Triton's interpreter before triton is first imported (its own
   `@jit` library functions are built at import in the mode then set)."""
   pytest.importorskip("triton")
