@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import sys
 import zlib
 
@@ -35,6 +34,7 @@ from kasmina_jax.kernels import pallas as kpallas
 from kasmina_jax.kernels import select
 from kasmina_jax.kernels import triton as ktriton
 from kasmina_jax.lifecycle import Stage
+from jaxpr_walk import dot_precisions  # tests/ helper
 
 HP = jax.lax.Precision.HIGHEST
 
@@ -234,23 +234,6 @@ def test_device_info_of_this_machine():
 # ----------------------------------------------------------------------------- precision
 
 
-def _dot_precisions(fn, *args) -> list:
-  """The `precision` of every `dot_general` in `fn`'s jaxpr, the kernels' (`pallas_call`'s
-  jaxpr) and every other sub-jaxpr included."""
-  found = []
-
-  def walk(jaxpr):
-    for eqn in jaxpr.eqns:
-      if eqn.primitive.name == "dot_general":
-        found.append(eqn.params["precision"])
-      for v in eqn.params.values():
-        for sub in (v if isinstance(v, (tuple, list)) else (v,)):
-          sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's Jaxpr
-          if hasattr(sub, "eqns"):
-            walk(sub)
-
-  walk(jax.make_jaxpr(fn)(*args).jaxpr)
-  return found
 
 
 @pytest.mark.parametrize("precision,dot_precision,expected", [
@@ -272,7 +255,7 @@ def test_precision_reaches_the_pallas_kernel_dots(precision, dot_precision, expe
                               precision=precision)
     return jnp.sum(out * out) + aux.child_loss
 
-  found = _dot_precisions(jax.grad(loss, argnums=(0, 1, 2)), params, x, u)
+  found = dot_precisions(jax.grad(loss, argnums=(0, 1, 2)), params, x, u)
   assert len(found) >= 12, found
   assert all(p == expected for p in found), found
   assert kpallas._dot_precision(  # pylint: disable=protected-access

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from kasmina_jax import blueprints as bp_lib
 from kasmina_jax import layer
 from kasmina_jax.lifecycle import Stage, init_seed_state
+from jaxpr_walk import dot_precisions  # tests/ helper
 
 IDENTITY_STAGES = (Stage.DORMANT, Stage.GERMINATED, Stage.CULLED, Stage.CANCELLED,
                    Stage.ROLLED_BACK)
@@ -833,23 +834,6 @@ def test_spec_is_hashable_and_static():
 # Precision of the child matmuls (DESIGN.md amendment 5).
 
 
-def dot_precisions(fn, *args) -> list:
-  """The `precision` of every `dot_general` in `fn`'s jaxpr, sub-jaxprs (cond, custom_vjp,
-  pjit, pallas_call, ...) included."""
-  found = []
-
-  def walk(jaxpr):
-    for eqn in jaxpr.eqns:
-      if eqn.primitive.name == "dot_general":
-        found.append(eqn.params["precision"])
-      for v in eqn.params.values():
-        for sub in (v if isinstance(v, (tuple, list)) else (v,)):
-          sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's Jaxpr
-          if hasattr(sub, "eqns"):
-            walk(sub)
-
-  walk(jax.make_jaxpr(fn)(*args).jaxpr)
-  return found
 
 
 def _precision_case():
