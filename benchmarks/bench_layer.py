@@ -8,6 +8,8 @@ Measures, with device-side timing (warm-up, many repetitions, median):
   reference      `layer.forward(impl="reference")`: the pure-jnp layer under XLA
   pallas         `layer.forward(impl="pallas")`
   triton         `layer.forward(impl="triton")` (hand-written Triton through jax-triton)
+  probe          DESIGN.md's reference probe (`probe_kernel.py`: forward only, every seed's
+                 child computed, no stage logic), the best of a short configuration sweep
   torch_loop     PyTorch, a loop over the seeds the way the older implementation did it
                  (`split` into chunks, one `nn.Module` child per active seed, blend, `cat`)
   torch_einsum   PyTorch, the children batched over seeds with `einsum`
@@ -54,7 +56,12 @@ import numpy as np
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.55")
 # Inductor's default cache location was not writable on the device image (torch.compile failed).
-os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", "/tmp/torchinductor_cache")
+# ... nor was Triton's (torch.compile's kernels are Triton kernels): an empty TRITON_CACHE_DIR
+# in the image's environment left Triton with no cache directory at all.
+for _var, _dir in (("TORCHINDUCTOR_CACHE_DIR", "/tmp/torchinductor_cache"),
+                   ("TRITON_CACHE_DIR", "/tmp/triton_cache")):
+  if not os.environ.get(_var):
+    os.environ[_var] = _dir
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import jax  # noqa: E402
@@ -65,7 +72,7 @@ from kasmina_jax import layer as layer_lib  # noqa: E402
 from kasmina_jax import lifecycle  # noqa: E402
 from kasmina_jax.lifecycle import Stage  # noqa: E402
 
-ALL_IMPLS = ("copy", "jax_x2", "read", "reference", "pallas", "triton", "torch_loop",
+ALL_IMPLS = ("copy", "jax_x2", "read", "reference", "pallas", "triton", "probe", "torch_loop",
              "torch_einsum", "torch_compile")
 JAX_LAYER_IMPLS = ("reference", "pallas", "triton")
 DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
@@ -116,8 +123,18 @@ def time_jax(fn, args, iterations, repeats):
     return float(np.median(samples))
   from jax.experimental.mosaic.gpu import profiler  # pylint: disable=g-import-not-at-top
   samples = []
+  per_call = iterations
   for _ in range(repeats):
-    _, t = profiler.measure(fn, aggregate=True, iterations=iterations)(*args)
+    try:
+      _, t = profiler.measure(fn, aggregate=True, iterations=per_call)(*args)
+    except RuntimeError as e:
+      # A program with a `lax.cond` launches different kernels from call to call, which the
+      # profiler refuses to aggregate over iterations: time one call at a time instead.
+      if "not consistent" not in str(e) or per_call == 1:
+        raise
+      per_call = 1
+      t = [profiler.measure(fn, aggregate=True, iterations=1)(*args)[1]
+           for _ in range(iterations)]
     if t is None:
       return float("nan")
     samples.extend(t if isinstance(t, list) else [t])
@@ -349,6 +366,44 @@ def run_torch_cell(prob, impl, mode, args, ref, log):
   return ms, errs
 
 
+def run_probe_cell(prob, mode, x, ref, args):
+  """The reference probe, its best configuration of a short sweep: (ms, errors, config)."""
+  spec = prob.spec
+  if mode != "fwd":
+    raise RuntimeError("the probe has a forward only")
+  if spec.dim % spec.num_seeds or spec.chunk_width < 16 or spec.num_seeds < 2:
+    raise RuntimeError("the probe needs even chunks of >= 16 nodes")
+  if jax.devices()[0].platform != "gpu":
+    raise RuntimeError("the probe runs on the GPU only")
+  import probe_kernel  # pylint: disable=g-import-not-at-top
+  k, c, h = spec.num_seeds, spec.chunk_width, spec.catalog.hidden
+  jdt = DTYPES[prob.dtype]
+  p = prob.params
+  w1, b1 = p.w1[:, :c, :h].astype(jdt), p.b1[:, :h].astype(jdt)
+  w2, b2 = p.w2[:, :h, :c].astype(jdt), p.b2[:, :c].astype(jdt)
+  alpha = jnp.asarray(np.where(prob.active, 0.5, 0.0), jnp.float32)
+  pargs = (x, w1, b1, w2, b2, alpha)
+  best = None
+  for cfg in probe_kernel.CONFIGS:
+    bm, rb, spp, warps, stages = cfg
+    if k % spp or args.rows % (bm * rb):
+      continue
+    try:
+      f = probe_kernel.make(args.rows, spec.dim, k, h, bm, rb, spp, warps, stages)
+      out = jax.block_until_ready(f(*pargs))
+      err = rel_err(np.asarray(out[0].astype(jnp.float32)), ref["out"])
+      ms = time_jax(f, pargs, args.iterations, 1)
+    except Exception:  # pylint: disable=broad-except
+      continue
+    if best is None or ms < best[0]:
+      best = (ms, {"out": err}, dict(zip(("BM", "RB", "SPP", "num_warps", "num_stages"), cfg)))
+  if best is None:
+    raise RuntimeError("no probe configuration ran")
+  ms = time_jax(probe_kernel.make(args.rows, spec.dim, k, h, *best[2].values()), pargs,
+                args.iterations, args.repeats)
+  return ms, best[1], best[2]
+
+
 # ------------------------------------------------------------------------------ the run
 
 
@@ -429,7 +484,7 @@ def main(argv=None):
               "pct_copy": 100.0 * (c / 2) / ms})
       del xj
 
-  layer_impls = [i for i in impls if i in JAX_LAYER_IMPLS or i.startswith("torch_")]
+  layer_impls = [i for i in impls if i in JAX_LAYER_IMPLS or i == "probe" or i.startswith("torch_")]
   for dtype in dtypes:
     for dim in dims:
       for s in seed_opts:
@@ -480,6 +535,12 @@ def main(argv=None):
                     _, per_kernel = profiler.measure(fn, aggregate=False)(*fargs)
                     print(f"  kernels of {impl} {mode} {dtype} D={dim} K={k} act={frac}: "
                           + "; ".join(f"{nm[:60]} {t:.4f}" for nm, t in per_kernel), flush=True)
+                elif impl == "probe":
+                  if ref is None:
+                    raise RuntimeError("no reference result to validate against")
+                  ms, errs, cfg = run_probe_cell(prob, mode, x, ref, args)
+                  rec["errors"] = errs
+                  rec["config"] = cfg
                 else:
                   if not torch_ok:
                     raise RuntimeError("torch with CUDA not available")

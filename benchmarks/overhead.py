@@ -176,7 +176,8 @@ def kasmina_state(args, impl: str, blending: float, telemetry_every=None):
   count = int(round(blending * args.seeds))
   if count:
     state = with_blending_seeds(state, count, jax.random.key(1))
-  return state
+  # As `fit` does after every epoch end: the step compiles on the stages it will see.
+  return training.refresh_liveness(state)
 
 
 def kasmina_step(state, batch):
@@ -241,6 +242,32 @@ def impl_status(impl: str, spec) -> tuple[str | None, str | None]:
     return None, ("impl='pallas' runs in interpret mode off the GPU (a correctness path, not "
                   "a timing)")
   return resolved, None
+
+
+def kernel_times(step, state, batch, top: int = 30) -> dict:
+  """The device kernels of one call of the jitted `step` and their times (ms, CUPTI through
+  JAX's Mosaic GPU profiler), grouped by name, largest first; None off the GPU."""
+  if jax.devices()[0].platform != "gpu":
+    return None
+  from jax.experimental.mosaic.gpu import profiler  # pylint: disable=g-import-not-at-top
+  _, per_kernel = profiler.measure(step, aggregate=False)(state, batch)
+  grouped = collections.defaultdict(lambda: [0.0, 0])
+  for name, ms in per_kernel:
+    grouped[name][0] += float(ms)
+    grouped[name][1] += 1
+  rows = sorted(grouped.items(), key=lambda kv: -kv[1][0])
+  return {"total_ms": sum(v[0] for v in grouped.values()),
+          "launches": sum(v[1] for v in grouped.values()),
+          "top": [{"name": n[:120], "ms": v[0], "count": v[1]} for n, v in rows[:top]]}
+
+
+def print_kernels(label: str, kt) -> None:
+  if kt is None:
+    return
+  print(f"  kernels of {label}: {kt['launches']} launches, {kt['total_ms']:.3f} ms device time",
+        flush=True)
+  for r in kt["top"][:15]:
+    print(f"    {r['ms']:8.4f} ms  x{r['count']:<3d} {r['name'][:100]}", flush=True)
 
 
 def device_name() -> str:
@@ -377,6 +404,8 @@ def parse_args(argv=None):
   p.add_argument("--account", action="store_true", help="print the dormant step's cost account")
   p.add_argument("--account-only", action="store_true", help="the account, no timing")
   p.add_argument("--label", default="", help="added to the output file name")
+  p.add_argument("--kernels", action="store_true",
+                 help="GPU: also each step's kernels with their device times (CUPTI)")
   p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                "results"))
   args = p.parse_args(argv)
@@ -431,6 +460,13 @@ def main(argv=None):
           states["off:frozen"] = at_pass(state, 1)
         t = time_pair(steps, states, batches, args)
         plain_ms = t["plain"][0]
+        kt = {}
+        if args.kernels:
+          if not any(r.get("rows") == rows and "kernels_plain" in r for r in records):
+            kt["kernels_plain"] = kernel_times(plain, pst, batches[0])
+            print_kernels(f"plain, rows {rows}", kt["kernels_plain"])
+          kt["kernels"] = kernel_times(kjit, state, batches[0])
+          print_kernels(f"kasmina {impl} blending {blending}, rows {rows}", kt["kernels"])
         kinds = [("default", t["kasmina"])]
         if every > 1:
           on, off = t["on:frozen"][0], t["off:frozen"][0]
@@ -442,6 +478,8 @@ def main(argv=None):
                  "telemetry_every": every, "ms": ms, "plain_ms": plain_ms,
                  "overhead": ms / plain_ms - 1.0, "ms_all": all_ms,
                  "plain_ms_all": t["plain"][1]}
+          if tel in ("default", "carried"):
+            rec.update(kt)
           records.append(rec)
           print(f"rows {rows} {impl:9s} blending {blending:4.2f} telemetry {tel:9s}: "
                 f"{ms:8.3f} ms vs plain {plain_ms:8.3f} ms  overhead {100 * rec['overhead']:+6.1f}%",

@@ -27,6 +27,7 @@ orbax-checkpoint is an optional dependency: `pip install 'kasmina_jax[checkpoint
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -113,8 +114,26 @@ def _node_descriptions(tree) -> list[dict]:
   return out
 
 
+def _is_with_derived(x) -> bool:
+  return (dataclasses.is_dataclass(x) and not isinstance(x, type)
+          and any(f.metadata.get("derived") for f in dataclasses.fields(x)))
+
+
+def without_derived(tree):
+  """`tree` with every static dataclass field marked `metadata={"derived": True}` (facts
+  derived from the leaves, e.g. a Kasmina layer's `live`) back at its default: a checkpoint
+  neither stores nor compares them, and a restored state starts from the default."""
+  def reset(x):
+    if not _is_with_derived(x):
+      return x
+    return dataclasses.replace(x, **{f.name: f.default for f in dataclasses.fields(x)
+                                     if f.metadata.get("derived")})
+  return jax.tree_util.tree_map(reset, tree, is_leaf=_is_with_derived)
+
+
 def fingerprint(tree) -> dict:
   """The JSON-able description of `tree` that `save` stores and `restore` checks."""
+  tree = without_derived(tree)
   leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(tree)
   leaves = [_describe_leaf(jax.tree_util.keystr(p), x) for p, x in leaves_with_paths]
   return {"treedef": _sanitize(str(treedef)), "leaves": leaves,
@@ -382,7 +401,7 @@ def restore(directory, target, *, step: int | None = None, strict_static: bool =
     raise CheckpointError(f"{where}: could not read the array data (files missing, truncated "
                           f"or damaged): {type(err).__name__}: {_shorten(str(err), 600)}") from err
 
-  target_leaves, target_def = jax.tree_util.tree_flatten(target)
+  target_leaves, target_def = jax.tree_util.tree_flatten(without_derived(target))
   restored = []
   for i, (desc, like) in enumerate(zip(meta["leaves"], target_leaves)):
     if desc.get("stored"):

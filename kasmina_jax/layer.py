@@ -226,7 +226,8 @@ def check_inputs(spec: KasminaSpec, params: bp_lib.ChildParams, seeds, x, u=None
 
 def forward(spec: KasminaSpec, params: bp_lib.ChildParams, seeds, x: jax.Array, *,
             u: jax.Array | None = None, telemetry: tel_lib.TelemetryState | None = None,
-            eval_alpha: jax.Array | None = None, impl: str = "reference", precision=None):
+            eval_alpha: jax.Array | None = None, impl: str = "reference", precision=None,
+            live: bool | None = None):
   """The chunked layer. Returns `(out, aux)`; `out` has `x`'s shape and dtype.
 
   Training pass: pass `telemetry` (the epoch accumulators) and get it back updated in
@@ -240,18 +241,65 @@ def forward(spec: KasminaSpec, params: bp_lib.ChildParams, seeds, x: jax.Array, 
   JAX's default matmul precision (TF32 on NVIDIA GPUs since Ampere, as XLA uses for
   `jnp.dot`; exact float32 on CPU; `jax.default_matmul_precision` changes it); "highest" /
   `jax.lax.Precision.HIGHEST` is the exact path. Every `impl` honours it.
+  live: what is known at trace time about the seeds' stages (`check_live`). None (default):
+  nothing; whether any seed is live is decided on the device each pass (`lax.cond` in the
+  reference; the kernels skip dormant seeds themselves). False: a promise that no seed is
+  live (TRAINING .. FOSSILIZED); the child path is left out of the program: the output is
+  `x`, the backward the identity, only the telemetry reads `x`. True: some seed may be
+  live; the child path runs with no device-side branch (on a GPU, a `lax.cond` waits for
+  its predicate on the host). The train step passes what `training.refresh_liveness` read
+  from the stages at the last epoch boundary (stages change only there).
   """
   check_inputs(spec, params, seeds, x, u, eval_alpha)
   if impl not in IMPLS:
     raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
+  check_live(live)
   precision = canonical_precision(precision)
+  if live is False:
+    return _dormant_forward(spec, seeds, x, telemetry, eval_alpha)
   if impl != "reference":
     resolved = kernels.resolve_impl(impl, spec)
     if resolved != "reference":
       return kernels.forward(spec, params, seeds, x, u=u, telemetry=telemetry,
                              eval_alpha=eval_alpha, impl=resolved, precision=precision)
   return forward_reference(spec, params, seeds, x, u=u, telemetry=telemetry,
-                           eval_alpha=eval_alpha, precision=precision)
+                           eval_alpha=eval_alpha, precision=precision, live=live)
+
+
+def check_live(live) -> None:
+  """`live` is None, True or False (a static fact about a layer's stages, not an array)."""
+  if live is not None and not isinstance(live, (bool, np.bool_)):
+    raise TypeError(f"live: expected None, True or False (known at trace time), got "
+                    f"{type(live).__name__} {live!r}")
+
+
+def _measure_reference(spec: KasminaSpec, x2d: jax.Array, telemetry, live, ok):
+  """The telemetry update of one training pass in pure `jnp` (on the layer's schedule)."""
+  def measure(tel):
+    xb = jax.lax.stop_gradient(to_blocks(spec, x2d).astype(jnp.float32))
+    tel = tel_lib.with_shift(tel, xb[0])
+    partials = tel_lib.partials_reference(xb, tel.shift, corr_rows=spec.corr_rows,
+                                          correlation=spec.correlation,
+                                          dead_eps=spec.dead_eps)
+    return tel_lib.merge(tel, partials)
+  new_tel = tel_lib.scheduled(telemetry, measure, spec.telemetry_every)
+  return new_tel.replace(nonfinite=new_tel.nonfinite | (live & ~ok))
+
+
+def _dormant_forward(spec: KasminaSpec, seeds, x: jax.Array, telemetry, eval_alpha):
+  """The layer when no seed is live (known at trace time): `x` itself, no child."""
+  lead = x.shape[:-1]
+  x2d = x.reshape((int(np.prod(lead)) if lead else 1, spec.dim))
+  k = spec.num_seeds
+  nan = jnp.full((k,), jnp.nan, jnp.float32)
+  none_live = jnp.zeros((k,), bool)
+  new_tel = None
+  if telemetry is not None and eval_alpha is None:
+    new_tel = _measure_reference(spec, x2d, telemetry, none_live, jnp.ones((k,), bool))
+  del seeds
+  aux = StepAux(child_loss=jnp.zeros((), jnp.float32), objective=nan, recon_ratio=nan,
+                nonfinite=none_live, telemetry=new_tel)
+  return x, aux
 
 
 def _zero_cotangent(x):
@@ -304,12 +352,18 @@ _live_or_dormant.defvjp(_lod_fwd, _lod_bwd)
 
 
 def forward_reference(spec: KasminaSpec, params: bp_lib.ChildParams, seeds, x: jax.Array, *,
-                      u=None, telemetry=None, eval_alpha=None, precision=None):
+                      u=None, telemetry=None, eval_alpha=None, precision=None,
+                      live: bool | None = None):
   """Pure-`jnp` forward (see `forward`); the contract every kernel matches.
 
   While no seed of the layer is live (TRAINING .. FOSSILIZED) the child path does not run
-  (`lax.cond`): the output is `x`, the backward the identity, and only the telemetry reads
-  the activations."""
+  (`lax.cond`, or left out at trace time with `live=False`): the output is `x`, the backward
+  the identity, and only the telemetry reads the activations. `live=True` runs the child
+  path with no branch."""
+  check_live(live)
+  if live is False:
+    return _dormant_forward(spec, seeds, x, telemetry, eval_alpha)
+  live_hint = live
   precision = canonical_precision(precision)
   lead = x.shape[:-1]
   rows = int(np.prod(lead)) if lead else 1
@@ -322,20 +376,16 @@ def forward_reference(spec: KasminaSpec, params: bp_lib.ChildParams, seeds, x: j
   const = (seeds.stage, seeds.blueprint, seeds.alpha)
   live_fn = functools.partial(_child_path, spec, eval_alpha is not None, precision)
   dormant_fn = functools.partial(_dormant_path, spec)
-  out2d, child_loss, aux_objective, aux_ratio, ok = _live_or_dormant(
-      live_fn, dormant_fn, jnp.any(live), (params, x2d, u2, ea), const)
+  diff = (params, x2d, u2, ea)
+  if live_hint is True:
+    out2d, child_loss, aux_objective, aux_ratio, ok = live_fn(diff, const)
+  else:
+    out2d, child_loss, aux_objective, aux_ratio, ok = _live_or_dormant(
+        live_fn, dormant_fn, jnp.any(live), diff, const)
 
   new_tel = None
   if telemetry is not None and eval_alpha is None:
-    def measure(tel):
-      xb = jax.lax.stop_gradient(to_blocks(spec, x2d).astype(jnp.float32))
-      tel = tel_lib.with_shift(tel, xb[0])
-      partials = tel_lib.partials_reference(xb, tel.shift, corr_rows=spec.corr_rows,
-                                            correlation=spec.correlation,
-                                            dead_eps=spec.dead_eps)
-      return tel_lib.merge(tel, partials)
-    new_tel = tel_lib.scheduled(telemetry, measure, spec.telemetry_every)
-    new_tel = new_tel.replace(nonfinite=new_tel.nonfinite | (live & ~ok))
+    new_tel = _measure_reference(spec, x2d, telemetry, live, ok)
 
   aux = StepAux(child_loss=child_loss, objective=aux_objective, recon_ratio=aux_ratio,
                 nonfinite=live & ~ok, telemetry=new_tel)

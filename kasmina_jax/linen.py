@@ -55,6 +55,12 @@ class KasminaVars:
   telemetry: tel_lib.TelemetryState
   spec: layer_lib.KasminaSpec = struct.field(pytree_node=False)
   strategies: tuple = struct.field(pytree_node=False, default=graft_lib.DEFAULT_STRATEGIES)
+  # Static knowledge of the stages (`orchestration.LayerSlot.live`): None, False or True.
+  live: bool | None = struct.field(pytree_node=False, default=None,
+                                   metadata={"derived": True})
+
+
+KasminaVars.replace = orch.replace_keeping_live_honest
 
 
 @struct.dataclass
@@ -125,7 +131,8 @@ class KasminaLayer(nn.Module):
     out, aux = layer_lib.forward(
         spec, children, state.value.seeds, x, u=u,
         telemetry=state.value.telemetry if take_telemetry else None,
-        eval_alpha=eval_alpha, impl=self.impl, precision=self.precision)
+        eval_alpha=eval_alpha, impl=self.impl, precision=self.precision,
+        live=state.value.live)
     if take_telemetry:
       state.value = state.value.replace(telemetry=aux.telemetry)
     if self.is_mutable_collection(KASMINA_AUX):
@@ -198,7 +205,7 @@ def layer_slots(kasmina: Any) -> dict[tuple, orch.LayerSlot]:
   """`{layer path: orchestration.LayerSlot}` of a `kasmina` collection: what the
   framework-free orchestration (per-step update, epoch commit, rollback) works on."""
   return {path: orch.LayerSlot(seeds=v.seeds, telemetry=v.telemetry, spec=v.spec,
-                               strategies=v.strategies)
+                               strategies=v.strategies, live=v.live)
           for path, v in find_layers(kasmina).items()}
 
 
@@ -212,7 +219,8 @@ def with_slots(kasmina: Any, slots: dict[tuple, orch.LayerSlot]) -> Any:
   out = kasmina
   for path, slot in slots.items():
     out = set_path(out, path + ("state",),
-                   layers[path].replace(seeds=slot.seeds, telemetry=slot.telemetry))
+                   layers[path].replace(seeds=slot.seeds, telemetry=slot.telemetry,
+                                        live=slot.live))
   return out
 
 

@@ -20,8 +20,8 @@ from kasmina_jax import linen as knn
 from kasmina_jax import tamiyo
 from kasmina_jax.losses import LossFn
 from kasmina_jax.steps import (EpochOutput, TrainState, _is_child, apply_rollback,
-                               epoch_transition, layer_name, rollback_in_place,
-                               train_step)
+                               epoch_transition, layer_name, refresh_liveness,
+                               rollback_in_place, train_step)
 
 
 def param_counts(state: TrainState) -> dict[str, int]:
@@ -125,6 +125,8 @@ def finish_epoch(new_state: TrainState, out: EpochOutput, *, restore: Callable =
     last_good.save(new_state)
   if log is not None:
     log_epoch(log, new_state, out, rolled_back, fr_extra)
+  # The stages are fixed until the next epoch end: let the steps compile on them.
+  new_state = refresh_liveness(new_state)
   return new_state, out, rolled_back
 
 

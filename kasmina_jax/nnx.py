@@ -127,6 +127,9 @@ class KasminaLayer(nnx.Module):
     # one), and whether evaluation passes write `last_step` (the epoch end reads recon_ratio).
     self.default_eval_alpha = None
     self.record_eval = False
+    # Static knowledge of the stages (`layer.forward`'s `live`), set by `NnxModel.apply` from
+    # the train state (`training.refresh_liveness`); None (decided on the device) otherwise.
+    self.live = None
 
   def __call__(self, x: jax.Array, u: jax.Array | None = None, *,
                eval_alpha: jax.Array | None = None,
@@ -143,7 +146,7 @@ class KasminaLayer(nnx.Module):
     out, aux = layer_lib.forward(
         spec, self.children.get(), self.seeds.get_value(), x, u=u,
         telemetry=self.telemetry.get_value() if training_pass else None,
-        eval_alpha=eval_alpha, impl=self.impl, precision=self.precision)
+        eval_alpha=eval_alpha, impl=self.impl, precision=self.precision, live=self.live)
     if training_pass:
       self.telemetry.set_value(aux.telemetry)
     if training_pass or self.record_eval:
@@ -421,12 +424,15 @@ class NnxModel:
       layer.seeds.set_value(v.seeds)
       layer.telemetry.set_value(v.telemetry)
       layer.record_eval = True
+      layer.live = v.live
       if evals is not None:
         layer.default_eval_alpha = nnx.data(kln.get_path(evals, path)["eval_alpha"])
     out = model(x)
     mutated = {}
     if kln.KASMINA in mutable:
-      mutated[kln.KASMINA] = kln.with_slots(kasmina, layer_slots(model))
+      # A pass changes no stage: the static `live` read for these stages still holds.
+      slots = {p: s.replace(live=layers[p].live) for p, s in layer_slots(model).items()}
+      mutated[kln.KASMINA] = kln.with_slots(kasmina, slots)
     if kln.KASMINA_AUX in mutable:
       aux: dict = {}
       for p, l in layers.items():

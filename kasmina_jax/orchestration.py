@@ -21,13 +21,16 @@ Every function here is jittable; the loops over layers unroll at trace time.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kasmina_jax import _struct as struct
+from kasmina_jax import chunks
 from kasmina_jax import grafting as graft_lib
 from kasmina_jax import layer as layer_lib
 from kasmina_jax import lifecycle
@@ -46,11 +49,27 @@ class LayerSlot:
   telemetry: tel_lib.TelemetryState
   spec: layer_lib.KasminaSpec = struct.field(pytree_node=False)
   strategies: tuple = struct.field(pytree_node=False, default=graft_lib.DEFAULT_STRATEGIES)
+  # What is known at trace time about the seeds' stages (`layer.forward`'s `live`): None
+  # (unknown), False (no seed live), True (some seed may be live). Set from the stages by
+  # `with_liveness` on the host; everything that changes stages (`install_seeds`, so every
+  # commit and rollback) resets it to None.
+  live: bool | None = struct.field(pytree_node=False, default=None,
+                                   metadata={"derived": True})
 
   @property
   def strategy_names(self) -> tuple[str, ...]:
     return graft_lib.strategy_names(self.strategies)
 
+
+def replace_keeping_live_honest(self, **updates):
+  """`replace` of a layer's state: new `seeds` without a new `live` reset `live` to None
+  (unknown): the static fact was read from the old stages and may not hold for the new."""
+  if "seeds" in updates and "live" not in updates:
+    updates["live"] = None
+  return dataclasses.replace(self, **updates)
+
+
+LayerSlot.replace = replace_keeping_live_honest
 
 Slots = Mapping[tuple, LayerSlot]
 
@@ -61,6 +80,23 @@ layer_name = tamiyo.layer_name
 def seed_map(slots: Slots) -> dict[tuple, lifecycle.SeedState]:
   """`{layer path: SeedState}`: what `optim` takes and what Tamiyo decides on."""
   return {p: s.seeds for p, s in slots.items()}
+
+
+def with_liveness(slots: Slots) -> dict[tuple, LayerSlot]:
+  """`slots` with each layer's static `live` read from its stages (on the host: one transfer
+  of the stage arrays; not under `jit`). A layer with no live seed then compiles without its
+  child path, one with live seeds without a device-side branch (`layer.forward`'s `live`).
+  Stages change only at epoch boundaries (commands, rollback), which reset `live` to None;
+  call this after them."""
+  stages = {p: s.seeds.stage for p, s in slots.items()}
+  if any(isinstance(v, jax.core.Tracer) for v in stages.values()):
+    raise TypeError("with_liveness reads the stages on the host: call it outside jit")
+  stages = jax.device_get(stages)
+  out = {}
+  for path, slot in slots.items():
+    live = bool(np.any(np.asarray(chunks.stage_masks(np.asarray(stages[path]))[3])))
+    out[path] = slot.replace(live=live)
+  return out
 
 
 def num_strategies(slots: Slots) -> dict[tuple, int]:
@@ -202,12 +238,14 @@ def step_update(slots: Slots, *, old_params, params, grads, snapshot, summaries:
     # The layer's drift is read only by a GRAFTING seed whose strategy may read it (every
     # strategy but the three built-ins known not to): skip its pass over the host weights
     # otherwise.
+    # strategy but the three built-ins known not to), and none while no seed is live (known
+    # at trace time). No `lax.cond`: on a GPU its predicate is read on the host, which stalls
+    # the step; the pass is a read of one host kernel and its snapshot.
     drift_ids = [i for i, s in enumerate(slot.strategies) if s not in _DRIFT_FREE_STRATEGIES]
-    if drift_ids:
+    if drift_ids and slot.live is not False:
       reads_drift = jnp.any((seeds.stage == lifecycle.Stage.GRAFTING)
                             & jnp.isin(seeds.strategy, jnp.asarray(drift_ids, jnp.int32)))
-      drift = jax.lax.cond(reads_drift, lambda: layer_host_drift(params, snapshot, path),
-                           lambda: jnp.zeros((), jnp.float32))
+      drift = jnp.where(reads_drift, layer_host_drift(params, snapshot, path), 0.0)
     else:
       drift = jnp.zeros((), jnp.float32)
     signals = graft_lib.GraftSignals(objective=objective, host_drift=drift,
@@ -216,7 +254,8 @@ def step_update(slots: Slots, *, old_params, params, grads, snapshot, summaries:
     seeds = seeds.replace(nonfinite=seeds.nonfinite | summary.nonfinite)
     learning = lifecycle.stage_in(seeds.stage, lifecycle.learning_stages(fossil))
     tel = tel_lib.record_gradients(slot.telemetry, child_grad_norms(grads, path), learning)
-    out[path] = slot.replace(seeds=seeds, telemetry=tel)
+    # The step changes no stage (only counters, alpha and flags): `live` still holds.
+    out[path] = slot.replace(seeds=seeds, telemetry=tel, live=slot.live)
   return out
 
 
@@ -286,7 +325,7 @@ def install_seeds(slots: Slots, params, opt_state, old_seeds: Mapping, new_seeds
                                          old_seeds[path].stage, new_seeds[path], keys[path])
     params = set_children(params, path, children)
     tel = layer_lib.init_telemetry(slot.spec) if reset_telemetry else slot.telemetry
-    new_slots[path] = slot.replace(seeds=new_seeds[path], telemetry=tel)
+    new_slots[path] = slot.replace(seeds=new_seeds[path], telemetry=tel, live=None)
   if opt_state is not None:
     reset = optim.reset_mask(params, seed_map(slots), seed_map(new_slots))
     opt_state = optim.reset_children(opt_state, params, reset)

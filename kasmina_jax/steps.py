@@ -153,6 +153,7 @@ def new_train_state(model, params, kasmina, optimizer: optax.GradientTransformat
   if not knn.find_layers(kasmina):
     raise ValueError("model: found no Kasmina layer (kasmina_jax.nn.KasminaLayer) in it")
   tx = _wrapped_optimizer(optimizer, max_grad_norm)
+  kasmina = knn.with_slots(kasmina, orch.with_liveness(knn.layer_slots(kasmina)))
   return TrainState(
       step=jnp.zeros((), jnp.int32), epoch=jnp.zeros((), jnp.int32), params=params,
       opt_state=tx.init(params), kasmina=kasmina,
@@ -160,6 +161,17 @@ def new_train_state(model, params, kasmina, optimizer: optax.GradientTransformat
       host_snapshot=jax.tree.map(jnp.copy, params), stats=_zero_stats(metric_names),
       model=model, tx=tx,
       config=config, model_state=dict(model_state or {}))
+
+
+def refresh_liveness(state: TrainState) -> TrainState:
+  """`state` with each Kasmina layer's static `live` read from its seeds' stages (on the host,
+  outside `jit`; `orchestration.with_liveness`). The train steps that follow compile a layer
+  with no live seed without its child path and one with live seeds without a device-side
+  branch. Stages change only at epoch boundaries, whose commits reset `live` to None
+  (decided on the device each pass, always correct); the loops call this after each epoch
+  end (`loop.finish_epoch`) and `new_train_state` at the start."""
+  slots = orch.with_liveness(knn.layer_slots(state.kasmina))
+  return state.replace(kasmina=knn.with_slots(state.kasmina, slots))
 
 
 # ------------------------------------------------------------------------------- norms, drift

@@ -24,7 +24,8 @@ from kasmina_jax.steps import (
     JUDGED_STAGES, EpochOutput, EpochStats, TrainConfig, TrainState, _is_child, _wrapped_optimizer,
     _zero_stats, apply_rollback, child_grad_norms, counterfactual_deltas, create_train_state,
     epoch_transition, evaluate, host_drift, host_grad_norm, host_only, layer_host_drift,
-    layer_name, new_train_state, rollback_in_place, seeds_tree, train_step, wrapped_host_path)
+    layer_name, new_train_state, refresh_liveness, rollback_in_place, seeds_tree, train_step,
+    wrapped_host_path)
 from kasmina_jax.loop import (
     PlainProgress, _batches, _stage_names, check_fit_args, end_of_epoch, epoch_record,
     field_report_records, finish_epoch, fit, fit_loop, log_epoch, param_counts, progress_bar)

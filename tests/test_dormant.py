@@ -263,3 +263,106 @@ def test_host_masks_are_no_ops():
   host_selects = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "select_n"
                   and e.outvars[0].aval.shape == (3, 4)]
   assert not host_selects
+
+
+# ------------------------------------------------------------------- static liveness (`live`)
+
+
+@pytest.mark.parametrize("case,impl", [
+    ("dormant", "reference"), ("mixed", "reference"), ("mixed_parallel", "reference"),
+    ("mixed_eval", "reference"), ("dormant", "pallas"), ("mixed", "pallas")])
+def test_static_live_gives_the_same_values_and_gradients(case, impl):
+  """`live=False` (all dormant, known at trace time) and `live=True` (no device-side branch)
+  give what the branch gives: outputs, telemetry, child loss and every gradient."""
+  stages = [Stage.DORMANT] * 6 if case == "dormant" else list(MIXED)
+  spec, seeds, p, x, u = _problem(stages, parallel=case == "mixed_parallel")
+  ea = jnp.asarray([1.0, 0.5, 1.0, 0.0, 1.0, 1.0]) if case == "mixed_eval" else None
+  w = jax.random.normal(jax.random.key(5), x.shape)
+  tel0 = None if ea is not None else layer_lib.init_telemetry(spec)
+
+  def run(live):
+    def f(x_, p_, u_):
+      out, aux = layer_lib.forward(spec, p_, seeds, x_, u=u_, eval_alpha=ea, telemetry=tel0,
+                                   impl=impl, live=live)
+      return jnp.sum(out * w) + aux.child_loss, (out, aux)
+    argnums = (0, 1) if u is None else (0, 1, 2)
+    return jax.jit(jax.value_and_grad(f, argnums=argnums, has_aux=True))(x, p, u)
+
+  want = run(None)
+  _assert_trees(run(True), want, tol=1e-6)
+  if case == "dormant":
+    _assert_trees(run(False), want, tol=1e-6)
+
+
+def test_static_live_false_leaves_out_the_child_path():
+  spec, seeds, p, x, _ = _problem([Stage.DORMANT] * 6, nan_dormant=True)
+  def f(live):
+    def g(x_, p_):
+      out, aux = layer_lib.forward(spec, p_, seeds, x_, telemetry=layer_lib.init_telemetry(spec),
+                                   live=live)
+      return jnp.sum(out * out) + aux.child_loss
+    return jax.jit(jax.grad(g, argnums=(0, 1))).lower(x, p).as_text()
+  dormant, branch = f(False), f(None)
+  assert "case" not in dormant and "case" in branch
+  assert dormant.count("dot_general") < branch.count("dot_general")
+  assert "case" not in f(True)
+
+
+@pytest.mark.parametrize("live", [0, 1.0, "yes", jnp.asarray(True)])
+def test_static_live_must_be_a_python_bool(live):
+  spec, seeds, p, x, _ = _problem([Stage.DORMANT] * 6)
+  with pytest.raises(TypeError, match="live"):
+    layer_lib.forward(spec, p, seeds, x, live=live)
+
+
+def test_liveness_follows_the_stages_and_is_never_stale():
+  rng = np.random.default_rng(0)
+  batch = {"x": jnp.asarray(rng.standard_normal((16, 5), np.float32)),
+           "y": jnp.asarray(rng.integers(0, 3, 16).astype(np.int32))}
+  state = training.create_train_state(_Net(1), optax.adam(1e-2), batch["x"], jax.random.key(0))
+  path = ("hidden", "kasmina")
+  lv = knn.find_layers(state.kasmina)[path]
+  assert lv.live is False  # a new model: every seed dormant
+  # New seeds without a new `live` make it unknown (it was read from the old stages).
+  grafting = lv.seeds.replace(stage=lv.seeds.stage.at[0].set(int(Stage.GRAFTING)),
+                              blueprint=lv.seeds.blueprint.at[0].set(0),
+                              alpha=lv.seeds.alpha.at[0].set(0.5))
+  assert lv.replace(seeds=grafting).live is None
+  slot = knn.layer_slots(state.kasmina)[path]
+  assert slot.replace(seeds=grafting).live is None
+  live_state = state.replace(kasmina=knn.set_path(state.kasmina, path + ("state",),
+                                                  lv.replace(seeds=grafting)))
+  assert knn.find_layers(training.refresh_liveness(live_state).kasmina)[path].live is True
+  # A train step keeps the fact (it changes no stage); the three programs agree.
+  outs = {}
+  for name, st in (("unknown", live_state), ("known", training.refresh_liveness(live_state))):
+    new, _ = training.train_step(st, batch, training.cross_entropy_loss)
+    outs[name] = new
+  assert knn.find_layers(outs["known"].kasmina)[path].live is True
+  _assert_trees(jax.tree.leaves((outs["known"].params, outs["known"].kasmina)),
+                jax.tree.leaves((outs["unknown"].params, outs["unknown"].kasmina)), tol=1e-6)
+  dormant_new, _ = training.train_step(state, batch, training.cross_entropy_loss)
+  assert knn.find_layers(dormant_new.kasmina)[path].live is False
+  # An epoch end commits commands (stages may change) and then reads the stages again.
+  end, _, _ = training.end_of_epoch(dormant_new, batch, training.cross_entropy_loss)
+  got = knn.find_layers(end.kasmina)[path]
+  assert got.live is bool(np.any(np.asarray(
+      (got.seeds.stage >= Stage.TRAINING) & (got.seeds.stage <= Stage.FOSSILIZED))))
+
+
+def test_checkpoints_neither_store_nor_compare_liveness(tmp_path):
+  import warnings  # pylint: disable=g-import-not-at-top
+  from kasmina_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  x = jnp.ones((4, 5))
+  state = training.create_train_state(_Net(1), optax.adam(1e-2), x, jax.random.key(0))
+  path = ("hidden", "kasmina")
+  assert knn.find_layers(state.kasmina)[path].live is False
+  checkpoint.save(tmp_path, state, step=0)
+  unknown = state.replace(kasmina=knn.map_layers(lambda v: v.replace(live=None), state.kasmina))
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    restored = checkpoint.restore(tmp_path, unknown, strict_static=True)
+    restored_known = checkpoint.restore(tmp_path, state, strict_static=True)
+  # Restored data may come from any stages: the fact is forgotten, never carried over.
+  assert knn.find_layers(restored.kasmina)[path].live is None
+  assert knn.find_layers(restored_known.kasmina)[path].live is None
