@@ -265,11 +265,12 @@ def member(env: EnvConfig, setting: Setting, *, seed: int, learning_rate: float,
     policy, heuristic = learned.init(), True
   learned.check_params(policy)
   d = make_data(setting, env)
-  return Member(key=jax.random.PRNGKey(seed), learning_rate=jnp.float32(learning_rate),
-                heuristic=jnp.asarray(bool(heuristic)), policy=policy,
-                fit_x=jnp.asarray(d.fit_x), fit_y=jnp.asarray(d.fit_y),
-                fit_count=jnp.asarray(d.fit_count), val_x=jnp.asarray(d.val_x),
-                val_y=jnp.asarray(d.val_y))
+  # Host arrays: a population is stacked on the host and sent to the device once.
+  return Member(key=np.asarray(jax.random.PRNGKey(seed)), learning_rate=np.float32(learning_rate),
+                heuristic=np.asarray(bool(heuristic)),
+                policy=jax.tree.map(lambda x: np.asarray(x, np.float32), policy),
+                fit_x=d.fit_x, fit_y=d.fit_y, fit_count=d.fit_count, val_x=d.val_x,
+                val_y=d.val_y)
 
 
 def stack_members(members) -> Member:
@@ -288,7 +289,7 @@ def stack_members(members) -> Member:
       if jnp.shape(a) != jnp.shape(b):
         raise ValueError(f"members[{i}]: shapes differ from members[0] ({jnp.shape(a)} vs "
                          f"{jnp.shape(b)}); group settings by shape")
-  return jax.tree.map(lambda *xs: jnp.stack(xs), *members)
+  return jax.tree.map(lambda *xs: jnp.asarray(np.stack([np.asarray(x) for x in xs])), *members)
 
 
 # ----------------------------------------------------------------------------------- one run
