@@ -70,10 +70,10 @@ def _mnist(samples, noise, data_seed):
 
 
 SMALL = Preset(
-    env=pop.EnvConfig(width=16, child_width=16, epochs=10, steps_per_epoch=30, batch_size=32,
+    env=pop.EnvConfig(width=16, child_width=16, epochs=8, steps_per_epoch=20, batch_size=32,
                       fit_rows=1200, val_rows=300, test_rows=400),
-    es=es.ESConfig(pairs=4, sigma=0.15, learning_rate=0.05),
-    generations=6, members=3, time_budget=150.0,
+    es=es.ESConfig(pairs=4, sigma=0.5, learning_rate=0.1),
+    generations=6, members=2, time_budget=90.0,
     train_settings=tuple(_mnist(s, n, d) for s, n, d in
                          [(2000, None, 1), (2000, 0.1, 2), (1600, 0.4, 3), (2000, 0.25, 4)]),
     heldout_settings=(_mnist(2000, 0.15, 101), _mnist(1800, 0.35, 102)),
@@ -82,7 +82,7 @@ SMALL = Preset(
 FULL = Preset(
     env=pop.EnvConfig(width=32, child_width=32, epochs=24, steps_per_epoch=40, batch_size=64,
                       fit_rows=3000, val_rows=600, test_rows=1000),
-    es=es.ESConfig(pairs=24, sigma=0.1, learning_rate=0.03),
+    es=es.ESConfig(pairs=24, sigma=0.3, learning_rate=0.05),
     generations=40, members=8, time_budget=200.0,
     train_settings=tuple(_mnist(s, n, d) for s, n, d in
                          [(4000, None, 1), (4000, 0.1, 2), (3000, 0.4, 3), (5000, 0.25, 4),
@@ -155,8 +155,10 @@ def train(preset: Preset, out_dir: str, *, fresh: bool, fast: bool, progress: bo
     history = json.loads(str(extra["history"]))
     print(f"resuming from {path} at generation {int(state.generation)}", flush=True)
   else:
-    state = es.init(learned.to_vector(learned.init(jax.random.PRNGKey(0), hidden=preset.hidden)),
-                    jax.random.PRNGKey(1))
+    # A small germination bias: perturbations flip decisions (a saturated start, where every
+    # candidate germinates every seed at the first epoch end, gives the search no signal).
+    start = learned.init(jax.random.PRNGKey(0), hidden=preset.hidden, germination_bias=0.5)
+    state = es.init(learned.to_vector(start), jax.random.PRNGKey(1))
     history = []
   start_gen = int(state.generation)
   bar = training.progress_bar(preset.generations, "ES") if progress else None

@@ -50,7 +50,7 @@ def policy_params(draw):
   return learned.from_vector(vec + scale * noise)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(tt.scenarios(), policy_params())
 def test_property_learned_policy_emits_only_accepted_commands(scenario, params):
   rep, seeds, ctrl = scenario
@@ -217,19 +217,23 @@ def _toy_fitness(x):
   return -jnp.sum((x - target) ** 2, -1)
 
 
+def _es_step(state, config):
+  cands, noise = es.ask(state, config)
+  return es.tell(state, noise, _toy_fitness(cands), config)
+
+
 def test_es_gradient_points_uphill_and_the_search_climbs():
   config = es.ESConfig(pairs=64, sigma=0.05, learning_rate=0.05)
   state = es.init(jnp.zeros(6), jax.random.PRNGKey(0))
   cands, noise = es.ask(state, config)
   # Antithetic pairs around the mean.
-  np.testing.assert_allclose(cands[0::2] + cands[1::2], 2 * state.mean[None], atol=1e-6)
+  np.testing.assert_allclose(cands[0::2] + cands[1::2],
+                             np.broadcast_to(2 * state.mean, (64, 6)), atol=1e-6)
   g = es.gradient(noise, _toy_fitness(cands), config)
   true = jax.grad(lambda x: _toy_fitness(x))(state.mean)
   assert float(g @ true / (jnp.linalg.norm(g) * jnp.linalg.norm(true))) > 0.8
   start = float(_toy_fitness(state.mean))
-  for _ in range(60):
-    cands, noise = es.ask(state, config)
-    state = es.tell(state, noise, _toy_fitness(cands), config)
+  state = jax.jit(lambda s: jax.lax.fori_loop(0, 60, lambda _, s: _es_step(s, config), s))(state)
   assert float(_toy_fitness(state.mean)) > start / 4
   ranks = es.centred_ranks(jnp.array([3.0, jnp.nan, 1.0, 3.0]))
   np.testing.assert_allclose(ranks, [5 / 6 - 0.5, -0.5, 1 / 3 - 0.5, 5 / 6 - 0.5], atol=1e-6)
@@ -240,10 +244,11 @@ def test_es_gradient_points_uphill_and_the_search_climbs():
 def test_es_checkpoint_resumes_exactly(tmp_path):
   config = es.ESConfig(pairs=4, sigma=0.1, learning_rate=0.1)
 
+  step = jax.jit(lambda s: _es_step(s, config))
+
   def run(state, n):
     for _ in range(n):
-      cands, noise = es.ask(state, config)
-      state = es.tell(state, noise, _toy_fitness(cands), config)
+      state = step(state)
     return state
 
   straight = run(es.init(jnp.ones(5), jax.random.PRNGKey(4)), 4)

@@ -111,12 +111,16 @@ class PolicyParams(NamedTuple):
     return int(jnp.shape(self.b_in)[0])
 
 
-def init(key: jax.Array | None = None, *, hidden: int = 16, scale: float = 0.1) -> PolicyParams:
+def init(key: jax.Array | None = None, *, hidden: int = 16, scale: float = 0.1,
+         germination_bias: float = 2.0) -> PolicyParams:
   """Parameters that start at the heuristic's defaults: every candidate germinates
-  (`b_germ` = 2) and grows the largest child (`v_bp` weighs capacity); the weights of the
-  hidden layer are `scale`-sized normals (zeros without `key`), the learnable part."""
+  (`b_germ = germination_bias` > 0) and grows the largest child (`v_bp` weighs capacity);
+  the weights of the hidden layer are `scale`-sized normals (zeros without `key`), the
+  learnable part. A search starts better from a small bias (e.g. 0.5), where perturbations
+  flip germinations, than from a saturated one, where every candidate acts alike."""
   hidden = _checks.positive_int("hidden", hidden)
   scale = _checks.finite_float("scale", scale, min_value=0.0)
+  germination_bias = _checks.finite_float("germination_bias", germination_bias)
   f, p = NUM_SEED_FEATURES, NUM_BLUEPRINT_FEATURES
   if key is None:
     w_in = jnp.zeros((f, hidden), jnp.float32)
@@ -124,7 +128,8 @@ def init(key: jax.Array | None = None, *, hidden: int = 16, scale: float = 0.1) 
     w_in = scale * jax.random.normal(key, (f, hidden), jnp.float32)
   v_bp = jnp.zeros((p,), jnp.float32).at[BLUEPRINT_FEATURES.index("capacity")].set(1.0)
   return PolicyParams(w_in=w_in, b_in=jnp.zeros((hidden,), jnp.float32),
-                      w_germ=jnp.zeros((hidden,), jnp.float32), b_germ=jnp.float32(2.0),
+                      w_germ=jnp.zeros((hidden,), jnp.float32),
+                      b_germ=jnp.float32(germination_bias),
                       w_bp=jnp.zeros((hidden, p), jnp.float32), v_bp=v_bp)
 
 
