@@ -83,7 +83,7 @@ FULL = Preset(
     env=pop.EnvConfig(width=32, child_width=32, epochs=24, steps_per_epoch=40, batch_size=64,
                       fit_rows=3000, val_rows=600, test_rows=1000),
     es=es.ESConfig(pairs=24, sigma=0.3, learning_rate=0.05),
-    generations=40, members=8, time_budget=200.0,
+    generations=40, members=8, time_budget=150.0,
     train_settings=tuple(_mnist(s, n, d) for s, n, d in
                          [(4000, None, 1), (4000, 0.1, 2), (3000, 0.4, 3), (5000, 0.25, 4),
                           (3000, None, 5), (5000, 0.15, 6), (4000, 0.3, 7), (3500, 0.2, 8)]),

@@ -50,7 +50,7 @@ def policy_params(draw):
   return learned.from_vector(vec + scale * noise)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(tt.scenarios(), policy_params())
 def test_property_learned_policy_emits_only_accepted_commands(scenario, params):
   rep, seeds, ctrl = scenario
