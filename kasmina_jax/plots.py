@@ -12,6 +12,9 @@
 `plot_comparison(rows, out_path)` draws "metric against parameters" with error bars for a
 table of models (grown, fixed-small, fixed-large, ...).
 
+`plot_es_curves(history, out_path)` draws the curves of a learned controller's
+evolution-strategies training (`examples/learn_tamiyo.py`).
+
 From the shell: `python -m kasmina_jax.plots LOG.jsonl --out DIR` prints the paths written.
 
 Figures are drawn on `matplotlib.figure.Figure` objects with the Agg canvas, never through
@@ -435,6 +438,50 @@ def plot_protocol(rows: Sequence[dict], out_path, *, metric: str = "accuracy",
       [{"name": f"{r['variant']} (lr {r['lr']:g})", "params": r["params"],
         "params_std": r.get("params_std"), "metric_mean": r["test_mean"],
         "metric_std": r["test_std"]} for r in rows], out_path, metric=metric, title=title)
+
+
+def plot_es_curves(history: Sequence[dict], out_path, *, title: str | None = None) -> str:
+  """The curves of an evolution-strategies run (`examples/learn_tamiyo.py`), one point per
+  generation: the reward of the population (mean and best candidate), of the search's mean
+  and of the heuristic controller on the same runs (left); the validation accuracy and the
+  final parameter count of the mean and of the heuristic (right).
+
+  history: dicts with `generation`, `fitness_mean`, `fitness_best`, `center_reward`,
+  `heuristic_reward`, `center_val`, `heuristic_val`, `center_params`, `heuristic_params`.
+  """
+  _, _, Figure = _matplotlib()
+  out_path = os.fspath(out_path)
+  history = list(history)
+  if not history:
+    raise ValueError("history: expected at least one generation")
+  need = ("generation", "fitness_mean", "fitness_best", "center_reward", "heuristic_reward",
+          "center_val", "heuristic_val", "center_params", "heuristic_params")
+  for i, h in enumerate(history):
+    missing = [k for k in need if k not in h]
+    if missing:
+      raise ValueError(f"history[{i}]: missing {missing}")
+  g = np.array([h["generation"] for h in history], float)
+  get = lambda k: np.array([float(h[k]) for h in history])
+  fig = Figure(figsize=(11.0, 4.0))
+  left, mid, right = fig.subplots(1, 3)
+  left.plot(g, get("fitness_mean"), label="population mean", color="C0")
+  left.plot(g, get("fitness_best"), label="best candidate", color="C0", alpha=0.4, ls="--")
+  left.plot(g, get("center_reward"), label="learned (search mean)", color="C2")
+  left.plot(g, get("heuristic_reward"), label="heuristic", color="C3")
+  left.set_ylabel("reward (val acc - costs)")
+  mid.plot(g, get("center_val"), label="learned", color="C2")
+  mid.plot(g, get("heuristic_val"), label="heuristic", color="C3")
+  mid.set_ylabel("validation accuracy")
+  right.plot(g, get("center_params"), label="learned", color="C2")
+  right.plot(g, get("heuristic_params"), label="heuristic", color="C3")
+  right.set_ylabel("final parameters")
+  for ax in (left, mid, right):
+    ax.set_xlabel("generation")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+  fig.suptitle(title or "learning Tamiyo by evolution strategies (training settings)")
+  fig.tight_layout()
+  return _save(fig, out_path)
 
 
 def _count_label(value: float) -> str:

@@ -2,7 +2,8 @@
 
 One concept per module: `config` (the knobs), `reports` (what Tamiyo sees), `state` (its
 memory), `policy` (`decide`, in named steps), `bandit` (field reports and what they teach),
-`records` (field reports as JSON). Everything public is re-exported here.
+`records` (field reports as JSON), `learned` (a learned policy with `decide`'s contract:
+`learned.policy(learned.load_pretrained())`). Everything public is re-exported here.
 
 `decide(report, seeds, ctrl, config) -> (commands, ctrl)` is a pure, jittable policy over the
 seed states of every Kasmina layer of a model (any pytree of `SeedState`, e.g. a dict keyed by
@@ -107,6 +108,8 @@ from kasmina_jax.tamiyo.state import LayerControllerState, ControllerState, _is_
 from kasmina_jax.tamiyo.policy import SCORE_RESOLUTION, quantize, _signature, need_score, _recent, _masked_median, _masked_mean, _stable_rank, _grafting_choice, _fixed_strategy, _strategy_scores, _layer_strategy, _blueprint_scores, rollback_commands, decide, _layer_commands  # noqa: F401
 from kasmina_jax.tamiyo.bandit import FieldReports, field_reports, observe, blueprint_statistics, strategy_statistics  # noqa: F401
 from kasmina_jax.tamiyo.records import layer_name, _path_name, _float_or_none, _names_for, _lookup, to_records  # noqa: F401
+from kasmina_jax.tamiyo import learned  # noqa: F401
+from kasmina_jax.tamiyo.learned import LearnedPolicy, PolicyParams  # noqa: F401
 
 __all__ = [
     "FIXED_RAMP",
@@ -138,4 +141,7 @@ __all__ = [
     "strategy_statistics",
     "layer_name",
     "to_records",
+    "learned",
+    "LearnedPolicy",
+    "PolicyParams",
 ]

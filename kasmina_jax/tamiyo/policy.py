@@ -293,13 +293,20 @@ def _choose_germinations(partial, growth_time, config) -> list:
   return [chosen[sizes[i]:sizes[i + 1]] for i in range(len(partial))]
 
 
-def _emit_commands(seed_leaves, report_leaves, ctrl_leaves, partial, chosen, strategy, config):
+def _emit_commands(seed_leaves, report_leaves, ctrl_leaves, partial, chosen, strategy, config,
+                   blueprints=None):
   """The layers' `Commands` (GERMINATE with the best-scoring blueprint where chosen, the
-  per-layer op elsewhere) and the layers' controller memory after them."""
+  per-layer op elsewhere) and the layers' controller memory after them. `blueprints`: per
+  layer (K,) int32 blueprint ids chosen elsewhere (a learned policy's), instead of the
+  best-scoring ones."""
   commands, new_layers = [], []
-  for s, lr, lc, p, germ in zip(seed_leaves, report_leaves, ctrl_leaves, partial, chosen):
-    scores = quantize(_blueprint_scores(lr, lc, p["signature"], config))
-    blueprint = jnp.argmax(scores, axis=-1).astype(jnp.int32)  # ties: the lowest id
+  for i, (s, lr, lc, p, germ) in enumerate(
+      zip(seed_leaves, report_leaves, ctrl_leaves, partial, chosen)):
+    if blueprints is None:
+      scores = quantize(_blueprint_scores(lr, lc, p["signature"], config))
+      blueprint = jnp.argmax(scores, axis=-1).astype(jnp.int32)  # ties: the lowest id
+    else:
+      blueprint = jnp.asarray(blueprints[i], jnp.int32)
     op = jnp.where(germ, Op.GERMINATE, p["op"]).astype(jnp.int32)
     k = s.num_seeds
     layer_strategy = _layer_strategy(strategy, lr, lc, config)
