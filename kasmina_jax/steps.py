@@ -153,7 +153,10 @@ def new_train_state(model, params, kasmina, optimizer: optax.GradientTransformat
   if not knn.find_layers(kasmina):
     raise ValueError("model: found no Kasmina layer (kasmina_jax.nn.KasminaLayer) in it")
   tx = _wrapped_optimizer(optimizer, max_grad_norm)
-  kasmina = knn.with_slots(kasmina, orch.with_liveness(knn.layer_slots(kasmina)))
+  slots = knn.layer_slots(kasmina)
+  if not any(isinstance(s.seeds.stage, jax.core.Tracer) for s in slots.values()):
+    # (under a trace, e.g. a vmapped population of runs, `live` stays None: unknown)
+    kasmina = knn.with_slots(kasmina, orch.with_liveness(slots))
   return TrainState(
       step=jnp.zeros((), jnp.int32), epoch=jnp.zeros((), jnp.int32), params=params,
       opt_state=tx.init(params), kasmina=kasmina,
