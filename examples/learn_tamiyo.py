@@ -324,6 +324,11 @@ def main(argv=None):
   parser.add_argument("--throughput-json", default=None)
   parser.add_argument("--no-fast-compile", action="store_true",
                       help="on a CPU, compile with XLA's full optimisation (slower to compile)")
+  parser.add_argument("--param-cost", type=float, default=None,
+                      help="the reward's weight on parameters over the host's (default: the "
+                           "preset's)")
+  parser.add_argument("--flop-cost", type=float, default=None,
+                      help="the reward's weight on training FLOPs over the host's")
   parser.add_argument("--no-progress", action="store_true")
   args = parser.parse_args(argv)
   preset = SMALL if args.small else FULL
@@ -331,6 +336,10 @@ def main(argv=None):
                                  ("time_budget", args.time_budget),
                                  ("eval_seeds", args.eval_seeds)) if v is not None}
   preset = dataclasses.replace(preset, **overrides)
+  costs = {k: v for k, v in (("param_cost", args.param_cost), ("flop_cost", args.flop_cost))
+           if v is not None}
+  if costs:
+    preset = dataclasses.replace(preset, env=dataclasses.replace(preset.env, **costs))
   if preset.eval_seeds < 5:
     print(f"note: {preset.eval_seeds} evaluation seeds (the protocol asks for >= 5)", flush=True)
   fast = jax.devices()[0].platform == "cpu" and not args.no_fast_compile
