@@ -37,6 +37,7 @@ from kasmina_jax import linen as knn
 from kasmina_jax import optim
 from kasmina_jax import orchestration as orch
 from kasmina_jax import tamiyo
+from kasmina_jax import tolerance
 from kasmina_jax.losses import LossFn
 
 @dataclasses.dataclass(frozen=True)
@@ -319,7 +320,9 @@ def counterfactual_deltas(state: TrainState, batch: dict, loss_fn: LossFn) -> di
   idx2 = jnp.concatenate([idx, idx])
   vals = jnp.concatenate([jnp.zeros((m,)), jnp.ones((m,))])
   losses = jax.lax.map(loss_for, (idx2, vals), batch_size=state.config.counterfactual_batch)
-  delta_m = losses[:m] - losses[m:]
+  # A difference within float noise of the losses is no difference: reported as exactly 0, so
+  # that a child that changes nothing is judged the same on every device count (`tolerance`).
+  delta_m = tolerance.snap_difference(losses[:m], losses[m:])
   delta_flat = jnp.full((total,), jnp.nan, jnp.float32)
   delta_flat = delta_flat.at[jnp.where(idx >= 0, idx, total)].set(delta_m, mode="drop")
   return {p: delta_flat[offsets[i]:offsets[i + 1]] for i, p in enumerate(paths)}
