@@ -38,11 +38,13 @@ owns a block of seeds), while the host layers and seed states stay replicated. I
 program under other shardings (GSPMD), tested to give the single-device decisions; it pays
 off only for layers whose children are large next to their host.
 
-Kernels: the `impl="pallas"` / `"triton"` layer paths lower to custom calls on GPU, which
-XLA's partitioner cannot split without a partitioning rule (none is given here), so expect
-it to gather their operands onto every device (not measured here). The `jnp` reference
-layer (the default, and what the tests and `benchmarks/scaling.py` use) is partitioned like
-any other computation.
+Kernels: the `impl="pallas"` / `"triton"` layer paths lower to custom calls that XLA's
+partitioner cannot split; so the step and the transition pass `kernels.RowSplit(mesh,
+axis)` (when the data axis has more than one device) and the layers run their fused
+primitive under `shard_map` over the data axis, each device on its own rows, the per-seed
+sums added with `psum` (`kernels.common.fused_per_device`; tested on forced CPU devices:
+the compiled step holds no all-gather). The `jnp` reference layer (the default) is
+partitioned by XLA like any other computation.
 
 Several hosts (documented, not tested here): call `jax.distributed.initialize()` (arguments
 or the cluster's environment) in every process before any other JAX call, build the same
@@ -63,6 +65,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from kasmina_jax import _checks
+from kasmina_jax import kernels
 from kasmina_jax import linen as knn
 from kasmina_jax import tamiyo
 from kasmina_jax import training
@@ -147,10 +150,17 @@ def shard_batch(batch: dict, mesh: Mesh, axis: str = DATA_AXIS, *,
   if (rows * scale) % ways:
     raise ValueError(f"batch: {rows * scale} global rows are not divisible by the {ways} "
                      f"devices of mesh axis {axis!r}")
-  if not process_local:
-    return jax.device_put(batch, sharding)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in batch.items()}
+  if process_local:
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+            for k, v in batch.items()}
+  # Arrays already split this way are passed as they are: `device_put` of a placed array
+  # costs ~0.2 ms of host time a step for nothing (the data-parallel step calls this on every
+  # batch, and a training loop usually passes batches placed ahead).
+  todo = {k: v for k, v in batch.items()
+          if not (isinstance(v, jax.Array) and v.sharding == sharding)}
+  if not todo:
+    return batch
+  return {**batch, **jax.device_put(todo, sharding)}
 
 
 def state_shardings(state: Any, mesh: Mesh, seed_axis: str | None = None) -> Any:
@@ -217,14 +227,17 @@ def _compiled(mesh: Mesh, axis: str, seed_axis: str | None = None):
   rep = replicated(mesh)
   data = batch_sharding(mesh, axis)
 
+  # The fused kernels run per device on their rows when the rows are split at all; on one
+  # device the program is the single-device one (no `shard_map`, nothing else added).
+  row_split = kernels.RowSplit(mesh, axis) if mesh.shape[axis] > 1 else None
   if seed_axis is None:
     # The wrapped functions are the jitted single-device ones: nested `jit` inlines, and the
     # shardings below make the batch split and every output replicated.
     def step(state, batch, loss_fn):
-      return training.train_step(state, batch, loss_fn)
+      return training.train_step(state, batch, loss_fn, row_split)
 
     def transition(state, val_batch, loss_fn, policy):
-      return training.epoch_transition(state, val_batch, loss_fn, policy)
+      return training.epoch_transition(state, val_batch, loss_fn, policy, row_split)
 
     def rollback(state, ctrl):
       return training.apply_rollback(state, ctrl)
@@ -245,12 +258,16 @@ def _compiled(mesh: Mesh, axis: str, seed_axis: str | None = None):
   def rep_all(tree):
     return jax.lax.with_sharding_constraint(tree, jax.tree.map(lambda _: rep, tree))
 
+  # Seeds split too: the kernels' children enter their `shard_map` replicated, so they would
+  # be gathered over the seed axis; the rows are split only over the data axis (`RowSplit`
+  # leaves the other axes to XLA).
   def step_s(state, batch, loss_fn):
-    new, metrics = training.train_step(constrain(state), batch, loss_fn)
+    new, metrics = training.train_step(constrain(state), batch, loss_fn, row_split)
     return constrain(new), rep_all(metrics)
 
   def transition_s(state, val_batch, loss_fn, policy):
-    new, out = training.epoch_transition(constrain(state), val_batch, loss_fn, policy)
+    new, out = training.epoch_transition(constrain(state), val_batch, loss_fn, policy,
+                                         row_split)
     return constrain(new), rep_all(out)
 
   def rollback_s(state, ctrl):
@@ -307,6 +324,13 @@ class DataParallel:
     """`training.train_step` with the batch split over the data axis."""
     step, _, _ = _compiled(self.mesh, self.axis, self.seed_axis)
     return step(state, self.shard_batch(batch), loss_fn)
+
+  def lower_train_step(self, state: training.TrainState, batch: dict,
+                       loss_fn: training.LossFn) -> jax.stages.Lowered:
+    """The data-parallel step lowered for these arguments (`.compile().as_text()` is the
+    program each device runs: what the tests and benchmarks inspect)."""
+    step, _, _ = _compiled(self.mesh, self.axis, self.seed_axis)
+    return step.lower(state, self.shard_batch(batch), loss_fn)
 
   def epoch_transition(self, state: training.TrainState, val_batch: dict,
                        loss_fn: training.LossFn, policy: Callable = tamiyo.decide):

@@ -26,6 +26,7 @@ from kasmina_jax import _struct as struct
 
 from kasmina_jax import _checks
 from kasmina_jax import lifecycle
+from kasmina_jax import tolerance
 from kasmina_jax.lifecycle import SeedState, Stage
 
 
@@ -125,7 +126,8 @@ def drift_controlled(seeds: SeedState, signals: GraftSignals,
                      config: GraftingConfig) -> tuple[jax.Array, jax.Array]:
   """The fixed step; paused while host drift > high_drift_threshold (or non-finite)."""
   drift = signals.host_drift
-  inside = jnp.isfinite(drift) & (drift <= config.high_drift_threshold)
+  # At the threshold up to float noise counts as inside (`tolerance`: no flip between devices).
+  inside = jnp.isfinite(drift) & tolerance.at_most(drift, config.high_drift_threshold)
   return _base_step(seeds, config), jnp.broadcast_to(~inside, seeds.stage.shape)
 
 
@@ -133,7 +135,9 @@ def grad_norm_gated(seeds: SeedState, signals: GraftSignals,
                     config: GraftingConfig) -> tuple[jax.Array, jax.Array]:
   """The fixed step; paused while the host gradient norm is outside [lower, upper]."""
   g = signals.host_grad_norm
-  inside = jnp.isfinite(g) & (g >= config.grad_norm_lower) & (g <= config.grad_norm_upper)
+  # At a bound up to float noise counts as inside (`tolerance`: no flip between devices).
+  inside = (jnp.isfinite(g) & tolerance.at_least(g, config.grad_norm_lower)
+            & tolerance.at_most(g, config.grad_norm_upper))
   return _base_step(seeds, config), jnp.broadcast_to(~inside, seeds.stage.shape)
 
 

@@ -227,7 +227,7 @@ def check_inputs(spec: KasminaSpec, params: bp_lib.ChildParams, seeds, x, u=None
 def forward(spec: KasminaSpec, params: bp_lib.ChildParams, seeds, x: jax.Array, *,
             u: jax.Array | None = None, telemetry: tel_lib.TelemetryState | None = None,
             eval_alpha: jax.Array | None = None, impl: str = "reference", precision=None,
-            live: bool | None = None):
+            live: bool | None = None, row_split: kernels.RowSplit | None = None):
   """The chunked layer. Returns `(out, aux)`; `out` has `x`'s shape and dtype.
 
   Training pass: pass `telemetry` (the epoch accumulators) and get it back updated in
@@ -249,19 +249,26 @@ def forward(spec: KasminaSpec, params: bp_lib.ChildParams, seeds, x: jax.Array, 
   live; the child path runs with no device-side branch (on a GPU, a `lax.cond` waits for
   its predicate on the host). The train step passes what `training.refresh_liveness` read
   from the stages at the last epoch boundary (stages change only there).
+  row_split: a `kernels.RowSplit` when the rows of `x` are split over a mesh axis (data
+  parallelism; None: the one of the enclosing `kernels.split_rows` block, if any). The fused
+  kernels then run per device on its own rows (`shard_map`, per-seed sums added over the
+  axis) instead of being gathered; the reference is partitioned by XLA and ignores it.
   """
   check_inputs(spec, params, seeds, x, u, eval_alpha)
   if impl not in IMPLS:
     raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
   check_live(live)
+  kernels.sharded.check_row_split(row_split, "row_split")
   precision = canonical_precision(precision)
   if live is False:
     return _dormant_forward(spec, seeds, x, telemetry, eval_alpha)
   if impl != "reference":
     resolved = kernels.resolve_impl(impl, spec)
     if resolved != "reference":
+      row_split = kernels.current_row_split() if row_split is None else row_split
       return kernels.forward(spec, params, seeds, x, u=u, telemetry=telemetry,
-                             eval_alpha=eval_alpha, impl=resolved, precision=precision)
+                             eval_alpha=eval_alpha, impl=resolved, precision=precision,
+                             row_split=row_split)
   return forward_reference(spec, params, seeds, x, u=u, telemetry=telemetry,
                            eval_alpha=eval_alpha, precision=precision, live=live)
 

@@ -19,6 +19,7 @@ import numpy as np
 from kasmina_jax import _struct as struct
 
 from kasmina_jax import _checks
+from kasmina_jax import tolerance
 
 
 class Stage(enum.IntEnum):
@@ -506,8 +507,10 @@ def update_readiness(state: SeedState, *, delta: jax.Array | None = None,
   repl = (jnp.zeros((k,), bool) if is_replacement is None
           else _broadcast_seeds("is_replacement", jnp.asarray(is_replacement, bool), k))
   delta_ok = jnp.isfinite(delta)
-  improves = delta_ok & (delta > config.improvement_margin)
-  recon_ok = jnp.isfinite(recon) & (recon <= config.recon_tolerance)
+  # Within float noise of its threshold a measurement counts on one fixed side (`tolerance`):
+  # a delta at the margin does not improve, a ratio at the tolerance passes.
+  improves = delta_ok & tolerance.greater(delta, config.improvement_margin)
+  recon_ok = jnp.isfinite(recon) & tolerance.at_most(recon, config.recon_tolerance)
   s = state.stage
   steps = state.steps_in_stage
   training_ready = (steps >= config.min_training_steps) & jnp.where(repl, recon_ok, improves)

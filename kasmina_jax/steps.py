@@ -32,11 +32,13 @@ from flax import struct
 
 from kasmina_jax import _checks
 from kasmina_jax import grafting as graft_lib
+from kasmina_jax import kernels
 from kasmina_jax import lifecycle
 from kasmina_jax import linen as knn
 from kasmina_jax import optim
 from kasmina_jax import orchestration as orch
 from kasmina_jax import tamiyo
+from kasmina_jax import tolerance
 from kasmina_jax.losses import LossFn
 
 @dataclasses.dataclass(frozen=True)
@@ -192,11 +194,20 @@ layer_host_drift = orch.layer_host_drift
 # --------------------------------------------------------------------------------- train step
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn",))
-def train_step(state: TrainState, batch: dict, loss_fn: LossFn) -> tuple[TrainState, dict]:
+@functools.partial(jax.jit, static_argnames=("loss_fn", "row_split"))
+def train_step(state: TrainState, batch: dict, loss_fn: LossFn,
+               row_split: kernels.RowSplit | None = None) -> tuple[TrainState, dict]:
   """One optimisation step. `batch["x"]` is the model input; `loss_fn(out, batch)` returns
   `(loss, metrics)`. Non-finite losses or host gradients skip the update (and count in the
-  epoch statistics, which is what triggers Tamiyo's emergency rollback)."""
+  epoch statistics, which is what triggers Tamiyo's emergency rollback).
+
+  `row_split` (static): the batch's rows are split over that mesh axis; the layers' fused
+  kernels then run per device on their rows (`kernels.split_rows`). None: one program."""
+  with kernels.split_rows(row_split):
+    return _train_step(state, batch, loss_fn)
+
+
+def _train_step(state: TrainState, batch: dict, loss_fn: LossFn) -> tuple[TrainState, dict]:
   kasmina = state.kasmina
 
   def objective(params):
@@ -334,16 +345,26 @@ def counterfactual_deltas(state: TrainState, batch: dict, loss_fn: LossFn) -> di
   idx2 = jnp.concatenate([idx, idx])
   vals = jnp.concatenate([jnp.zeros((m,)), jnp.ones((m,))])
   losses = jax.lax.map(loss_for, (idx2, vals), batch_size=state.config.counterfactual_batch)
-  delta_m = losses[:m] - losses[m:]
+  # A difference within float noise of the losses is no difference: reported as exactly 0, so
+  # that a child that changes nothing is judged the same on every device count (`tolerance`).
+  delta_m = tolerance.snap_difference(losses[:m], losses[m:])
   delta_flat = jnp.full((total,), jnp.nan, jnp.float32)
   delta_flat = delta_flat.at[jnp.where(idx >= 0, idx, total)].set(delta_m, mode="drop")
   return {p: delta_flat[offsets[i]:offsets[i + 1]] for i, p in enumerate(paths)}
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn", "policy"))
+@functools.partial(jax.jit, static_argnames=("loss_fn", "policy", "row_split"))
 def epoch_transition(state: TrainState, val_batch: dict, loss_fn: LossFn,
-                     policy: Callable = tamiyo.decide) -> tuple[TrainState, EpochOutput]:
-  """The pure end-of-epoch function (see the module docstring)."""
+                     policy: Callable = tamiyo.decide,
+                     row_split: kernels.RowSplit | None = None) -> tuple[TrainState, EpochOutput]:
+  """The pure end-of-epoch function (see the module docstring); `row_split` as in
+  `train_step`, for the validation passes."""
+  with kernels.split_rows(row_split):
+    return _epoch_transition(state, val_batch, loss_fn, policy)
+
+
+def _epoch_transition(state: TrainState, val_batch: dict, loss_fn: LossFn,
+                      policy: Callable) -> tuple[TrainState, EpochOutput]:
   cfg = state.config
   layers = knn.find_layers(state.kasmina)
   steps = jnp.maximum(state.stats.steps, 1.0)

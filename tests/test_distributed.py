@@ -182,3 +182,51 @@ def test_shard_batch_places_rows_along_the_axis():
   np.testing.assert_array_equal(np.asarray(batch["y"]), np.arange(4))
   tree = distributed.replicate({"a": jnp.ones(3), "k": jax.random.key(1)}, mesh)
   assert distributed.is_replicated(tree) and distributed.replicas_agree(tree)
+
+
+def _hlo_signature(compiled_text: str):
+  """(entry parameters, entry outputs, {opcode: count}) of a compiled HLO module."""
+  import re  # pylint: disable=g-import-not-at-top
+  import collections  # pylint: disable=g-import-not-at-top
+  head = compiled_text.splitlines()[0]
+  layout = head.split("entry_computation_layout={(", 1)[1]
+  ins, outs = layout.split(")->(", 1)
+
+  def count(text):
+    depth, n = 0, 1
+    for ch in text:
+      if ch in "[{(":
+        depth += 1
+      elif ch in "]})":
+        if depth == 0:
+          break
+        depth -= 1
+      elif ch == "," and depth == 0:
+        n += 1
+    return n
+
+  ops = collections.Counter(re.findall(r"= \S+ ([a-z][\w-]*)\(", compiled_text))
+  return count(ins), count(outs), ops
+
+
+def test_one_device_data_parallel_step_is_the_plain_step():
+  # On one device the data-parallel program is the plain `train_step`'s: the same entry
+  # parameters and outputs (no extra copies of state that passes through), the same ops, no
+  # collective. (What remains of the one-GPU overhead is host time: see
+  # benchmarks/scaling.py's dispatch figures.)
+  data = datasets.two_spirals(64, seed=1)
+  state = training.create_train_state(_Tiny(), optax.adam(1e-2), jnp.asarray(data["x"][:2]),
+                                      jax.random.key(0))
+  loss = training.cross_entropy_loss
+  batch = {k: jnp.asarray(v[:32]) for k, v in data.items()}
+  placed, dp = distributed.data_parallel(state, distributed.data_mesh(jax.devices()[:1]))
+  plain = training.train_step.lower(state, batch, loss).compile().as_text()
+  sharded = dp.lower_train_step(placed, batch, loss).compile().as_text()
+  p_in, p_out, p_ops = _hlo_signature(plain)
+  d_in, d_out, d_ops = _hlo_signature(sharded)
+  assert (d_in, d_out) == (p_in, p_out)
+  assert d_ops == p_ops
+  assert not any(op.startswith(("all-", "reduce-scatter", "collective")) for op in d_ops)
+  # A batch placed ahead is passed on as it is (no re-placement each step).
+  placed_batch = dp.shard_batch(batch)
+  assert all(dp.shard_batch(placed_batch)[k] is placed_batch[k] for k in batch)

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 from kasmina_jax.kernels import common
 from kasmina_jax.kernels import select
+from kasmina_jax.kernels import sharded
+from kasmina_jax.kernels.sharded import RowSplit, current_row_split, split_rows
 from kasmina_jax.kernels.select import (
     AUTO_BY_CAPABILITY,
     IMPLS,
@@ -53,14 +55,16 @@ def fused_primitive(impl: str):
 
 
 def forward(spec, params, seeds, x, *, u=None, telemetry=None, eval_alpha=None,
-            impl: str = "pallas", precision=None):
+            impl: str = "pallas", precision=None, row_split=None):
   """The chunked layer through a fused backend ("pallas", "triton" or "jnp"); same contract
-  as `layer.forward_reference`. Inputs are checked by `layer.forward`; call that."""
+  as `layer.forward_reference`; `row_split` (a `RowSplit`): run per device on its rows. Inputs are
+  checked by `layer.forward`; call that."""
   return common.forward(spec, params, seeds, x, u=u, telemetry=telemetry,
                         eval_alpha=eval_alpha, fused=fused_primitive(impl),
-                        precision=precision)
+                        precision=precision, row_split=row_split)
 
 
-__all__ = ["AUTO_BY_CAPABILITY", "DeviceInfo", "IMPLS", "choose_impl", "common",
+__all__ = ["AUTO_BY_CAPABILITY", "DeviceInfo", "IMPLS", "RowSplit", "choose_impl", "common",
+           "current_row_split", "sharded", "split_rows",
            "cuda_device_kind", "device_info", "forward", "fused_primitive", "resolve_impl",
            "select", "triton_available"]

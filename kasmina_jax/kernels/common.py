@@ -31,17 +31,20 @@ The telemetry's Gram matrix is always exact (a statistic, not the model's functi
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec
 from kasmina_jax import _struct as struct
 
 from kasmina_jax import blueprints as bp_lib
 from kasmina_jax import chunks
 from kasmina_jax import telemetry as tel_lib
+from kasmina_jax.kernels import sharded
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -266,6 +269,61 @@ fused_blend_jnp = make_fused_blend(fused_blend_reference, fused_blend_backward_r
 """The contract itself as a backend (`jnp` under XLA): used to test the wrapper."""
 
 
+# ----------------------------------------------------------------------------- per device
+
+
+def fused_per_device(fused, row_split: sharded.RowSplit, spec, telemetry: bool, x2d, params, seed_in, pre_u,
+                     shift, precision):
+  """`fused(spec, telemetry, x2d, params, seed_in, pre_u, shift, precision)` (a backend's
+  primitive, `common.make_fused_blend`) with the rows of `x2d` / `pre_u` split over
+  `row_split`; same `FusedOutputs` as the unsplit call (sums in another order). A row count that
+  does not divide over the axis runs the unsplit call."""
+  axis, ways = row_split.axis, row_split.ways
+  n = x2d.shape[0]
+  if ways == 1 or n % ways:
+    return fused(spec, telemetry, x2d, params, seed_in, pre_u, shift, precision)
+  local_rows = n // ways
+  # The global correlation subsample: the first m rows of the whole batch. Device i holds
+  # global rows [i * local_rows, (i + 1) * local_rows); only its first min(m, local_rows) can
+  # fall in the subsample.
+  m = min(spec.corr_rows, n) if spec.correlation else 0
+  sub = min(m, local_rows)
+  kernel_spec = dataclasses.replace(spec, corr_rows=0) if spec.correlation else spec
+  rep, split = PartitionSpec(), PartitionSpec(axis)
+
+  def body(x_l, params_l, seed_l, pre_u_l, shift_l):
+    outs = fused(kernel_spec, telemetry, x_l, params_l, seed_l, pre_u_l, shift_l, precision)
+    total = lambda v: jax.lax.psum(v, axis)
+    bad = total((~outs.ok).astype(jnp.int32))
+    partials = None
+    if telemetry:
+      p = outs.partials
+      corr_sum, gram = p.corr_sum, p.gram
+      if spec.correlation:
+        first = jax.lax.axis_index(axis) * local_rows
+        in_sub = (first + jnp.arange(sub)) < m
+        node = jnp.asarray(spec.node_mask, jnp.float32)[None]
+        xb = chunks.to_blocks(spec, x_l[:sub]).astype(jnp.float32)
+        d = jnp.where(in_sub[:, None, None], (xb - shift_l[None]) * node, 0.0)
+        corr_sum = d.sum(0)
+        gram = jnp.einsum("nki,nkj->kij", d, d, precision=_HIGHEST)
+      partials = tel_lib.TelemetryPartials(
+          count=total(p.count), sum=total(p.sum), sumsq=total(p.sumsq), dead=total(p.dead),
+          corr_count=jnp.asarray(m, jnp.float32), corr_sum=total(corr_sum), gram=total(gram))
+    return outs._replace(sum_r2=total(outs.sum_r2), sum_x2=total(outs.sum_x2), ok=bad == 0,
+                         partials=partials)
+
+  partial_specs = None
+  if telemetry:
+    partial_specs = tel_lib.TelemetryPartials(count=rep, sum=rep, sumsq=rep, dead=rep,
+                                              corr_count=rep, corr_sum=rep, gram=rep)
+  out_specs = FusedOutputs(out=split, sum_r2=rep, sum_x2=rep, ok=rep,
+                                  partials=partial_specs)
+  in_specs = (split, jax.tree.map(lambda _: rep, params), jax.tree.map(lambda _: rep, seed_in),
+              None if pre_u is None else split, None if shift is None else rep)
+  return sharded.shard_map(body, row_split.mesh, in_specs, out_specs)(x2d, params, seed_in, pre_u, shift)
+
+
 # ----------------------------------------------------------------------------- the wrapper
 
 
@@ -297,9 +355,11 @@ def apply_guard(spec, x2d: jax.Array, out2d: jax.Array,
 
 
 def forward(spec, params: bp_lib.ChildParams, seeds, x: jax.Array, *,
-            u=None, telemetry=None, eval_alpha=None, fused=fused_blend_jnp, precision=None):
+            u=None, telemetry=None, eval_alpha=None, fused=fused_blend_jnp, precision=None,
+            row_split: sharded.RowSplit | None = None):
   """`layer.forward_reference` through a fused primitive `fused` (see `make_fused_blend`),
-  the child matmuls at `precision`."""
+  the child matmuls at `precision`; with `row_split`, the primitive runs per device on its rows
+  (`fused_per_device`)."""
   precision = chunks.canonical_precision(precision)
   catalog = spec.catalog
   lead = x.shape[:-1]
@@ -332,7 +392,11 @@ def forward(spec, params: bp_lib.ChildParams, seeds, x: jax.Array, *,
     tel = tel_lib.with_shift(telemetry, first)
     shift = tel.shift
 
-  outs = fused(spec, take_telemetry, x2d, p_eff, seed_in, pre_u, shift, precision)
+  if row_split is None:
+    outs = fused(spec, take_telemetry, x2d, p_eff, seed_in, pre_u, shift, precision)
+  else:
+    outs = fused_per_device(fused, row_split, spec, take_telemetry, x2d, p_eff, seed_in, pre_u,
+                            shift, precision)
   ok = outs.ok | ~live
 
   res_seed = seed_in.tables.residual > 0

@@ -62,6 +62,12 @@ layer's mean variance is not carrying signal), the dead-node ratio, and the aver
 correlation (redundant nodes); weights `variance_weight`, `dead_weight`, `correlation_weight`.
 Non-finite health values count 0.
 
+Decisions do not flip on float noise (DESIGN.md amendment 6; `kasmina_jax.tolerance`): every
+ranking (need scores, blueprint and strategy scores) ties scores within a relative tolerance
+of each other and breaks ties by index, lower first; every threshold (`min_need`, recovery,
+the plateau's `plateau_min_delta`, the grafting trends, the emergency factor, `pay_margin`)
+counts a value within the tolerance of it on one fixed side.
+
 What to grow: every germinated seed gets the blueprint maximising
 
   strategy_score[b] + signature_weight * affinity[seed, b] - cost_weight * cost[b]
@@ -105,7 +111,7 @@ recovered, nothing about the blueprint): reward `reward_fossilized` / `reward_cu
 from kasmina_jax.tamiyo.config import FIXED_RAMP, PERFORMANCE_LINKED, DRIFT_CONTROLLED, GRAD_NORM_GATED, NUM_GRAFTING_STRATEGIES, GRAFTING_STRATEGY_NAMES, GRAFTING_SELECTIONS, HEALTH_FIELDS, REPORTED_STAGES, SelectionStrategy, TamiyoConfig, _check_config  # noqa: F401
 from kasmina_jax.tamiyo.reports import LayerReport, layer_report, EpochReport, _check_health, _finite_or, _health_matrix  # noqa: F401
 from kasmina_jax.tamiyo.state import LayerControllerState, ControllerState, _is_seed_state, _flatten_layers, _up_to, init_controller, _check_layer  # noqa: F401
-from kasmina_jax.tamiyo.policy import SCORE_RESOLUTION, quantize, _signature, need_score, _recent, _masked_median, _masked_mean, _stable_rank, _grafting_choice, _fixed_strategy, _strategy_scores, _layer_strategy, _blueprint_scores, rollback_commands, decide, _layer_commands  # noqa: F401
+from kasmina_jax.tamiyo.policy import _signature, need_score, _recent, _masked_median, _masked_mean, _grafting_choice, _fixed_strategy, _strategy_scores, _layer_strategy, _blueprint_scores, rollback_commands, decide, _layer_commands  # noqa: F401
 from kasmina_jax.tamiyo.bandit import FieldReports, field_reports, observe, blueprint_statistics, strategy_statistics  # noqa: F401
 from kasmina_jax.tamiyo.records import layer_name, _path_name, _float_or_none, _names_for, _lookup, to_records  # noqa: F401
 from kasmina_jax.tamiyo import learned  # noqa: F401
@@ -132,8 +138,6 @@ __all__ = [
     "need_score",
     "rollback_commands",
     "decide",
-    "quantize",
-    "SCORE_RESOLUTION",
     "FieldReports",
     "field_reports",
     "observe",

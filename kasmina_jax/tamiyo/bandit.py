@@ -8,6 +8,7 @@ import numpy as np
 
 from kasmina_jax import _struct as struct
 from kasmina_jax import lifecycle
+from kasmina_jax import tolerance
 from kasmina_jax.lifecycle import SeedState, Stage
 from kasmina_jax.tamiyo.config import REPORTED_STAGES, TamiyoConfig, _check_config
 from kasmina_jax.tamiyo.reports import LayerReport, EpochReport, _finite_or, _health_matrix
@@ -118,7 +119,7 @@ def observe(ctrl: ControllerState, reports,
     s_hot = jax.nn.one_hot(jnp.clip(r.strategy, 0, ns - 1), ns, dtype=jnp.float32)
     s_add = lambda m: jnp.sum(s_hot * m[:, None], 0)
     # Growth stop: a child pays when it fossilized with a counterfactual above pay_margin.
-    paid = counted & (outcome == Stage.FOSSILIZED) & (delta > config.pay_margin)
+    paid = counted & (outcome == Stage.FOSSILIZED) & tolerance.greater(delta, config.pay_margin)
     unpaid = jnp.sum((counted & ~paid).astype(jnp.int32))
     streak = jnp.where(jnp.any(paid), 0, lc.unpaid_streak + unpaid).astype(jnp.int32)
     new_layers.append(lc.replace(

@@ -44,6 +44,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from kasmina_jax import _checks
+from kasmina_jax import tolerance
 from kasmina_jax.lifecycle import Op, SeedState, Stage
 from kasmina_jax import lifecycle
 from kasmina_jax.tamiyo.config import TamiyoConfig
@@ -61,9 +62,7 @@ from kasmina_jax.tamiyo.policy import (
     _plateau,
     _recent,
     _signature,
-    _stable_rank,
-    need_score,
-    quantize)
+    need_score)
 
 # What the network sees of each seed (all finite; the order of `W_in`'s rows).
 SEED_FEATURES = (
@@ -255,14 +254,14 @@ def decide(params: PolicyParams, report: EpochReport, seeds, ctrl: ControllerSta
   for f, lr, lc in zip(features, report_leaves, ctrl_leaves):
     logit, scores = apply(params, f, blueprint_features(lr, lc))
     logits.append(_finite_or(logit, -1.0))
-    bp_choice.append(jnp.argmax(quantize(_finite_or(scores, -jnp.inf)), -1).astype(jnp.int32))
+    bp_choice.append(tolerance.best_index(_finite_or(scores, -jnp.inf)))
   learned_chosen = _choose_by_logit(candidates, logits, growth_time, config)
 
   chosen = [jnp.where(heuristic, h, l) for h, l in zip(heuristic_chosen, learned_chosen)]
   blueprints = []
   for lr, lc, p, learned_bp in zip(report_leaves, ctrl_leaves, partial, bp_choice):
-    scores = quantize(_blueprint_scores(lr, lc, p["signature"], config))
-    heuristic_bp = jnp.argmax(scores, axis=-1).astype(jnp.int32)  # as `tamiyo.decide`
+    # as `tamiyo.decide`: scores within the decision tolerance tie, the lowest id wins
+    heuristic_bp = tolerance.best_index(_blueprint_scores(lr, lc, p["signature"], config))
     blueprints.append(jnp.where(heuristic, heuristic_bp, learned_bp))
   commands, new_layers = _emit_commands(seed_leaves, report_leaves, ctrl_leaves, partial,
                                         chosen, strategy, config, blueprints=blueprints)
@@ -274,12 +273,12 @@ def decide(params: PolicyParams, report: EpochReport, seeds, ctrl: ControllerSta
 
 
 def _choose_by_logit(candidates, logits, growth_time, config) -> list:
-  """Per layer, the candidates whose logit is > 0, the highest (quantized; ties: the lower
-  index) first, at most `max_germinations_per_epoch` over the model, only at growth time."""
+  """Per layer, the candidates whose logit is > 0, the highest (logits within the decision
+  tolerance tie: the lower index) first, at most `max_germinations_per_epoch` over the model, only at growth time."""
   eligible = jnp.concatenate(candidates)
   logit = jnp.concatenate(logits)
   wanted = eligible & (logit > 0)
-  rank = _stable_rank(quantize(logit), wanted)
+  rank = tolerance.stable_rank(logit, wanted)
   budget = (wanted.shape[0] if config.max_germinations_per_epoch is None
             else config.max_germinations_per_epoch)
   chosen = wanted & (rank < budget) & growth_time

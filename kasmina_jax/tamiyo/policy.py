@@ -8,6 +8,7 @@ import numpy as np
 
 from kasmina_jax import lifecycle
 from kasmina_jax import telemetry
+from kasmina_jax import tolerance
 from kasmina_jax.lifecycle import Op, SeedState, Stage
 from kasmina_jax.tamiyo.config import (
     FIXED_RAMP,
@@ -72,14 +73,6 @@ def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
   return jnp.where(n > 0, jnp.sum(jnp.where(m, values, 0.0)) / jnp.maximum(n, 1.0), jnp.nan)
 
 
-def _stable_rank(priority: jax.Array, eligible: jax.Array) -> jax.Array:
-  """Rank of each entry by descending `priority` among `eligible` (ties: lower index first);
-  ineligible entries rank after all eligible ones."""
-  key = jnp.where(eligible, -priority, jnp.inf)
-  order = jnp.argsort(key, stable=True)
-  return jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
-
-
 def _grafting_choice(report: EpochReport, ctrl: ControllerState, config: TamiyoConfig):
   """The host-trend rule's pick among the built-in strategies (a `GraftingStrategy` id);
   `_layer_strategy` turns it into an id into each layer's own strategies."""
@@ -95,11 +88,13 @@ def _grafting_choice(report: EpochReport, ctrl: ControllerState, config: TamiyoC
   last_val, has_last = _recent(ctrl.val_history, ctrl.history_count, 1)
   val = jnp.asarray(report.val_loss, jnp.float32)
   improvement = (last_val[0] - val) / jnp.maximum(jnp.abs(last_val[0]), 1e-12)
-  fast = has_last[0] & jnp.isfinite(improvement) & (improvement > config.fast_improvement)
-  drifting = jnp.isfinite(drift) & (drift > config.drift_threshold)
+  # Trends at their thresholds count as inside (`tolerance`: no flip on float noise).
+  fast = (has_last[0] & jnp.isfinite(improvement)
+          & tolerance.greater(improvement, config.fast_improvement))
+  drifting = jnp.isfinite(drift) & tolerance.greater(drift, config.drift_threshold)
   # No finite measurement at all counts as stable (a non-finite loss is an emergency anyway).
-  grad_bad = jnp.isfinite(grad) & ((grad < config.grad_norm_lower)
-                                   | (grad > config.grad_norm_upper))
+  grad_bad = jnp.isfinite(grad) & (tolerance.less(grad, config.grad_norm_lower)
+                                   | tolerance.greater(grad, config.grad_norm_upper))
   return jnp.select([drifting, grad_bad, fast],
                     [jnp.int32(DRIFT_CONTROLLED), jnp.int32(GRAD_NORM_GATED),
                      jnp.int32(PERFORMANCE_LINKED)], jnp.int32(FIXED_RAMP))
@@ -133,7 +128,8 @@ def _layer_strategy(rule: jax.Array, lr: LayerReport, lc: LayerControllerState,
   names = lr.strategy_names
   if config.grafting_strategy is not None:
     return jnp.int32(_fixed_strategy(names, config))
-  bandit = jnp.argmax(quantize(_strategy_scores(lc, config))).astype(jnp.int32)
+  # Ties (within `tolerance`): the lowest id.
+  bandit = tolerance.best_index(_strategy_scores(lc, config))
   if config.grafting_selection == "bandit":
     return bandit
   # The rule's built-in pick, found by name among the layer's strategies (-1: not given).
@@ -197,17 +193,6 @@ def rollback_commands(seeds):
   return jax.tree.map(one, seeds, is_leaf=_is_seed_state)
 
 
-# Scores that decide a ranking are rounded to this grid first, and ties go to the lower seed
-# index: decisions must not flip on float noise (e.g. the last bits of a reduction that differ
-# between one device and several; DESIGN.md amendment 6). Need scores live in [0, 1].
-SCORE_RESOLUTION = 1e-5
-
-
-def quantize(score: jax.Array, resolution: float = SCORE_RESOLUTION) -> jax.Array:
-  """`score` rounded to a multiple of `resolution` (rankings use this, not the raw score)."""
-  return jnp.round(jnp.asarray(score, jnp.float32) / resolution) * resolution
-
-
 def decide(report: EpochReport, seeds, ctrl: ControllerState,
            config: TamiyoConfig = TamiyoConfig()):
   """The policy: one `lifecycle.Commands` per layer and the next `ControllerState`.
@@ -258,7 +243,8 @@ def _emergency(report, ctrl, seed_leaves, report_leaves, config) -> jax.Array:
   train_loss = jnp.asarray(report.train_loss, jnp.float32)
   recent_train, recent_ok = _recent(ctrl.train_history, ctrl.history_count, config.rollback_window)
   median = _masked_median(recent_train, recent_ok & jnp.isfinite(recent_train))
-  exploding = jnp.isfinite(median) & (train_loss > config.rollback_factor * median)
+  exploding = jnp.isfinite(median) & tolerance.greater(train_loss,
+                                                       config.rollback_factor * median)
   fossil_bad = jnp.zeros((), bool)
   for s, lr in zip(seed_leaves, report_leaves):
     bad = jnp.asarray(lr.health.nonfinite, bool) | s.nonfinite
@@ -270,7 +256,8 @@ def _plateau(report, ctrl, emergency, config):
   """`(plateau_epochs, best_val_loss, growth_time)` after this epoch's validation loss."""
   val_loss = jnp.asarray(report.val_loss, jnp.float32)
   val_ok = jnp.isfinite(val_loss) & ~emergency
-  improved = val_ok & (val_loss < ctrl.best_val_loss - config.plateau_min_delta)
+  # An improvement within float noise of `plateau_min_delta` does not count (`tolerance`).
+  improved = val_ok & tolerance.less(val_loss, ctrl.best_val_loss - config.plateau_min_delta)
   plateau_epochs = jnp.where(improved, 0,
                              jnp.where(val_ok, ctrl.plateau_epochs + 1, ctrl.plateau_epochs))
   best_val = jnp.where(val_ok, jnp.minimum(ctrl.best_val_loss, val_loss), ctrl.best_val_loss)
@@ -282,10 +269,11 @@ def _plateau(report, ctrl, emergency, config):
 
 def _choose_germinations(partial, growth_time, config) -> list:
   """Per layer, which eligible seeds germinate: the neediest over the whole model (need
-  scores quantized, ties to the lower index), at most `max_germinations_per_epoch`."""
+  scores within `tolerance` tied, ties to the lower index in the model's layer order), at most
+  `max_germinations_per_epoch`."""
   eligible = jnp.concatenate([p["eligible"] for p in partial])
   need = jnp.concatenate([p["need"] for p in partial])
-  rank = _stable_rank(quantize(need), eligible)
+  rank = tolerance.stable_rank(need, eligible)
   budget = (eligible.shape[0] if config.max_germinations_per_epoch is None
             else config.max_germinations_per_epoch)
   chosen = eligible & (rank < budget) & growth_time
@@ -303,8 +291,8 @@ def _emit_commands(seed_leaves, report_leaves, ctrl_leaves, partial, chosen, str
   for i, (s, lr, lc, p, germ) in enumerate(
       zip(seed_leaves, report_leaves, ctrl_leaves, partial, chosen)):
     if blueprints is None:
-      scores = quantize(_blueprint_scores(lr, lc, p["signature"], config))
-      blueprint = jnp.argmax(scores, axis=-1).astype(jnp.int32)  # ties: the lowest id
+      # Scores within `tolerance` of each other are tied; ties: the lowest id.
+      blueprint = tolerance.best_index(_blueprint_scores(lr, lc, p["signature"], config))
     else:
       blueprint = jnp.asarray(blueprints[i], jnp.int32)
     op = jnp.where(germ, Op.GERMINATE, p["op"]).astype(jnp.int32)
@@ -368,7 +356,7 @@ def _layer_commands(s: SeedState, lr: LayerReport, lc: LayerControllerState,
                    | ((st == Stage.EVALUATING) & (s.epochs_in_stage >= 1) & ~ready)
                    | ((st == Stage.FINE_TUNING) & (s.bad_epochs >= lcfg.fine_tuning_patience)))
   recovered = ((queued | (training & ~ready & judged))
-               & (need <= lc.germ_need - config.recovery_margin))
+               & tolerance.at_most(need, lc.germ_need - config.recovery_margin))
   advancing_stage = lifecycle.stage_in(
       st, (Stage.TRAINING, Stage.GRAFTING, Stage.STABILIZATION, Stage.EVALUATING,
            Stage.FINE_TUNING, Stage.CULLED, Stage.CANCELLED))
@@ -385,10 +373,10 @@ def _layer_commands(s: SeedState, lr: LayerReport, lc: LayerControllerState,
   slots = s.num_seeds if config.max_concurrent_training is None else config.max_concurrent_training
   free = slots - jnp.sum(still_training.astype(jnp.int32))
   waiting = queued & ready & (op == Op.NONE)  # GERMINATED seeds are always ready
-  # Oldest germination first, then the neediest, then the lowest index.
-  by_need = jnp.argsort(jnp.where(waiting, -quantize(need), jnp.inf), stable=True)
+  # Oldest germination first, then the neediest (within `tolerance`), then the lowest index.
+  need_rank = tolerance.stable_rank(need, waiting)
   born = jnp.where(waiting, s.germinated_epoch, jnp.iinfo(jnp.int32).max)
-  order = by_need[jnp.argsort(born[by_need], stable=True)]
+  order = jnp.lexsort((need_rank, born))
   queue_rank = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
   promote = waiting & (queue_rank < free)
   op = jnp.where(promote, Op.ADVANCE, op)
@@ -405,6 +393,6 @@ def _layer_commands(s: SeedState, lr: LayerReport, lc: LayerControllerState,
   # A layer whose recent children stopped paying grows no more.
   growing = lc.unpaid_streak < config.growth_patience
   candidate = ((st == Stage.DORMANT) & (s.embargo_left <= 0) & (op == Op.NONE)
-               & (need >= config.min_need) & growing)
-  eligible = candidate & (_stable_rank(quantize(need), candidate) < room)
+               & tolerance.at_least(need, config.min_need) & growing)
+  eligible = candidate & (tolerance.stable_rank(need, candidate) < room)
   return {"op": op, "eligible": eligible, "need": need, "signature": sig}
