@@ -186,8 +186,9 @@ def state_shardings(state: Any, mesh: Mesh, seed_axis: str | None = None) -> Any
     if isinstance(x, ChildParams):
       return jax.tree.map(by_seed, x)
     if isinstance(x, knn.KasminaVars):
+      # (a tree of shardings in the state's own structure: its static `live` kept)
       return x.replace(seeds=jax.tree.map(lambda _: rep, x.seeds),
-                       telemetry=jax.tree.map(by_seed, x.telemetry))
+                       telemetry=jax.tree.map(by_seed, x.telemetry), live=x.live)
     return rep
 
   return jax.tree.map(node, state,

@@ -263,7 +263,7 @@ def forward(spec: KasminaSpec, params: bp_lib.ChildParams, seeds, x: jax.Array, 
   if live is False:
     return _dormant_forward(spec, seeds, x, telemetry, eval_alpha)
   if impl != "reference":
-    resolved = kernels.resolve_impl(impl, spec)
+    resolved = kernels.resolve_impl(impl, spec, precision)
     if resolved != "reference":
       row_split = kernels.current_row_split() if row_split is None else row_split
       return kernels.forward(spec, params, seeds, x, u=u, telemetry=telemetry,

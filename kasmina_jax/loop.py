@@ -238,6 +238,9 @@ def fit_loop(state: TrainState, train_data: dict, val_data: dict, loss_fn: LossF
   `batch_hook(batch)` places a batch before its step (None: as is); `run_info` joins the
   event log's run record."""
   n = len(train_data["x"])
+  # Read the stages once at the start (a restored or hand-made state may not know them), so a
+  # resumed run compiles the program an uninterrupted one runs.
+  state = refresh_liveness(state)
   from kasmina_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   last_good = ckpt_lib.InMemoryCheckpoint() if rollback else None
   if last_good is not None:

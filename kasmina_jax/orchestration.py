@@ -91,12 +91,19 @@ def with_liveness(slots: Slots) -> dict[tuple, LayerSlot]:
   stages = {p: s.seeds.stage for p, s in slots.items()}
   if any(isinstance(v, jax.core.Tracer) for v in stages.values()):
     raise TypeError("with_liveness reads the stages on the host: call it outside jit")
-  stages = jax.device_get(stages)
   out = {}
   for path, slot in slots.items():
-    live = bool(np.any(np.asarray(chunks.stage_masks(np.asarray(stages[path]))[3])))
+    live = bool(np.any(chunks.stage_masks(_host_value(stages[path]))[3]))
     out[path] = slot.replace(live=live)
   return out
+
+
+def _host_value(x) -> np.ndarray:
+  """`x` on the host; of an array spread over several processes (replicated, as the stages
+  are under `distributed`), this process's copy, so that every process decides alike."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return np.asarray(x.addressable_data(0))
+  return np.asarray(x)
 
 
 def num_strategies(slots: Slots) -> dict[tuple, int]:

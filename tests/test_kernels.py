@@ -196,30 +196,36 @@ def test_resolve_impl_on_cpu(caplog):
 CUDA = functools.partial(select.DeviceInfo, "cuda")
 
 
-@pytest.mark.parametrize("device,mode,jt,expected", [
-    (select.DeviceInfo("cpu"), "chunk", True, "reference"),
-    (select.DeviceInfo("tpu"), "chunk", True, "reference"),
-    (select.DeviceInfo("rocm", "gfx942"), "chunk", True, "reference"),
-    (CUDA("9.0", "NVIDIA H100 80GB HBM3"), "chunk", True, "triton"),
-    (CUDA("9.0", "NVIDIA H200"), "per_node", True, "triton"),
-    (CUDA("10.0", "a future GPU"), "chunk", True, "triton"),
-    (CUDA("12.0"), "per_node", True, "triton"),
-    (CUDA("9.0"), "chunk", False, "pallas"),  # jax-triton not installed
-    (CUDA("8.0", "NVIDIA A100-SXM4-40GB"), "chunk", True, "triton"),
-    (CUDA("8.9"), "per_node", False, "pallas"),
-    (CUDA("7.5", "Tesla T4"), "chunk", True, "reference"),
-    (CUDA("7.0"), "per_node", False, "reference"),
-    (CUDA(None), "chunk", True, "reference"),
-    (CUDA("sm_90"), "chunk", True, "reference"),
+@pytest.mark.parametrize("device,mode,jt,exact,expected", [
+    (select.DeviceInfo("cpu"), "chunk", True, False, "reference"),
+    (select.DeviceInfo("tpu"), "chunk", True, True, "reference"),
+    (select.DeviceInfo("rocm", "gfx942"), "chunk", True, True, "reference"),
+    # default precision (TF32): XLA's reference beat the kernels' forward+backward (H200)
+    (CUDA("9.0", "NVIDIA H100 80GB HBM3"), "chunk", True, False, "reference"),
+    (CUDA("8.0", "NVIDIA A100-SXM4-40GB"), "chunk", True, False, "reference"),
+    # the exact path: Triton (H100)
+    (CUDA("9.0", "NVIDIA H100 80GB HBM3"), "chunk", True, True, "triton"),
+    (CUDA("10.0", "a future GPU"), "chunk", True, True, "triton"),
+    (CUDA("9.0"), "chunk", False, True, "pallas"),  # jax-triton not installed
+    (CUDA("8.0", "NVIDIA A100-SXM4-40GB"), "chunk", True, True, "triton"),
+    # per node: Triton at either precision
+    (CUDA("9.0", "NVIDIA H200"), "per_node", True, False, "triton"),
+    (CUDA("12.0"), "per_node", True, True, "triton"),
+    (CUDA("8.9"), "per_node", False, False, "pallas"),
+    (CUDA("7.5", "Tesla T4"), "chunk", True, True, "reference"),
+    (CUDA("7.0"), "per_node", False, False, "reference"),
+    (CUDA(None), "chunk", True, True, "reference"),
+    (CUDA("sm_90"), "chunk", True, True, "reference"),
 ])
-def test_auto_chooses_by_capability(device, mode, jt, expected):
-  choice, why = kernels.choose_impl(device, mode, jt)
+def test_auto_chooses_by_capability(device, mode, jt, exact, expected):
+  choice, why = kernels.choose_impl(device, mode, jt, exact=exact)
   assert choice == expected and why
   # The product name takes no part in the choice.
   renamed = select.DeviceInfo(device.platform, device.compute_capability, "renamed")
-  assert kernels.choose_impl(renamed, mode, jt) == (choice, why)
+  assert kernels.choose_impl(renamed, mode, jt, exact=exact) == (choice, why)
   if device.platform == "cuda" and device.compute_capability in ("9.0", "8.0"):
     assert device.compute_capability in why
+    assert ("exact" in why) == exact
 
 
 def test_device_info_of_this_machine():

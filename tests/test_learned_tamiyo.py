@@ -50,6 +50,11 @@ def policy_params(draw):
   return learned.from_vector(vec + scale * noise)
 
 
+# Jitted once per config (the eager policy compiles every small op on its own: minutes).
+_decide = jax.jit(learned.decide, static_argnums=(4,))
+_heuristic_decide = jax.jit(tamiyo.decide, static_argnums=(3,))
+
+
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(tt.scenarios(), policy_params())
 def test_property_learned_policy_emits_only_accepted_commands(scenario, params):
@@ -91,7 +96,7 @@ def test_illegal_commands_are_rejected_without_state_change():
   seeds = tt.set_seed(seeds, "enc", 1, stage=Stage.CULLED, embargo_left=2)
   ctrl = tamiyo.init_controller(seeds, tt.NUM_BP, CONFIG)
   eager = learned.init()._replace(b_germ=jnp.float32(50.0))
-  cmds, _ = learned.decide(eager, tt.report(), seeds, ctrl, CONFIG)
+  cmds, _ = _decide(eager, tt.report(), seeds, ctrl, CONFIG)
   c = cmds["enc"]
   # The policy's command for seed 2 (a DORMANT seed), bent into illegal ones.
   bad = [c.replace(op=c.op.at[0].set(Op.GERMINATE), blueprint=c.blueprint.at[0].set(0),
@@ -123,13 +128,13 @@ def test_safety_rules_stay_outside_what_is_learned(bias):
   ctrl = tamiyo.init_controller(seeds, tt.NUM_BP, CONFIG)
   # An exploding loss: the whole model rolls back, as with the heuristic, nothing germinates.
   boom = tt.report(train=float("nan"))
-  cmds, new_ctrl = learned.decide(params, boom, seeds, ctrl, CONFIG)
-  ref, ref_ctrl = tamiyo.decide(boom, seeds, ctrl, CONFIG)
+  cmds, new_ctrl = _decide(params, boom, seeds, ctrl, CONFIG)
+  ref, ref_ctrl = _heuristic_decide(boom, seeds, ctrl, CONFIG)
   chex.assert_trees_all_equal(cmds, ref)
   chex.assert_trees_all_equal(new_ctrl, ref_ctrl)
   assert bool(new_ctrl.rollback_requested)
   # A normal epoch: the sick seed is rolled back and the embargoed one left alone either way.
-  cmds, _ = learned.decide(params, tt.report(), seeds, ctrl, CONFIG)
+  cmds, _ = _decide(params, tt.report(), seeds, ctrl, CONFIG)
   assert int(cmds["dec"].op[1]) == Op.ROLLBACK
   assert int(cmds["dec"].op[0]) != Op.GERMINATE
   germ = sum(int(np.sum(np.asarray(c.op) == Op.GERMINATE)) for c in cmds.values())

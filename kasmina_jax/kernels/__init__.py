@@ -8,10 +8,11 @@
                any other platform they run in interpret mode (slow: for tests);
   "triton"     hand-written Triton kernels through jax-triton (`kernels.triton`): the GPU
                extra (`pip install kasmina_jax[gpu]`); needs an NVIDIA GPU;
-  "auto"       by the default device's capability (`select.choose_impl`): on NVIDIA GPUs
-               from Ampere on, the backend measured fastest for that architecture
-               (`select.AUTO_BY_CAPABILITY`, from `benchmarks/`), the reference elsewhere;
-               it logs one line saying what it chose and why.
+  "auto"       by the default device's capability and the precision (`select.choose_impl`):
+               on NVIDIA GPUs from Ampere on, the backend measured fastest for that
+               architecture, layer mode and precision (`select.AUTO_BY_CAPABILITY`, from
+               `benchmarks/`), the reference elsewhere; it logs one line saying what it
+               chose and why.
 
 Every path takes the caller's `precision` for the child matmuls (`chunks.canonical_precision`:
 None = JAX's default, TF32 on those GPUs; "highest" = the exact path).

@@ -15,24 +15,32 @@ import logging
 
 import jax
 
+from kasmina_jax import chunks
+
 _LOG = logging.getLogger(__name__)
 
 IMPLS = ("auto", "reference", "pallas", "triton")
 """The values of `layer.forward`'s `impl`."""
 
 # (minimum compute capability, architecture, {layer mode: backend}), newest first. Modes:
-# "chunk" (chunks of several nodes) and "per_node" (num_seeds == dim). Hopper (H100, 2026-11-25,
-# float32, 16384 x 4096, benchmarks/RESULTS.md): 64 seeds, Triton 0.358 / 1.237 ms against
-# Pallas 0.562 / 2.107 ms (forward / forward+backward); per node, Pallas's forward is faster
-# (0.795 against 1.243 ms) but its backward is not: forward+backward on an H200 (DESIGN.md
-# amendment 8) Triton 2.88 ms against Pallas 32.0 ms, so Triton, a training layer's cost being
-# its forward+backward. Ampere and Ada (sm_80 .. sm_89) are not measured: the kernels are the
-# same (TF32 tensor cores), so Hopper's ranking is assumed. Before Ampere there are no TF32
-# tensor cores, for which the kernels are written: the reference.
+# "chunk" (chunks of several nodes) and "per_node" (num_seeds == dim), each at JAX's default
+# matmul precision (TF32 dots) and, with "/exact", at precision="highest". A training layer's
+# cost is its forward+backward, so that decides:
+# - chunk, default precision (H200, 2026-12-01, 16384 x 4096, 64 seeds all blending;
+#   benchmarks/RESULTS.md): the jnp reference under XLA 0.421 ms f32 / 0.331 ms bf16 against
+#   Triton 0.822 / 0.586 and Pallas 0.820 / 0.957; at 16 and 512 seeds too: the reference.
+# - chunk, exact (H100, 2026-11-25, float32): Triton 1.237 ms against the reference 2.181 and
+#   Pallas 2.107: Triton.
+# - per node (4096 seeds of 1 node), H200: Triton 2.88 ms against Pallas 32.0 ms (the
+#   reference's per-node program was not timed: its compile alone took 2.6 minutes): Triton.
+# Ampere and Ada (sm_80 .. sm_89) are not measured: the kernels are the same (TF32 tensor
+# cores), so Hopper's ranking is assumed. Before Ampere there are no TF32 tensor cores, for
+# which the kernels are written: the reference.
+_MEASURED_ON_HOPPER = {"chunk": "reference", "chunk/exact": "triton",
+                       "per_node": "triton", "per_node/exact": "triton"}
 AUTO_BY_CAPABILITY: tuple[tuple[tuple[int, int], str, dict[str, str]], ...] = (
-    ((9, 0), "Hopper or later", {"chunk": "triton", "per_node": "triton"}),
-    ((8, 0), "Ampere / Ada (not measured: Hopper's ranking)",
-     {"chunk": "triton", "per_node": "triton"}),
+    ((9, 0), "Hopper or later", _MEASURED_ON_HOPPER),
+    ((8, 0), "Ampere / Ada (not measured: Hopper's ranking)", _MEASURED_ON_HOPPER),
 )
 
 
@@ -81,12 +89,15 @@ def _capability(cc: str | None) -> tuple[int, int] | None:
     return None
 
 
-def choose_impl(device: DeviceInfo, mode: str = "chunk",
-                triton_installed: bool = False) -> tuple[str, str]:
+def choose_impl(device: DeviceInfo, mode: str = "chunk", triton_installed: bool = False,
+                exact: bool = False) -> tuple[str, str]:
   """`impl="auto"`'s choice: `(backend, reason)`, backend "reference", "pallas" or
-  "triton". Pure: depends only on its arguments. `mode` is "chunk" or "per_node"."""
+  "triton". Pure: depends only on its arguments. `mode` is "chunk" or "per_node"; `exact`:
+  the child matmuls run at `precision="highest"` (else JAX's default, TF32 on these GPUs)."""
   if mode not in ("chunk", "per_node"):
     raise ValueError(f"mode: expected 'chunk' or 'per_node', got {mode!r}")
+  if not isinstance(exact, bool):
+    raise TypeError(f"exact: expected a bool, got {type(exact).__name__}")
   if device.platform != "cuda":
     return "reference", f"no NVIDIA GPU (platform {device.platform!r}): the jnp reference"
   cc = _capability(device.compute_capability)
@@ -95,8 +106,9 @@ def choose_impl(device: DeviceInfo, mode: str = "chunk",
                          f"({device.compute_capability!r}): the jnp reference")
   for min_cc, arch, table in AUTO_BY_CAPABILITY:
     if cc >= min_cc:
-      choice = table[mode]
-      why = f"compute capability {cc[0]}.{cc[1]}, {arch}, {mode} mode"
+      choice = table[mode + ("/exact" if exact else "")]
+      why = (f"compute capability {cc[0]}.{cc[1]}, {arch}, {mode} mode, "
+             f"{'exact float32' if exact else 'default (TF32)'} matmuls")
       if choice == "triton" and not triton_installed:
         return "pallas", f"{why}: Triton measured fastest, but jax-triton is not installed"
       return choice, f"{why}: {choice} measured fastest"
@@ -113,11 +125,12 @@ def _log_once(message: str) -> None:
     _LOG.info(message)
 
 
-def resolve_impl(impl: str, spec=None) -> str:
+def resolve_impl(impl: str, spec=None, precision=None) -> str:
   """Maps a user's `impl` to the backend that will run: "reference", "pallas" or "triton".
 
   For "auto", `spec` (a `KasminaSpec`, optional) selects the layer mode: "per_node" when
-  every chunk has one node, else "chunk"; the choice is `choose_impl`'s for the default
+  every chunk has one node, else "chunk", and `precision` (the child matmuls', as
+  `layer.forward` takes it) whether the exact path's ranking applies; the choice is `choose_impl`'s for the default
   device, logged once (INFO) with its reason.
 
   Raises ValueError for an unknown name, and for "triton" where jax-triton or an NVIDIA GPU
@@ -137,7 +150,8 @@ def resolve_impl(impl: str, spec=None) -> str:
                        f"{jax.default_backend()!r}; use impl='reference' (or 'pallas')")
     return "triton"
   mode = "per_node" if (spec is not None and spec.chunk_width == 1) else "chunk"
-  choice, why = choose_impl(info, mode, triton_available())
+  exact = chunks.effective_precision(precision) == jax.lax.Precision.HIGHEST
+  choice, why = choose_impl(info, mode, triton_available(), exact=exact)
   name = f" ({info.name})" if info.name else ""
   _log_once(f"kasmina_jax: impl='auto' chose {choice!r} on {info.platform}{name}: {why}")
   return choice
