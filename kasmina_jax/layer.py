@@ -261,7 +261,7 @@ def forward(spec: KasminaSpec, params: bp_lib.ChildParams, seeds, x: jax.Array, 
   kernels.sharded.check_row_split(row_split, "row_split")
   precision = canonical_precision(precision)
   if live is False:
-    return _dormant_forward(spec, seeds, x, telemetry, eval_alpha)
+    return _dormant_forward(spec, x, telemetry, eval_alpha)
   if impl != "reference":
     resolved = kernels.resolve_impl(impl, spec, precision)
     if resolved != "reference":
@@ -293,7 +293,7 @@ def _measure_reference(spec: KasminaSpec, x2d: jax.Array, telemetry, live, ok):
   return new_tel.replace(nonfinite=new_tel.nonfinite | (live & ~ok))
 
 
-def _dormant_forward(spec: KasminaSpec, seeds, x: jax.Array, telemetry, eval_alpha):
+def _dormant_forward(spec: KasminaSpec, x: jax.Array, telemetry, eval_alpha):
   """The layer when no seed is live (known at trace time): `x` itself, no child."""
   lead = x.shape[:-1]
   x2d = x.reshape((int(np.prod(lead)) if lead else 1, spec.dim))
@@ -303,7 +303,6 @@ def _dormant_forward(spec: KasminaSpec, seeds, x: jax.Array, telemetry, eval_alp
   new_tel = None
   if telemetry is not None and eval_alpha is None:
     new_tel = _measure_reference(spec, x2d, telemetry, none_live, jnp.ones((k,), bool))
-  del seeds
   aux = StepAux(child_loss=jnp.zeros((), jnp.float32), objective=nan, recon_ratio=nan,
                 nonfinite=none_live, telemetry=new_tel)
   return x, aux
@@ -369,7 +368,7 @@ def forward_reference(spec: KasminaSpec, params: bp_lib.ChildParams, seeds, x: j
   path with no branch."""
   check_live(live)
   if live is False:
-    return _dormant_forward(spec, seeds, x, telemetry, eval_alpha)
+    return _dormant_forward(spec, x, telemetry, eval_alpha)
   live_hint = live
   precision = canonical_precision(precision)
   lead = x.shape[:-1]

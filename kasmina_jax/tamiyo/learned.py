@@ -45,21 +45,17 @@ from jax.flatten_util import ravel_pytree
 
 from kasmina_jax import _checks
 from kasmina_jax import tolerance
-from kasmina_jax.lifecycle import Op, SeedState, Stage
+from kasmina_jax.lifecycle import Stage
 from kasmina_jax import lifecycle
 from kasmina_jax.tamiyo.config import TamiyoConfig
 from kasmina_jax.tamiyo.reports import EpochReport, _finite_or
-from kasmina_jax.tamiyo.state import ControllerState, _flatten_layers
+from kasmina_jax.tamiyo.state import ControllerState
 from kasmina_jax.tamiyo.policy import (
-    _blueprint_scores,
     _check_inputs,
-    _choose_germinations,
-    _emergency,
-    _emit_commands,
-    _grafting_choice,
+    _finish,
+    _heuristic_blueprint,
     _layer_commands,
-    _next_controller_state,
-    _plateau,
+    _plan,
     _recent,
     _signature,
     need_score)
@@ -235,19 +231,15 @@ def decide(params: PolicyParams, report: EpochReport, seeds, ctrl: ControllerSta
   `heuristic`: a bool (or a traced bool scalar): True makes the heuristic's germination and
   blueprint choices instead of the network's (then the commands are `tamiyo.decide`'s)."""
   check_params(params)
-  seed_leaves, report_leaves, ctrl_leaves, treedef = _check_inputs(report, seeds, ctrl, config)
+  leaves = _check_inputs(report, seeds, ctrl, config)
+  seed_leaves, report_leaves, ctrl_leaves, _ = leaves
   if jnp.shape(heuristic) != ():
     raise ValueError(f"heuristic: expected a bool scalar, got shape {jnp.shape(heuristic)}")
   heuristic = jnp.asarray(heuristic, bool)
-  emergency = _emergency(report, ctrl, seed_leaves, report_leaves, config)
-  plateau_epochs, best_val, growth_time = _plateau(report, ctrl, emergency, config)
-  strategy = _grafting_choice(report, ctrl, config)
-  partial = [_layer_commands(s, lr, lc, emergency, config)
-             for s, lr, lc in zip(seed_leaves, report_leaves, ctrl_leaves)]
-  heuristic_chosen = _choose_germinations(partial, growth_time, config)
+  plan = _plan(report, ctrl, leaves, config)
 
   relaxed = _candidate_config(config)
-  candidates = [_layer_commands(s, lr, lc, emergency, relaxed)["eligible"]
+  candidates = [_layer_commands(s, lr, lc, plan.emergency, relaxed)["eligible"]
                 for s, lr, lc in zip(seed_leaves, report_leaves, ctrl_leaves)]
   features = _features(report, seed_leaves, report_leaves, ctrl_leaves, ctrl, config)
   logits, bp_choice = [], []
@@ -255,21 +247,13 @@ def decide(params: PolicyParams, report: EpochReport, seeds, ctrl: ControllerSta
     logit, scores = apply(params, f, blueprint_features(lr, lc))
     logits.append(_finite_or(logit, -1.0))
     bp_choice.append(tolerance.best_index(_finite_or(scores, -jnp.inf)))
-  learned_chosen = _choose_by_logit(candidates, logits, growth_time, config)
+  learned_chosen = _choose_by_logit(candidates, logits, plan.growth_time, config)
 
-  chosen = [jnp.where(heuristic, h, l) for h, l in zip(heuristic_chosen, learned_chosen)]
-  blueprints = []
-  for lr, lc, p, learned_bp in zip(report_leaves, ctrl_leaves, partial, bp_choice):
-    # as `tamiyo.decide`: scores within the decision tolerance tie, the lowest id wins
-    heuristic_bp = tolerance.best_index(_blueprint_scores(lr, lc, p["signature"], config))
-    blueprints.append(jnp.where(heuristic, heuristic_bp, learned_bp))
-  commands, new_layers = _emit_commands(seed_leaves, report_leaves, ctrl_leaves, partial,
-                                        chosen, strategy, config, blueprints=blueprints)
-  new_ctrl = _next_controller_state(
-      report, ctrl, emergency, plateau_epochs, best_val,
-      germinated_any=jnp.any(jnp.concatenate(chosen)),
-      layers=jax.tree.unflatten(treedef, new_layers), config=config)
-  return jax.tree.unflatten(treedef, commands), new_ctrl
+  chosen = [jnp.where(heuristic, h, l) for h, l in zip(plan.chosen, learned_chosen)]
+  blueprints = [jnp.where(heuristic, _heuristic_blueprint(lr, lc, p, config), learned_bp)
+                for lr, lc, p, learned_bp in zip(report_leaves, ctrl_leaves, plan.partial,
+                                                 bp_choice)]
+  return _finish(report, ctrl, leaves, plan, chosen, config, blueprints=blueprints)
 
 
 def _choose_by_logit(candidates, logits, growth_time, config) -> list:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -204,20 +206,52 @@ def decide(report: EpochReport, seeds, ctrl: ControllerState,
   advances, promotion) -> `_choose_germinations` (model-wide) -> `_emit_commands` ->
   `_next_controller_state`.
   """
-  seed_leaves, report_leaves, ctrl_leaves, treedef = _check_inputs(report, seeds, ctrl, config)
+  leaves = _check_inputs(report, seeds, ctrl, config)
+  plan = _plan(report, ctrl, leaves, config)
+  return _finish(report, ctrl, leaves, plan, plan.chosen, config)
+
+
+class _Plan(NamedTuple):
+  """The heuristic's epoch-end judgement before any command is written (what `decide` and a
+  policy that replaces some of its choices, `tamiyo.learned`, share)."""
+  emergency: jax.Array
+  plateau_epochs: jax.Array
+  best_val: jax.Array
+  growth_time: jax.Array
+  strategy: jax.Array
+  partial: list  # per layer: `_layer_commands`' dict
+  chosen: list  # per layer: (K,) bool, the heuristic's germinations
+
+
+def _plan(report, ctrl, leaves, config) -> _Plan:
+  seed_leaves, report_leaves, ctrl_leaves, _ = leaves
   emergency = _emergency(report, ctrl, seed_leaves, report_leaves, config)
   plateau_epochs, best_val, growth_time = _plateau(report, ctrl, emergency, config)
-  strategy = _grafting_choice(report, ctrl, config)
   partial = [_layer_commands(s, lr, lc, emergency, config)
              for s, lr, lc in zip(seed_leaves, report_leaves, ctrl_leaves)]
-  chosen = _choose_germinations(partial, growth_time, config)
-  commands, new_layers = _emit_commands(seed_leaves, report_leaves, ctrl_leaves, partial,
-                                        chosen, strategy, config)
+  return _Plan(emergency=emergency, plateau_epochs=plateau_epochs, best_val=best_val,
+               growth_time=growth_time, strategy=_grafting_choice(report, ctrl, config),
+               partial=partial, chosen=_choose_germinations(partial, growth_time, config))
+
+
+def _finish(report, ctrl, leaves, plan: _Plan, chosen, config, blueprints=None):
+  """`(commands, ctrl)` from a plan and the germinations `chosen` (per layer (K,) bool),
+  with `blueprints` per layer (None: the heuristic's, `_heuristic_blueprint`)."""
+  seed_leaves, report_leaves, ctrl_leaves, treedef = leaves
+  commands, new_layers = _emit_commands(seed_leaves, report_leaves, ctrl_leaves, plan.partial,
+                                        chosen, plan.strategy, config, blueprints=blueprints)
   new_ctrl = _next_controller_state(
-      report, ctrl, emergency, plateau_epochs, best_val,
+      report, ctrl, plan.emergency, plan.plateau_epochs, plan.best_val,
       germinated_any=jnp.any(jnp.concatenate(chosen)),
       layers=jax.tree.unflatten(treedef, new_layers), config=config)
   return jax.tree.unflatten(treedef, commands), new_ctrl
+
+
+def _heuristic_blueprint(lr: LayerReport, lc: LayerControllerState, partial: dict,
+                         config: TamiyoConfig) -> jax.Array:
+  """(K,) int32: the best-scoring blueprint per seed (scores within `tolerance` of each
+  other are tied; ties: the lowest id)."""
+  return tolerance.best_index(_blueprint_scores(lr, lc, partial["signature"], config))
 
 
 def _check_inputs(report, seeds, ctrl, config):
@@ -291,8 +325,7 @@ def _emit_commands(seed_leaves, report_leaves, ctrl_leaves, partial, chosen, str
   for i, (s, lr, lc, p, germ) in enumerate(
       zip(seed_leaves, report_leaves, ctrl_leaves, partial, chosen)):
     if blueprints is None:
-      # Scores within `tolerance` of each other are tied; ties: the lowest id.
-      blueprint = tolerance.best_index(_blueprint_scores(lr, lc, p["signature"], config))
+      blueprint = _heuristic_blueprint(lr, lc, p, config)
     else:
       blueprint = jnp.asarray(blueprints[i], jnp.int32)
     op = jnp.where(germ, Op.GERMINATE, p["op"]).astype(jnp.int32)
