@@ -16,9 +16,8 @@ Timing (as `scaling.py`): after compilation and `--warmup` steps, `--repeats` ti
 row count are timed in alternation (A B A B ...) so that drift of the machine (other jobs,
 clocks) hits both. `overhead = ms / plain_ms - 1`.
 
-With `--telemetry-every N > 1` (`KasminaDense(telemetry_every=N)`; the library's default is
-1), one step in N takes the telemetry; both kinds of step are timed (`telemetry` = "on" / "off") and the amortized figure
-`((N - 1) * off + on) / N` is reported as `telemetry` = "amortized".
+`--telemetry-every N` sets `KasminaDense(telemetry_every=N)` (default: the library's, 4: each
+step measures the health telemetry on a moving quarter of its rows, at least 256).
 
 Writes `<device>_<date>_overhead[_small].json` (one record per measurement: `rows`, `impl`,
 `resolved_impl`, `blending`, `telemetry`, `ms`, `plain_ms`, `overhead`, or `skipped` with its
@@ -48,12 +47,10 @@ what it does now:
    no zero residuals); dormant, the layer's value is `x` and its backward is the identity.
 2. Per-step telemetry: sums of (a - shift), (a - shift)^2 and dead counts over every row
    (one read of the activations), the Gram matrix on `corr_rows` rows (a (K, c, c) batched
-   einsum at `HIGHEST`), finiteness checks of every partial and the merge. Now: taken one
-   step in `telemetry_every` when that is set above its default 1 (a `lax.cond` on a pass
-   counter in `TelemetryState`; the first pass after each reset always measures, so every
-   epoch's report has data, and its figures are averages over the rows of the steps that
-   measured). Whether a larger default pays is for the device run to show
-   (`--telemetry-every 4`: the "on", "off" and amortized rows).
+   einsum at `HIGHEST`), finiteness checks of every partial and the merge. Now: each step
+   measures a moving block of about one row in `telemetry_every` (default 4, at least 256
+   rows; `telemetry.rows_for_pass`), with no `lax.cond` (whose predicate a GPU reads on the
+   host); the Gram matrix keeps each step's first `corr_rows` rows.
 3. The seeds' per-step update (`orchestration.step_update`): `whole_objective` (child
    params x grads, K-sized), `tick_step`, `grafting_step` (four strategies, K-sized),
    the child gradient norms and `record_gradients` - all small (K or child-parameter
@@ -189,26 +186,12 @@ def telemetry_every_of(state) -> int:
   return int(getattr(specs[0], "telemetry_every", 1))
 
 
-def at_pass(state, k: int):
-  """`state` with every layer's telemetry pass counter at `k` (a measuring pass when
-  `k % telemetry_every == 0`); unchanged where the counter does not exist."""
-  def fix(v):
-    tel = v.telemetry
-    if not hasattr(tel, "passes"):
-      return v
-    return v.replace(telemetry=tel.replace(passes=jnp.asarray(k, tel.passes.dtype)))
-  return state.replace(kasmina=knn.map_layers(fix, state.kasmina))
-
-
 def _block(tree):
   jax.block_until_ready(jax.tree.leaves(tree))
 
 
 def time_pair(steps: dict, states: dict, batches, args) -> dict:
-  """Median ms per step of each `steps[name](state, batch)`, timed in alternation.
-
-  A state whose key ends in ":frozen" is not carried from step to step (every call starts
-  from the same state: the telemetry pass counter stays where `at_pass` put it)."""
+  """Median ms per step of each `steps[name](state, batch)`, timed in alternation."""
   cur = dict(states)
   for name, step in steps.items():
     for i in range(args.warmup):
@@ -453,11 +436,6 @@ def main(argv=None):
         every = telemetry_every_of(state)
         steps = {"plain": plain, "kasmina": kjit}
         states = {"plain": pst, "kasmina": state}
-        if every > 1:
-          steps["on:frozen"] = kjit
-          steps["off:frozen"] = kjit
-          states["on:frozen"] = at_pass(state, 0)
-          states["off:frozen"] = at_pass(state, 1)
         t = time_pair(steps, states, batches, args)
         plain_ms = t["plain"][0]
         kt = {}
@@ -468,18 +446,12 @@ def main(argv=None):
           kt["kernels"] = kernel_times(kjit, state, batches[0])
           print_kernels(f"kasmina {impl} blending {blending}, rows {rows}", kt["kernels"])
         kinds = [("default", t["kasmina"])]
-        if every > 1:
-          on, off = t["on:frozen"][0], t["off:frozen"][0]
-          kinds = [("on", t["on:frozen"]), ("off", t["off:frozen"]),
-                   ("amortized", (((every - 1) * off + on) / every, [])),
-                   ("carried", t["kasmina"])]
         for tel, (ms, all_ms) in kinds:
           rec = {**base, "resolved_impl": resolved, "telemetry": tel,
                  "telemetry_every": every, "ms": ms, "plain_ms": plain_ms,
                  "overhead": ms / plain_ms - 1.0, "ms_all": all_ms,
                  "plain_ms_all": t["plain"][1]}
-          if tel in ("default", "carried"):
-            rec.update(kt)
+          rec.update(kt)
           records.append(rec)
           print(f"rows {rows} {impl:9s} blending {blending:4.2f} telemetry {tel:9s}: "
                 f"{ms:8.3f} ms vs plain {plain_ms:8.3f} ms  overhead {100 * rec['overhead']:+6.1f}%",

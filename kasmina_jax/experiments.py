@@ -36,6 +36,7 @@ import optax
 from kasmina_jax import layer as layer_lib
 from kasmina_jax import lifecycle
 from kasmina_jax import linen as knn
+from kasmina_jax import orchestration as orch
 from kasmina_jax import tamiyo
 from kasmina_jax import training
 
@@ -79,7 +80,7 @@ def children_from_start(state: training.TrainState, blueprint: str | Sequence[st
         strategy=jnp.zeros_like(lv.seeds.strategy), alpha=jnp.ones_like(lv.seeds.alpha))
     kasmina = knn.set_path(kasmina, path + ("state",), lv.replace(seeds=seeds))
   return state.replace(params=params, kasmina=kasmina, opt_state=state.tx.init(params),
-                       host_snapshot=jax.tree.map(jnp.copy, params))
+                       host_snapshot=orch.drift_snapshot(params))
 
 
 # ----------------------------------------------------------------------------- data

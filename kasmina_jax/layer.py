@@ -59,8 +59,9 @@ class KasminaSpec:
   (needed by parallel-wired blueprints); corr_rows: rows a step used for the correlation Gram
   matrix (0 disables it); dead_eps: |a| at or below which a node counts as inactive on a row;
   trust_penalty: lambda of the TRAINING objective of residual / parallel children;
-  telemetry_every: training passes take the health telemetry one pass in this many (the
-  first pass after each reset always does; see `telemetry.scheduled`).
+  telemetry_every: each training pass measures the health telemetry on about one row in this
+  many (a block of rows that moves along the batch, at least `telemetry.TELEMETRY_MIN_ROWS`;
+  see `telemetry.rows_for_pass`); the fused kernels measure every row (it costs them nothing).
   """
 
   dim: int
@@ -283,13 +284,19 @@ def check_live(live) -> None:
 def _measure_reference(spec: KasminaSpec, x2d: jax.Array, telemetry, live, ok):
   """The telemetry update of one training pass in pure `jnp` (on the layer's schedule)."""
   def measure(tel):
-    xb = jax.lax.stop_gradient(to_blocks(spec, x2d).astype(jnp.float32))
+    rows = tel_lib.rows_for_pass(x2d, tel.passes, spec.telemetry_every)
+    block = lambda r: jax.lax.stop_gradient(to_blocks(spec, r).astype(jnp.float32))
+    xb = block(rows)
     tel = tel_lib.with_shift(tel, xb[0])
+    # The Gram matrix on the pass's own first rows, whichever block the sums read.
+    corr = None if rows is x2d else block(x2d[:max(spec.corr_rows, 1)])
     partials = tel_lib.partials_reference(xb, tel.shift, corr_rows=spec.corr_rows,
                                           correlation=spec.correlation,
-                                          dead_eps=spec.dead_eps)
+                                          dead_eps=spec.dead_eps, corr_blocks=corr)
     return tel_lib.merge(tel, partials)
-  new_tel = tel_lib.scheduled(telemetry, measure, spec.telemetry_every)
+  new_tel = tel_lib.scheduled(telemetry, measure)
+  if live is None:  # the dormant layer: no child, nothing to flag
+    return new_tel
   return new_tel.replace(nonfinite=new_tel.nonfinite | (live & ~ok))
 
 
@@ -302,7 +309,7 @@ def _dormant_forward(spec: KasminaSpec, x: jax.Array, telemetry, eval_alpha):
   none_live = jnp.zeros((k,), bool)
   new_tel = None
   if telemetry is not None and eval_alpha is None:
-    new_tel = _measure_reference(spec, x2d, telemetry, none_live, jnp.ones((k,), bool))
+    new_tel = _measure_reference(spec, x2d, telemetry, None, None)
   aux = StepAux(child_loss=jnp.zeros((), jnp.float32), objective=nan, recon_ratio=nan,
                 nonfinite=none_live, telemetry=new_tel)
   return x, aux

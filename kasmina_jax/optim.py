@@ -39,7 +39,7 @@ Typical use (Linen):
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -132,13 +132,18 @@ def _per_seed_mask(seed_mask: jax.Array, child: ChildParams, path: tuple) -> Chi
 
 
 def _mask_tree(params: Any, seeds: dict[tuple, Any], name: str,
-               child_mask: Callable[[Any], jax.Array], host_value: bool) -> Any:
+               child_mask: Callable[[Any], jax.Array], host_value: bool,
+               frozen_layers: Collection[tuple] = ()) -> Any:
+  frozen_layers = {tuple(p) for p in frozen_layers}
+
   def leaf(path, x):
     if _is_child(x):
       lp = layer_path(_plain_path(path))
       if lp not in seeds:
         raise ValueError(f"{name}: no seed state for the layer at {lp} (children found in "
                          f"params); layers with seed state: {sorted(seeds, key=str)}")
+      if lp in frozen_layers:
+        return jax.tree.map(lambda _: np.asarray(False), x)
       return _per_seed_mask(child_mask(seeds[lp]), x, lp)
     # A concrete (numpy) flag, not a traced constant: `stage_masked` skips a constant True
     # mask outright, so the host's update carries no select (see `_always`).
@@ -147,7 +152,8 @@ def _mask_tree(params: Any, seeds: dict[tuple, Any], name: str,
   return jax.tree_util.tree_map_with_path(leaf, params, is_leaf=_is_child)
 
 
-def learning_mask(params: Any, kasmina: Any, *, fossil: str = "integrated") -> Any:
+def learning_mask(params: Any, kasmina: Any, *, fossil: str = "integrated",
+                  frozen_layers: Collection[tuple] = ()) -> Any:
   """Which parameters may learn this step: a tree of `params`' structure.
 
   Host leaves: `True` (a scalar bool array). `ChildParams` leaves: bool arrays shaped
@@ -157,11 +163,16 @@ def learning_mask(params: Any, kasmina: Any, *, fossil: str = "integrated") -> A
 
   `kasmina`: a mapping `{layer path: SeedState}` (`linen.seed_states(collection)`; a Linen
   collection itself is still read).
+
+  `frozen_layers`: paths of layers known at trace time to have no live seed (their static
+  `live` is False; learning stages are live ones): their children's mask is a concrete False,
+  so `stage_masked` leaves those leaves and their optimizer state untouched with no op at all.
   """
   stages = lifecycle.learning_stages(fossil)
   seeds = _seeds_by_layer(kasmina, "kasmina")
   return _mask_tree(params, seeds, "learning_mask",
-                    lambda s: lifecycle.stage_in(s.stage, stages) & ~s.nonfinite, True)
+                    lambda s: lifecycle.stage_in(s.stage, stages) & ~s.nonfinite, True,
+                    frozen_layers=frozen_layers)
 
 
 def host_partition_mask(params: Any, kasmina: Any, *, fossil: str = "integrated") -> Any:
@@ -231,6 +242,8 @@ def _select_state(mask: Any, new_state: Any, old_state: Any, treedef) -> Any:
     def leaf(m, n, o):
       if _always(m):
         return n
+      if _never(m):
+        return o
       a = _aligned(m, n)
       return n if a is None else jnp.where(a, n, o)
     return jax.tree.map(leaf, mask, new_sub, old_sub)
@@ -255,6 +268,18 @@ def _always(m) -> bool:
   return (isinstance(m, (bool, np.bool_, np.ndarray)) and np.ndim(m) == 0 and bool(m))
 
 
+def _never(m) -> bool:
+  """`m` is a concrete scalar False (a statically frozen leaf): no update, state kept as is."""
+  return (isinstance(m, (bool, np.bool_, np.ndarray)) and np.ndim(m) == 0 and not bool(m))
+
+
+def keep_frozen(mask: Any, new: Any, old: Any) -> Any:
+  """`new` with `old`'s very leaves where `mask` (a `learning_mask`) is a concrete False:
+  after `optax.apply_updates` (which adds the frozen leaves' zero update), the frozen leaves
+  are the caller's arrays again, so a jitted step forwards them instead of copying them."""
+  return jax.tree.map(lambda m, n, o: o if _never(m) else n, mask, new, old)
+
+
 class StageMaskedState(NamedTuple):
   inner_state: Any
 
@@ -273,6 +298,8 @@ def _effective_mask(updates: Any, learn_mask: Any) -> Any:
   """`learn_mask` with the seeds whose child gradient is non-finite this step turned off."""
 
   def per_node(g, m):
+    if _is_child(g) and all(_never(x) for x in jax.tree.leaves(m)):
+      return m  # statically frozen: no finiteness check, nothing to mask
     if _is_child(g):
       ok = _seed_finite(g)
       if not _is_child(m):  # one flag (scalar or (K,)) for all of the layer's children
@@ -281,7 +308,7 @@ def _effective_mask(updates: Any, learn_mask: Any) -> Any:
             lambda gg: jnp.reshape(flag, jnp.shape(flag) + (1,) * (gg.ndim - jnp.ndim(flag))), g)
       return jax.tree.map(
           lambda mm, gg: jnp.asarray(mm, bool) & ok.reshape((-1,) + (1,) * (gg.ndim - 1)), m, g)
-    return m if _always(m) else jnp.asarray(m, bool)
+    return m if (_always(m) or _never(m)) else jnp.asarray(m, bool)
 
   try:
     return jax.tree.map(per_node, updates, learn_mask, is_leaf=_is_child)
@@ -316,7 +343,10 @@ def stage_masked(inner: optax.GradientTransformation) -> optax.GradientTransform
       raise TypeError("stage_masked: update needs learn_mask= (optim.learning_mask(params, "
                       "kasmina)); got none")
     mask = _effective_mask(updates, learn_mask)
-    zero_frozen = lambda m, g: g if _always(m) else jnp.where(m, g, jnp.zeros_like(g))
+    def zero_frozen(m, g):
+      if _always(m):
+        return g
+      return jnp.zeros_like(g) if _never(m) else jnp.where(m, g, jnp.zeros_like(g))
     grads = jax.tree.map(zero_frozen, mask, updates)
     new_updates, new_inner = inner.update(grads, state.inner_state, params, **extra)
     new_updates = jax.tree.map(zero_frozen, mask, new_updates)

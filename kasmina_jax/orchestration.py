@@ -193,11 +193,51 @@ def child_grad_norms(grads, path: tuple) -> jax.Array:
   return jnp.sqrt(sq)
 
 
+# The drift is measured on at most about this many rows of each parameter leaf (every s-th
+# row, s = rows // DRIFT_ROWS, of a leaf with more rows): the snapshot then costs a fraction of
+# the parameters' memory, and the per-step refresh and drift a fraction of a pass over them
+# (at 4096 rows, 1/16), which a dormant model would otherwise pay every step. Rows of a weight
+# matrix are exchangeable for this ratio; a model whose leaves all have <= DRIFT_ROWS rows
+# (every small model) is measured exactly.
+DRIFT_ROWS = 256
+
+
+def _drift_rows(x: jax.Array) -> jax.Array:
+  """The rows of `x` the drift is measured on (all of them up to `DRIFT_ROWS`)."""
+  if jnp.ndim(x) < 2 or x.shape[0] <= DRIFT_ROWS:
+    return x
+  return x[::x.shape[0] // DRIFT_ROWS]
+
+
+def drift_snapshot(params):
+  """A fresh drift snapshot of `params`: the sampled rows (`DRIFT_ROWS`) of every host leaf
+  (copies); the children as they are (the drift never reads them)."""
+  is_child = optim._is_child  # pylint: disable=protected-access
+  return jax.tree.map(lambda x: jax.tree.map(jnp.copy, x) if is_child(x)
+                      else jnp.copy(_drift_rows(x)), params, is_leaf=is_child)
+
+
+def refresh_snapshot(refresh: jax.Array, params, snapshot):
+  """`snapshot` with its host rows set to `params`' where `refresh` (a traced bool); the
+  children's leaves are returned as they are."""
+  is_child = optim._is_child  # pylint: disable=protected-access
+  return jax.tree.map(lambda p, s: s if is_child(p) else jnp.where(refresh, _drift_rows(p), s),
+                      params, snapshot, is_leaf=is_child)
+
+
+def _as_sampled(x: jax.Array, like: jax.Array) -> jax.Array:
+  """`x` (a param leaf, or a snapshot leaf) on the rows of the snapshot leaf `like`."""
+  return x if jnp.shape(x) == jnp.shape(like) else _drift_rows(x)
+
+
 def host_drift(params, snapshot) -> jax.Array:
   """`||theta - theta_snap|| / ||theta_snap||` over the host's parameters (the whole model:
-  the epoch report's figure; grafting uses each layer's own, `layer_host_drift`)."""
-  diff = jax.tree.map(lambda a, b: a - b, host_only(params), host_only(snapshot))
-  return jnp.sqrt(_sq_norm(diff)) / jnp.maximum(jnp.sqrt(_sq_norm(host_only(snapshot))), 1e-12)
+  the epoch report's figure; grafting uses each layer's own, `layer_host_drift`), on the rows
+  `drift_snapshot` keeps (`DRIFT_ROWS`). `snapshot` may also be a full copy of `params`."""
+  p, s = host_only(params), host_only(snapshot)
+  s = jax.tree.map(lambda a, b: _drift_rows(b) if jnp.shape(a) == jnp.shape(b) else b, p, s)
+  diff = jax.tree.map(lambda a, b: _as_sampled(a, b) - b, p, s)
+  return jnp.sqrt(_sq_norm(diff)) / jnp.maximum(jnp.sqrt(_sq_norm(s)), 1e-12)
 
 
 def wrapped_host_path(path: tuple) -> tuple:
@@ -237,6 +277,13 @@ def step_update(slots: Slots, *, old_params, params, grads, snapshot, summaries:
   """
   out = {}
   for path, slot in slots.items():
+    if slot.live is False:
+      # No live seed (known at trace time): no child objective to record, no alpha to move, no
+      # child gradient (learning stages are live ones), no non-finite child. Only GERMINATED
+      # seeds' step counters move; every other array is returned as it came, so a jitted step
+      # forwards it instead of copying it (`_forwarding`).
+      out[path] = slot.replace(seeds=lifecycle.tick_step(slot.seeds), live=False)
+      continue
     summary = summaries[path]
     objective = layer_lib.whole_objective(
         slot.spec, get_children(old_params, path), get_children(grads, path), slot.seeds,

@@ -31,6 +31,7 @@ import optax
 from flax import struct
 
 from kasmina_jax import _checks
+from kasmina_jax import _forwarding
 from kasmina_jax import grafting as graft_lib
 from kasmina_jax import kernels
 from kasmina_jax import lifecycle
@@ -93,7 +94,9 @@ class TrainState:
   kasmina: Any  # the `kasmina` collection: KasminaVars per layer
   ctrl: tamiyo.ControllerState
   rng: jax.Array
-  host_snapshot: Any  # the params at the last drift window start (children included)
+  # The host params at the last drift window start, as `orchestration.drift_snapshot` samples
+  # them (every s-th row of a leaf with more than `DRIFT_ROWS` rows; children: as created).
+  host_snapshot: Any
   stats: EpochStats
   model: Any = struct.field(pytree_node=False)  # the Linen module (hashable)
   tx: optax.GradientTransformationExtraArgs = struct.field(pytree_node=False)
@@ -163,7 +166,7 @@ def new_train_state(model, params, kasmina, optimizer: optax.GradientTransformat
       step=jnp.zeros((), jnp.int32), epoch=jnp.zeros((), jnp.int32), params=params,
       opt_state=tx.init(params), kasmina=kasmina,
       ctrl=orch.init_controller(knn.layer_slots(kasmina), config.tamiyo), rng=rng,
-      host_snapshot=jax.tree.map(jnp.copy, params), stats=_zero_stats(metric_names),
+      host_snapshot=orch.drift_snapshot(params), stats=_zero_stats(metric_names),
       model=model, tx=tx,
       config=config, model_state=dict(model_state or {}))
 
@@ -194,7 +197,7 @@ layer_host_drift = orch.layer_host_drift
 # --------------------------------------------------------------------------------- train step
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn", "row_split"))
+@_forwarding.forwarding_jit(static_argnames=("loss_fn", "row_split"))
 def train_step(state: TrainState, batch: dict, loss_fn: LossFn,
                row_split: kernels.RowSplit | None = None) -> tuple[TrainState, dict]:
   """One optimisation step. `batch["x"]` is the model input; `loss_fn(out, batch)` returns
@@ -202,7 +205,11 @@ def train_step(state: TrainState, batch: dict, loss_fn: LossFn,
   epoch statistics, which is what triggers Tamiyo's emergency rollback).
 
   `row_split` (static): the batch's rows are split over that mesh axis; the layers' fused
-  kernels then run per device on their rows (`kernels.split_rows`). None: one program."""
+  kernels then run per device on their rows (`kernels.split_rows`). None: one program.
+
+  The leaves of `state` the step leaves alone (the controller's memory, a dormant layer's
+  seeds, frozen children and their moments) come back as the caller's own arrays rather than
+  copies (`_forwarding.forwarding_jit`): values as `jax.jit`'s, a cheaper call."""
   with kernels.split_rows(row_split):
     return _train_step(state, batch, loss_fn)
 
@@ -228,12 +235,17 @@ def _train_step(state: TrainState, batch: dict, loss_fn: LossFn) -> tuple[TrainS
   finite = jnp.isfinite(total) & jnp.isfinite(host_norm)
   fossil = state.config.lifecycle.fossil
   seed_map = knn.seed_states(kasmina)
-  learn_mask = optim.learning_mask(state.params, seed_map, fossil=fossil)
+  frozen = [p for p, s in knn.layer_slots(kasmina).items() if s.live is False]
+  learn_mask = optim.learning_mask(state.params, seed_map, fossil=fossil, frozen_layers=frozen)
   updates, opt_state = state.tx.update(
       grads, state.opt_state, state.params, learn_mask=learn_mask,
       host_partition=optim.host_partition_mask(state.params, seed_map, fossil=fossil))
-  params = optax.apply_updates(state.params, updates)
-  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+  params = optim.keep_frozen(learn_mask, optax.apply_updates(state.params, updates),
+                             state.params)
+  # Leaves the update left alone (a dormant layer's children and moments) stay the very input
+  # arrays, which `train_step` then forwards rather than copies.
+  keep = lambda new, old: jax.tree.map(
+      lambda a, b: a if a is b else jnp.where(finite, a, b), new, old)
   params = keep(params, state.params)
   opt_state = keep(opt_state, state.opt_state)
   model_state = {k: _keep_state(finite, mutated[k], v) for k, v in state.model_state.items()}
@@ -242,7 +254,7 @@ def _train_step(state: TrainState, batch: dict, loss_fn: LossFn) -> tuple[TrainS
   drift = host_drift(params, state.host_snapshot)
   step = state.step + 1
   refresh = (step % cfg.grafting.fixed_steps) == 0
-  snapshot = jax.tree.map(lambda p, s: jnp.where(refresh, p, s), params, state.host_snapshot)
+  snapshot = orch.refresh_snapshot(refresh, params, state.host_snapshot)
 
   slots = knn.layer_slots(new_kasmina)
   slots = orch.step_update(

@@ -17,10 +17,33 @@ from kasmina_jax import _struct as struct
 
 DEAD_EPS = 1e-6
 DEAD_FRACTION = 0.99
-# Training passes take the telemetry one pass in this many (`scheduled`). 1 keeps every
-# pass measured (the behaviour before the schedule existed); `benchmarks/overhead.py
-# --telemetry-every N` measures what a larger default would save on the device.
-DEFAULT_TELEMETRY_EVERY = 1
+# Each training pass measures the health telemetry on a share of its rows: a block of
+# ceil(rows / every) rows, at least TELEMETRY_MIN_ROWS (so a batch that small is measured
+# whole), that moves along the batch from pass to pass (`rows_for_pass`). The epoch report's
+# figures are averages over the measured rows, as they always were: the same statistics on a
+# quarter of the rows of a large batch (the correlation's Gram matrix keeps its own first
+# `corr_rows` rows of every pass). Every pass measures, so there is no `lax.cond` (on a
+# GPU its predicate is read on the host, which stalls the step: issue 19's profile) and every
+# epoch's report has data. 1 measures every row.
+DEFAULT_TELEMETRY_EVERY = 4
+TELEMETRY_MIN_ROWS = 256
+
+
+def measured_rows(rows: int, every: int) -> int:
+  """How many of a pass's `rows` the telemetry reads (static)."""
+  share = -(-rows // every)
+  return min(rows, max(share, TELEMETRY_MIN_ROWS))
+
+
+def rows_for_pass(x2d: jax.Array, passes: jax.Array, every: int) -> jax.Array:
+  """The rows of `x2d` (N, D) that pass number `passes` measures: the block
+  `passes % every` of size `measured_rows(N, every)` (the last block ends at row N)."""
+  n = x2d.shape[0]
+  size = measured_rows(n, every)
+  if size == n:
+    return x2d
+  start = jnp.minimum((passes % every) * size, n - size)
+  return jax.lax.dynamic_slice_in_dim(x2d, start.astype(jnp.int32), size, axis=0)
 
 
 @struct.dataclass
@@ -99,13 +122,19 @@ def with_shift(tel: TelemetryState, first_row: jax.Array) -> TelemetryState:
 
 
 def partials_reference(blocks: jax.Array, shift: jax.Array, *, corr_rows: int,
-                       correlation: bool, dead_eps: float = DEAD_EPS) -> TelemetryPartials:
-  """Sums of one step, `blocks` of shape (N, K, c) (padded nodes must be 0)."""
+                       correlation: bool, dead_eps: float = DEAD_EPS,
+                       corr_blocks: jax.Array | None = None) -> TelemetryPartials:
+  """Sums of one step, `blocks` of shape (N, K, c) (padded nodes must be 0). The Gram matrix
+  is taken on the first `corr_rows` rows of `corr_blocks` (default: `blocks`)."""
   a = blocks.astype(jnp.float32)
   d = a - shift[None]
   n = a.shape[0]
-  m = min(corr_rows, n) if correlation else 0
-  ds = d[:m]
+  if corr_blocks is None:
+    m = min(corr_rows, n) if correlation else 0
+    ds = d[:m]
+  else:
+    m = min(corr_rows, corr_blocks.shape[0]) if correlation else 0
+    ds = corr_blocks[:m].astype(jnp.float32) - shift[None]
   gram = (jnp.einsum("nki,nkj->kij", ds, ds, precision=jax.lax.Precision.HIGHEST)
           if correlation else jnp.zeros((shift.shape[0], 0, 0), jnp.float32))
   return TelemetryPartials(
@@ -125,19 +154,10 @@ def merge(tel: TelemetryState, p: TelemetryPartials) -> TelemetryState:
                      corr_sum=add(tel.corr_sum, p.corr_sum), gram=add(tel.gram, p.gram))
 
 
-def scheduled(tel: TelemetryState, measure, every: int = DEFAULT_TELEMETRY_EVERY
-              ) -> TelemetryState:
-  """One training pass's telemetry on the schedule `every`: `measure(tel)` (the pass's
-  partial sums merged in) on the passes `0, every, 2 * every, ...` since the last reset, `tel`
-  unchanged on the others (a `lax.cond`: the skipped passes compute nothing); `passes`
-  advances either way. The first pass of an epoch always measures, so every report has data,
-  and its figures (variance, dead ratio, correlation) are averages over the rows of the
-  passes that measured (`count` and `corr_count` count only those)."""
-  if every == 1:
-    new = measure(tel)
-  else:
-    new = jax.lax.cond(tel.passes % every == 0, measure, lambda t: t, tel)
-  return new.replace(passes=tel.passes + 1)
+def scheduled(tel: TelemetryState, measure) -> TelemetryState:
+  """One training pass's telemetry: `measure(tel)` (the pass's partial sums, on the rows
+  `rows_for_pass` picks, merged in); `passes` advances."""
+  return measure(tel).replace(passes=tel.passes + 1)
 
 
 def record_gradients(tel: TelemetryState, child_grad_norm: jax.Array,

@@ -144,27 +144,38 @@ def _passes(spec, seeds, p, xs, forward):
 
 
 @pytest.mark.parametrize("path", ["reference", "fused"])
-def test_telemetry_schedule_sums_the_measured_passes(path):
+def test_telemetry_measures_a_moving_block_of_rows(path):
+  """`telemetry_every=4` on 1024-row passes: the reference path measures rows 0-255 of the
+  first pass, 256-511 of the second, ... (the same sums as measuring those rows whole); the
+  fused path, which sums every row in passing, measures them all."""
   fwd = (layer_lib.forward_reference if path == "reference"
          else lambda *a, **k: common.forward(*a, **k, fused=common.fused_blend_jnp))
   _, seeds, p, _, _ = _problem(list(MIXED))
-  xs = [jax.random.normal(jax.random.key(10 + i), (12, 26)) for i in range(7)]
-  spec3, _, _, _, _ = _problem(list(MIXED), every=3)
+  rows = 4 * tel_lib.TELEMETRY_MIN_ROWS
+  xs = [jax.random.normal(jax.random.key(10 + i), (rows, 26)) for i in range(6)]
+  spec4, _, _, _, _ = _problem(list(MIXED), every=4)
   spec1, _, _, _, _ = _problem(list(MIXED), every=1)
-  got = _passes(spec3, seeds, p, xs, fwd)
-  want = _passes(spec1, seeds, p, [xs[0], xs[3], xs[6]], fwd)
-  assert int(got.passes) == 7 and int(want.passes) == 3
-  _assert_trees(got.replace(passes=want.passes), want, tol=1e-6)
-  # Its report: averages over the measured passes' rows.
-  r3 = layer_lib.health_report(spec3, got, seeds)
-  r1 = layer_lib.health_report(spec1, want, seeds)
-  _assert_trees(r3, r1, tol=1e-6)
+  got = _passes(spec4, seeds, p, xs, fwd)
+  size = tel_lib.measured_rows(rows, 4)
+  assert size == rows // 4
+  blocks = xs if path == "fused" else [x[(i % 4) * size:(i % 4 + 1) * size]
+                                       for i, x in enumerate(xs)]
+  want = _passes(spec1, seeds, p, blocks, fwd)
+  whole = _passes(spec1, seeds, p, xs, fwd)
+  assert int(got.passes) == 6 and float(got.count) == sum(b.shape[0] for b in blocks)
+  # The sums: those of the blocks; the Gram matrix: each pass's own first rows, as always.
+  corr = ("corr_count", "corr_sum", "gram")
+  want = want.replace(**{f: getattr(whole, f) for f in corr})
+  _assert_trees(got, want, tol=1e-5)
+  # Its report: averages over the measured rows.
+  _assert_trees(layer_lib.health_report(spec4, got, seeds),
+                layer_lib.health_report(spec1, want, seeds), tol=1e-5)
 
 
-def test_telemetry_reset_measures_first_pass():
+def test_small_batches_are_measured_whole():
   spec, seeds, p, _, _ = _problem(list(MIXED), every=4)
   tel = _passes(spec, seeds, p, [jnp.ones((3, 26))] * 2, layer_lib.forward_reference)
-  assert float(tel.count) == 3.0
+  assert float(tel.count) == 6.0 and int(tel.passes) == 2
   tel = tel_lib.reset(tel)
   assert int(tel.passes) == 0
   _, aux = layer_lib.forward_reference(spec, p, seeds, jnp.ones((3, 26)), telemetry=tel)
@@ -183,23 +194,25 @@ class _Net(nn.Module):
 
 def test_epoch_report_same_on_a_deterministic_case():
   """Activations that repeat every step (learning rate 0, one batch): the epoch report is the
-  same whether every step or one in three measured."""
+  same whether every row or a moving quarter of them is measured each step (after four steps
+  every row was measured equally often)."""
   rng = np.random.default_rng(0)
-  batch = {"x": jnp.asarray(rng.standard_normal((16, 5), np.float32)),
-           "y": jnp.asarray(rng.integers(0, 3, 16).astype(np.int32))}
+  rows = 4 * tel_lib.TELEMETRY_MIN_ROWS
+  batch = {"x": jnp.asarray(rng.standard_normal((rows, 5), np.float32)),
+           "y": jnp.asarray(rng.integers(0, 3, rows).astype(np.int32))}
   reports = {}
-  for every in (1, 3):
+  for every in (1, 4):
     state = training.create_train_state(_Net(every), optax.sgd(0.0), batch["x"],
                                         jax.random.key(0))
-    for _ in range(7):
+    for _ in range(8):
       state, _ = training.train_step(state, batch, training.cross_entropy_loss)
     lv = knn.find_layers(state.kasmina)[("hidden", "kasmina")]
-    assert float(lv.telemetry.count) == 16 * (7 if every == 1 else 3)
+    assert float(lv.telemetry.count) == 8 * rows // every
     reports[every] = layer_lib.health_report(lv.spec, lv.telemetry, lv.seeds)
     _, out = training.epoch_transition(state, batch, training.cross_entropy_loss)
     reports[f"epoch{every}"] = out.report.layers[("hidden", "kasmina")]
-  _assert_trees(reports[1], reports[3], tol=1e-6)
-  _assert_trees(reports["epoch1"], reports["epoch3"], tol=1e-6)
+  _assert_trees(reports[1], reports[4], tol=1e-5)
+  _assert_trees(reports["epoch1"], reports["epoch4"], tol=1e-5)
 
 
 # ------------------------------------------------------------------------------- drift, masks
@@ -366,3 +379,93 @@ def test_checkpoints_neither_store_nor_compare_liveness(tmp_path):
   # Restored data may come from any stages: the fact is forgotten, never carried over.
   assert knn.find_layers(restored.kasmina)[path].live is None
   assert knn.find_layers(restored_known.kasmina)[path].live is None
+
+
+# ------------------------------------------------------- forwarded leaves, the drift sample
+
+
+def _arrays(tree):
+  """The array leaves of `tree` (PRNG keys as their data), for comparing values."""
+  return [jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x
+          for x in jax.tree.leaves(tree)]
+
+
+def _germinated_state():
+  """A model whose layer has no live seed but one GERMINATED seed (its step counters move)."""
+  rng = np.random.default_rng(1)
+  batch = {"x": jnp.asarray(rng.standard_normal((16, 5), np.float32)),
+           "y": jnp.asarray(rng.integers(0, 3, 16).astype(np.int32))}
+  state = training.create_train_state(_Net(1), optax.adam(1e-2), batch["x"], jax.random.key(0))
+  path = ("hidden", "kasmina")
+  lv = knn.find_layers(state.kasmina)[path]
+  seeds = lv.seeds.replace(stage=lv.seeds.stage.at[1].set(int(Stage.GERMINATED)),
+                           blueprint=lv.seeds.blueprint.at[1].set(0))
+  state = state.replace(kasmina=knn.set_path(state.kasmina, path + ("state",),
+                                             lv.replace(seeds=seeds)))
+  return training.refresh_liveness(state), batch, path
+
+
+def test_statically_dormant_step_equals_the_general_step():
+  """A layer known to have no live seed skips the seeds' update, the children's optimizer
+  work and the non-finite flags; three steps leave every leaf of the state as the general
+  program (liveness unknown) does."""
+  state, batch, path = _germinated_state()
+  assert knn.find_layers(state.kasmina)[path].live is False
+  unknown = state.replace(kasmina=knn.map_layers(lambda v: v.replace(live=None), state.kasmina))
+  outs = {}
+  for name, st in (("known", state), ("unknown", unknown)):
+    for _ in range(3):
+      st, _ = training.train_step(st, batch, training.cross_entropy_loss)
+    outs[name] = st
+  known_seeds = knn.find_layers(outs["known"].kasmina)[path].seeds
+  assert np.asarray(known_seeds.steps_in_stage).tolist() == [0, 3, 0, 0]
+  _assert_trees(_arrays(outs["known"]), _arrays(outs["unknown"]), tol=1e-6)
+
+
+def test_train_step_forwards_the_leaves_it_leaves_alone():
+  """The leaves a dormant step does not change come back as the caller's own arrays (no
+  copies); the values are those of the plain jitted step."""
+  state, batch, path = _germinated_state()
+  new, metrics = training.train_step(state, batch, training.cross_entropy_loss)
+  # Under an outer `jit` every leaf is an output of the one program: the plain jitted step.
+  plain_new, plain_metrics = jax.jit(training.train_step, static_argnums=2)(
+      state, batch, training.cross_entropy_loss)
+  _assert_trees(_arrays((new, metrics)), _arrays((plain_new, plain_metrics)), tol=0.0)
+  assert new.rng is state.rng and new.epoch is state.epoch
+  assert all(a is b for a, b in zip(jax.tree.leaves(new.ctrl), jax.tree.leaves(state.ctrl)))
+  children = knn.children_path(path)
+  assert all(a is b for a, b in zip(jax.tree.leaves(knn.get_path(new.params, children)),
+                                     jax.tree.leaves(knn.get_path(state.params, children))))
+  old_seeds = knn.find_layers(state.kasmina)[path].seeds
+  new_seeds = knn.find_layers(new.kasmina)[path].seeds
+  assert new_seeds.stage is old_seeds.stage and new_seeds.alpha is old_seeds.alpha
+  assert new_seeds.steps_in_stage is not old_seeds.steps_in_stage
+  # What changes is new: the host weights, the step, the telemetry.
+  assert new.step is not state.step and int(new.step) == 1
+  host = jax.tree.leaves(knn.get_path(new.params, ("head",)))
+  assert not any(a is b for a, b in zip(host, jax.tree.leaves(
+      knn.get_path(state.params, ("head",)))))
+  # Under an outer trace (jit, scan) it is the same function.
+  twice = jax.jit(lambda s: training.train_step(
+      training.train_step(s, batch, training.cross_entropy_loss)[0], batch,
+      training.cross_entropy_loss)[0])(state)
+  step2, _ = training.train_step(new, batch, training.cross_entropy_loss)
+  _assert_trees(_arrays(twice), _arrays(step2), tol=1e-6)
+
+
+def test_drift_is_measured_on_sampled_rows():
+  """A leaf with more than `DRIFT_ROWS` rows keeps every s-th row in the snapshot; the drift
+  of a uniformly scaled host is exact, and a full snapshot gives the same figure."""
+  rows = 4 * orch.DRIFT_ROWS + 3
+  params = {"big": {"kernel": jnp.ones((rows, 6)), "bias": jnp.ones((6,))},
+            "small": {"kernel": jnp.ones((orch.DRIFT_ROWS, 2))}}
+  snap = orch.drift_snapshot(params)
+  assert snap["big"]["kernel"].shape == (len(range(0, rows, 4)), 6)
+  assert snap["small"]["kernel"].shape == (orch.DRIFT_ROWS, 2)
+  moved = jax.tree.map(lambda x: 1.25 * x, params)
+  assert float(orch.host_drift(moved, snap)) == pytest.approx(0.25, rel=1e-6)
+  assert float(orch.host_drift(moved, params)) == pytest.approx(0.25, rel=1e-6)
+  kept = orch.refresh_snapshot(jnp.asarray(False), moved, snap)
+  new = orch.refresh_snapshot(jnp.asarray(True), moved, snap)
+  _assert_trees(kept, snap)
+  assert float(orch.host_drift(moved, new)) == 0.0

@@ -17,6 +17,7 @@ from kasmina_jax import lifecycle
 from kasmina_jax import nn as knn
 from kasmina_jax import nnx as knx
 from kasmina_jax import optim
+from kasmina_jax import telemetry as tel_lib
 from kasmina_jax.lifecycle import Stage
 
 IN, FEATURES, K, OUT = 6, 12, 4, 3
@@ -217,9 +218,10 @@ def test_nnx_train_step_matches_linen_and_accumulates_telemetry():
     loss_n = nnx_train_step(dense, optimizer, u, y)
     params, kas, opt_state, loss_l = step(params, kas, opt_state, u, y)
     np.testing.assert_allclose(loss_n, loss_l, rtol=1e-5)
-    # One training pass in telemetry_every measures (the first always does).
+    # Every training pass measures its share of the rows (`telemetry.measured_rows`).
     every = dense.kasmina.spec.telemetry_every
-    assert float(dense.kasmina.telemetry.get_value().count) == ROWS * len(range(0, i + 1, every))
+    assert (float(dense.kasmina.telemetry.get_value().count)
+            == tel_lib.measured_rows(ROWS, every) * (i + 1))
   chex.assert_trees_all_close(dense.host.kernel.get_value(), params["host"]["kernel"], rtol=1e-4,
                               atol=1e-6)
   chex.assert_trees_all_close(dense.kasmina.children.get(), params["kasmina"]["children"],
@@ -354,7 +356,8 @@ def test_parallel_wired_lifecycle_through_nnx_helpers():
   assert np.isfinite(float(loss))
   assert float(knx.child_loss(model)) > 0
   every = model.dense.kasmina.spec.telemetry_every
-  assert float(model.dense.kasmina.telemetry.get_value().count) == len(range(0, 3, every)) * ROWS
+  assert (float(model.dense.kasmina.telemetry.get_value().count)
+          == 3 * tel_lib.measured_rows(ROWS, every))
   w2 = np.asarray(model.dense.kasmina.children.w2.get_value())
   assert np.all(np.abs(w2[[0, 2]]).sum(axis=(1, 2)) > 0)
   host_out = nnx.jit(lambda m: m.out(jax.nn.relu(m.dense.host(jax.nn.relu(m.pre(x))))))(model)

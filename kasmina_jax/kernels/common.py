@@ -415,7 +415,9 @@ def forward(spec, params: bp_lib.ChildParams, seeds, x: jax.Array, *,
   new_tel = None
   if take_telemetry:
     partials = jax.tree.map(jax.lax.stop_gradient, _pad_partials(spec, outs.partials, shift))
-    new_tel = tel_lib.scheduled(tel, lambda t: tel_lib.merge(t, partials), spec.telemetry_every)
+    # The kernel summed every row in passing: all of them are merged (`telemetry_every`
+    # saves the reference path a read of the activations; here there is none to save).
+    new_tel = tel_lib.scheduled(tel, lambda t: tel_lib.merge(t, partials))
     new_tel = new_tel.replace(nonfinite=new_tel.nonfinite | (live & ~ok))
 
   aux = chunks.StepAux(child_loss=child_loss, objective=aux_objective, recon_ratio=aux_ratio,
