@@ -5,6 +5,8 @@ Expected values come from a float64 numpy model of DESIGN.md's definitions: `chu
 is the mean over a chunk's nodes of each node's variance over the rows; a node is dead when
 `|a| <= 1e-6` on at least 99% of the rows; `avg_inter_node_correlation` is the mean `|corr|`
 over distinct node pairs, a node without variance counting 0, and 0 for one-node chunks.
+The layers here measure every row (`telemetry_every=1`): these are tests of the statistics;
+the row sampling is tested in test_dormant.py.
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ def assert_statistics(rep, x, num_seeds, rtol=1e-4, atol=1e-6):
 
 
 def test_dead_node_ratio_counts_the_dead_nodes_of_a_chunk():
-  spec = layer.KasminaSpec(dim=8, num_seeds=2)  # two chunks of c = 4
+  spec = layer.KasminaSpec(telemetry_every=1, dim=8, num_seeds=2)  # two chunks of c = 4
   rows = 200
   x = np.random.default_rng(0).standard_normal((rows, 8)).astype(np.float32)
   x[:, 1] = 0.0  # dead
@@ -90,13 +92,13 @@ def test_dead_node_ratio_counts_the_dead_nodes_of_a_chunk():
 
 
 def test_perfectly_correlated_nodes_have_correlation_one():
-  spec = layer.KasminaSpec(dim=4, num_seeds=2)  # chunks of two nodes: one pair each
+  spec = layer.KasminaSpec(telemetry_every=1, dim=4, num_seeds=2)  # chunks of two nodes: one pair each
   z = np.random.default_rng(1).standard_normal((64, 2)).astype(np.float32)
   x = np.stack([z[:, 0], 3 * z[:, 0] + 1, z[:, 1], -2 * z[:, 1] + 5], -1)  # +1 and -1
   rep = report(spec, [x])
   np.testing.assert_allclose(rep.avg_inter_node_correlation, [1.0, 1.0], rtol=1e-5)
   # In a chunk of three, the correlated pair is one of three pairs.
-  spec3 = layer.KasminaSpec(dim=3, num_seeds=1)
+  spec3 = layer.KasminaSpec(telemetry_every=1, dim=3, num_seeds=1)
   x3 = np.stack([z[:, 0], 2 * z[:, 0], z[:, 1]], -1)
   rep3 = report(spec3, [x3])
   r = abs(np.corrcoef(z[:, 0], z[:, 1])[0, 1])
@@ -104,7 +106,7 @@ def test_perfectly_correlated_nodes_have_correlation_one():
 
 
 def test_constant_chunk_has_zero_variance_and_zero_correlation():
-  spec = layer.KasminaSpec(dim=9, num_seeds=3)
+  spec = layer.KasminaSpec(telemetry_every=1, dim=9, num_seeds=3)
   x = np.random.default_rng(2).standard_normal((32, 9)).astype(np.float32)
   x[:, 0:3] = 5.0  # a constant chunk, not dead
   x[:, 3:6] = 0.0  # a zero chunk: constant and dead
@@ -117,7 +119,7 @@ def test_constant_chunk_has_zero_variance_and_zero_correlation():
 
 
 def test_large_mean_does_not_cancel():
-  spec = layer.KasminaSpec(dim=6, num_seeds=2)
+  spec = layer.KasminaSpec(telemetry_every=1, dim=6, num_seeds=2)
   rng = np.random.default_rng(3)
   z = rng.standard_normal((2048, 6))
   z[:, 1] = 0.8 * z[:, 0] + 0.6 * z[:, 1]  # correlated with node 0
@@ -143,12 +145,12 @@ def test_statistics_match_numpy_on_random_data(dim, num_seeds):
   x = (rng.standard_normal((48, dim)) * rng.uniform(0.1, 3.0, dim)
        + rng.uniform(-5, 5, dim)).astype(np.float32)
   x[:, -1] = 0.5 * x[:, -2] + 0.1 * rng.standard_normal(48).astype(np.float32)
-  rep = report(layer.KasminaSpec(dim=dim, num_seeds=num_seeds), [x])
+  rep = report(layer.KasminaSpec(telemetry_every=1, dim=dim, num_seeds=num_seeds), [x])
   assert_statistics(rep, x, num_seeds)
 
 
 def test_accumulation_over_steps_equals_one_shot():
-  spec = layer.KasminaSpec(dim=10, num_seeds=3)
+  spec = layer.KasminaSpec(telemetry_every=1, dim=10, num_seeds=3)
   rng = np.random.default_rng(4)
   x = (rng.standard_normal((48, 10)) * 2 + 3).astype(np.float32)
   x[:, 0] = 0.0
@@ -162,7 +164,7 @@ def test_accumulation_over_steps_equals_one_shot():
 
 
 def test_correlation_uses_the_first_corr_rows_of_each_step():
-  spec = layer.KasminaSpec(dim=6, num_seeds=2, corr_rows=8)
+  spec = layer.KasminaSpec(telemetry_every=1, dim=6, num_seeds=2, corr_rows=8)
   rng = np.random.default_rng(5)
   x = rng.standard_normal((3, 32, 6)).astype(np.float32)
   rep = report(spec, list(x))
@@ -175,7 +177,7 @@ def test_correlation_uses_the_first_corr_rows_of_each_step():
 
 
 def test_correlation_disabled():
-  spec = layer.KasminaSpec(dim=6, num_seeds=2, corr_rows=0)
+  spec = layer.KasminaSpec(telemetry_every=1, dim=6, num_seeds=2, corr_rows=0)
   assert layer.init_telemetry(spec).gram.shape == (2, 0, 0)
   z = np.random.default_rng(6).standard_normal((16, 1)).astype(np.float32)
   rep = report(spec, [np.tile(z, (1, 6))])
@@ -183,7 +185,7 @@ def test_correlation_disabled():
 
 
 def test_per_node_mode():
-  spec = layer.KasminaSpec(dim=5, num_seeds=5)
+  spec = layer.KasminaSpec(telemetry_every=1, dim=5, num_seeds=5)
   x = np.random.default_rng(7).standard_normal((40, 5)).astype(np.float32)
   x[:, 3] = 0.0
   rep = report(spec, [x])
@@ -193,7 +195,7 @@ def test_per_node_mode():
 
 
 def test_leading_dims_and_bfloat16_inputs():
-  spec = layer.KasminaSpec(dim=8, num_seeds=2)
+  spec = layer.KasminaSpec(telemetry_every=1, dim=8, num_seeds=2)
   x = np.random.default_rng(8).standard_normal((2, 3, 8))
   xb = jnp.asarray(x, jnp.bfloat16)
   tel = accumulate(spec, [xb])
@@ -203,7 +205,7 @@ def test_leading_dims_and_bfloat16_inputs():
 
 
 def test_nonfinite_steps_are_dropped():
-  spec = layer.KasminaSpec(dim=6, num_seeds=2)
+  spec = layer.KasminaSpec(telemetry_every=1, dim=6, num_seeds=2)
   rng = np.random.default_rng(9)
   good = rng.standard_normal((16, 6)).astype(np.float32)
   bad = rng.standard_normal((16, 6)).astype(np.float32)
@@ -215,7 +217,7 @@ def test_nonfinite_steps_are_dropped():
 
 
 def test_evaluation_passes_take_no_telemetry():
-  spec = layer.KasminaSpec(dim=6, num_seeds=2)
+  spec = layer.KasminaSpec(telemetry_every=1, dim=6, num_seeds=2)
   x = jnp.ones((4, 6))
   _, aux = jax.jit(layer.forward, static_argnums=0)(
       spec, layer.init_children(spec), init_seed_state(2), x,
@@ -228,7 +230,7 @@ def test_evaluation_passes_take_no_telemetry():
 
 
 def test_health_report_blueprint_metrics_for_active_seeds():
-  spec = layer.KasminaSpec(dim=16, num_seeds=4)
+  spec = layer.KasminaSpec(telemetry_every=1, dim=16, num_seeds=4)
   stages = jnp.array([Stage.DORMANT, Stage.TRAINING, Stage.GRAFTING, Stage.FOSSILIZED], jnp.int32)
   blueprints = jnp.array([-1, 0, 2, 4], jnp.int32)
   seeds = init_seed_state(4).replace(
@@ -256,7 +258,7 @@ def test_health_report_blueprint_metrics_for_active_seeds():
 
 
 def test_reset_gives_fresh_accumulators_of_the_same_shapes():
-  spec = layer.KasminaSpec(dim=6, num_seeds=2)
+  spec = layer.KasminaSpec(telemetry_every=1, dim=6, num_seeds=2)
   tel = accumulate(spec, [np.ones((4, 6), np.float32)])
   fresh = tel_lib.reset(tel)
   for a, b in zip(jax.tree.leaves(fresh), jax.tree.leaves(layer.init_telemetry(spec))):
