@@ -65,10 +65,14 @@ what it does now:
    Per-partition norms: only with `max_grad_norm` (not in the default step).
 5. The train step's own extras (training.py): the host gradient norm (one read of every
    gradient; it feeds the non-finite skip, the epoch's mean grad norm and GRAD_NORM_GATED),
-   the whole-model drift for the epoch report (reads params and snapshot), the snapshot
-   refresh `where(refresh, params, snapshot)` (reads both, writes the snapshot: a full
-   parameter-sized pass every step), and the non-finite `keep` selects (fused into Adam's
-   update). These remain; see the final report of issue 19 for what is left.
+   the whole-model drift for the epoch report and the snapshot refresh, and the non-finite
+   `keep` selects (fused into Adam's update). Now the drift and the snapshot cover at most
+   `orchestration.DRIFT_ROWS` rows of each leaf (1/16 of a 4096-row kernel) instead of a
+   pass over every parameter each step.
+6. The outputs: every state leaf a jitted step returns is a fresh buffer, the unchanged ones
+   included (78 copies a step). Now `train_step` forwards the leaves it did not change
+   (`_forwarding.ForwardingJit`), and a dormant layer's seeds, children and moments are among
+   them. `profile_step.py` has the host's side of this (dispatch against wall clock).
 """
 
 from __future__ import annotations
