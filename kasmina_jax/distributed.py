@@ -65,6 +65,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from kasmina_jax import _checks
+from kasmina_jax import _forwarding
 from kasmina_jax import kernels
 from kasmina_jax import linen as knn
 from kasmina_jax import tamiyo
@@ -243,8 +244,11 @@ def _compiled(mesh: Mesh, axis: str, seed_axis: str | None = None):
     def rollback(state, ctrl):
       return training.apply_rollback(state, ctrl)
 
+    # The step forwards the state leaves it leaves alone, as `training.train_step` does
+    # (`_forwarding`): the caller's replicated arrays, no copies.
     return (
-        jax.jit(step, static_argnums=(2,), in_shardings=(rep, data), out_shardings=rep),
+        _forwarding.ForwardingJit(step, static_argnums=(2,), in_shardings=(rep, data),
+                                  out_shardings=rep),
         # The validation batch is placed before the call (sharded when its rows divide over
         # the data axis, else replicated), so its sharding is taken from the argument.
         jax.jit(transition, static_argnums=(2, 3), out_shardings=rep),
