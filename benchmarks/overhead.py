@@ -199,20 +199,16 @@ def time_pair(steps: dict, states: dict, batches, args) -> dict:
   cur = dict(states)
   for name, step in steps.items():
     for i in range(args.warmup):
-      out, _ = step(cur[name], batches[i % len(batches)])
-      if not name.endswith(":frozen"):
-        cur[name] = out
-    _block(out)
+      cur[name], _ = step(cur[name], batches[i % len(batches)])
+    _block(cur[name])
   times = {name: [] for name in steps}
   for _ in range(args.repeats):
     for name, step in steps.items():
       s = cur[name]
       t0 = time.perf_counter()
       for i in range(args.steps):
-        out, _ = step(s, batches[i % len(batches)])
-        if not name.endswith(":frozen"):
-          s = out
-      _block(out)
+        s, _ = step(s, batches[i % len(batches)])
+      _block(s)
       times[name].append(1e3 * (time.perf_counter() - t0) / args.steps)
       cur[name] = s
   return {name: (statistics.median(t), t) for name, t in times.items()}

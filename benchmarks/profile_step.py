@@ -60,7 +60,7 @@ def fusion_sources(hlo_text: str) -> dict:
   """{instruction name: 'op_name @ file:line'} from the optimized HLO's metadata."""
   out = {}
   for line in hlo_text.splitlines():
-    m = re.match(r"\s*(?:ROOT\s+)?([\w.\-]+)\s*=.*?metadata=\{([^}]*)\}", line)
+    m = re.match(r"\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?metadata=\{([^}]*)\}", line)
     if not m:
       continue
     meta = m.group(2)
@@ -104,8 +104,9 @@ def main(argv=None):
         text = jax.jit(step).lower(st, batches[0]).compile().as_text()
         srcs = fusion_sources(text)
         for k in (rec["kernels"] or {}).get("top", []):
-          base = re.sub(r"^(.*?)(_\d+)?$", r"\1", k["name"])
-          k["source"] = srcs.get(k["name"]) or srcs.get(base, "")
+          # A kernel is named after its fusion, with "_N" where the HLO name has ".N".
+          hlo_name = re.sub(r"_(\d+)$", r".\1", k["name"])
+          k["source"] = srcs.get(k["name"]) or srcs.get(hlo_name, "")
         rec["hlo_chars"] = len(text)
         with open(os.path.join(a.out, f"hlo_{rows}_{name.replace(' ', '_')}.txt"), "w") as fh:
           fh.write(text)

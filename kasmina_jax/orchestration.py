@@ -203,10 +203,11 @@ DRIFT_ROWS = 256
 
 
 def _drift_rows(x: jax.Array) -> jax.Array:
-  """The rows of `x` the drift is measured on (all of them up to `DRIFT_ROWS`)."""
-  if jnp.ndim(x) < 2 or x.shape[0] <= DRIFT_ROWS:
-    return x
-  return x[::x.shape[0] // DRIFT_ROWS]
+  """The rows of `x` the drift is measured on (all of them up to `DRIFT_ROWS`). Idempotent:
+  a sample has fewer than 2 * DRIFT_ROWS rows, so it is its own sample (a snapshot leaf and
+  its param leaf both map to the same rows)."""
+  stride = x.shape[0] // DRIFT_ROWS if jnp.ndim(x) >= 2 else 1
+  return x if stride <= 1 else x[::stride]
 
 
 def drift_snapshot(params):
@@ -225,18 +226,13 @@ def refresh_snapshot(refresh: jax.Array, params, snapshot):
                       params, snapshot, is_leaf=is_child)
 
 
-def _as_sampled(x: jax.Array, like: jax.Array) -> jax.Array:
-  """`x` (a param leaf, or a snapshot leaf) on the rows of the snapshot leaf `like`."""
-  return x if jnp.shape(x) == jnp.shape(like) else _drift_rows(x)
-
-
 def host_drift(params, snapshot) -> jax.Array:
   """`||theta - theta_snap|| / ||theta_snap||` over the host's parameters (the whole model:
   the epoch report's figure; grafting uses each layer's own, `layer_host_drift`), on the rows
   `drift_snapshot` keeps (`DRIFT_ROWS`). `snapshot` may also be a full copy of `params`."""
-  p, s = host_only(params), host_only(snapshot)
-  s = jax.tree.map(lambda a, b: _drift_rows(b) if jnp.shape(a) == jnp.shape(b) else b, p, s)
-  diff = jax.tree.map(lambda a, b: _as_sampled(a, b) - b, p, s)
+  p = jax.tree.map(_drift_rows, host_only(params))
+  s = jax.tree.map(_drift_rows, host_only(snapshot))
+  diff = jax.tree.map(lambda a, b: a - b, p, s)
   return jnp.sqrt(_sq_norm(diff)) / jnp.maximum(jnp.sqrt(_sq_norm(s)), 1e-12)
 
 

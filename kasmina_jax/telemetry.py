@@ -129,12 +129,9 @@ def partials_reference(blocks: jax.Array, shift: jax.Array, *, corr_rows: int,
   a = blocks.astype(jnp.float32)
   d = a - shift[None]
   n = a.shape[0]
-  if corr_blocks is None:
-    m = min(corr_rows, n) if correlation else 0
-    ds = d[:m]
-  else:
-    m = min(corr_rows, corr_blocks.shape[0]) if correlation else 0
-    ds = corr_blocks[:m].astype(jnp.float32) - shift[None]
+  corr = d if corr_blocks is None else corr_blocks.astype(jnp.float32) - shift[None]
+  m = min(corr_rows, corr.shape[0]) if correlation else 0
+  ds = corr[:m]
   gram = (jnp.einsum("nki,nkj->kij", ds, ds, precision=jax.lax.Precision.HIGHEST)
           if correlation else jnp.zeros((shift.shape[0], 0, 0), jnp.float32))
   return TelemetryPartials(

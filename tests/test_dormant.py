@@ -328,11 +328,17 @@ def test_static_live_must_be_a_python_bool(live):
     layer_lib.forward(spec, p, seeds, x, live=live)
 
 
-def test_liveness_follows_the_stages_and_is_never_stale():
-  rng = np.random.default_rng(0)
+def _tiny_run(seed):
+  """A 16-row batch and a fresh `_Net(1)` state trained by Adam (every seed dormant)."""
+  rng = np.random.default_rng(seed)
   batch = {"x": jnp.asarray(rng.standard_normal((16, 5), np.float32)),
            "y": jnp.asarray(rng.integers(0, 3, 16).astype(np.int32))}
   state = training.create_train_state(_Net(1), optax.adam(1e-2), batch["x"], jax.random.key(0))
+  return state, batch
+
+
+def test_liveness_follows_the_stages_and_is_never_stale():
+  state, batch = _tiny_run(0)
   path = ("hidden", "kasmina")
   lv = knn.find_layers(state.kasmina)[path]
   assert lv.live is False  # a new model: every seed dormant
@@ -392,10 +398,7 @@ def _arrays(tree):
 
 def _germinated_state():
   """A model whose layer has no live seed but one GERMINATED seed (its step counters move)."""
-  rng = np.random.default_rng(1)
-  batch = {"x": jnp.asarray(rng.standard_normal((16, 5), np.float32)),
-           "y": jnp.asarray(rng.integers(0, 3, 16).astype(np.int32))}
-  state = training.create_train_state(_Net(1), optax.adam(1e-2), batch["x"], jax.random.key(0))
+  state, batch = _tiny_run(1)
   path = ("hidden", "kasmina")
   lv = knn.find_layers(state.kasmina)[path]
   seeds = lv.seeds.replace(stage=lv.seeds.stage.at[1].set(int(Stage.GERMINATED)),
