@@ -529,8 +529,8 @@ def main(argv=None):
                   elif not args.no_validate:
                     rec["errors"] = {kk: rel_err(got[kk], ref[kk]) for kk in got}
                   ms = time_jax(fn, fargs, args.iterations, args.repeats)
-                  if args.breakdown and (impl, mode) not in shown:
-                    shown.add((impl, mode))
+                  if args.breakdown and (impl, mode, dtype, k) not in shown:
+                    shown.add((impl, mode, dtype, k))
                     from jax.experimental.mosaic.gpu import profiler  # pylint: disable=g-import-not-at-top
                     _, per_kernel = profiler.measure(fn, aggregate=False)(*fargs)
                     print(f"  kernels of {impl} {mode} {dtype} D={dim} K={k} act={frac}: "

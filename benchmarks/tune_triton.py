@@ -30,11 +30,13 @@ from kasmina_jax.kernels import common  # noqa: E402
 from kasmina_jax.kernels import triton as kt  # noqa: E402
 
 # class -> (D, K) used to tune it
-CLASSES = {"small": (4096, 64), "medium": (8192, 64), "node": (4096, 4096)}
+CLASSES = {"small": (4096, 64), "medium": (8192, 64), "wide": (4096, 16), "node": (4096, 4096)}
 
 
-def _c(br, t, w, s, prec=None, bn=None):
+def _c(br, t, w, s, prec=None, bn=None, spp=None):
   cfg = dict(BR=br, TILES=t, num_warps=w, num_stages=s)
+  if spp:
+    cfg["SPP"] = spp
   if prec:
     cfg["PREC"] = prec
   if bn:
@@ -43,15 +45,21 @@ def _c(br, t, w, s, prec=None, bn=None):
 
 
 SWEEP = {
-    ("fwd", "small"): [_c(32, 16, 2, 2), _c(16, 32, 2, 2), _c(32, 16, 4, 2), _c(64, 8, 4, 2),
-                       _c(16, 16, 2, 2), _c(32, 8, 2, 3)],
-    ("fwd", "medium"): [_c(16, 16, 4, 2), _c(16, 16, 2, 2), _c(16, 32, 4, 2)],
+    ("fwd", "small"): [_c(br, t, w, st, spp=spp) for br, t in ((16, 32), (32, 16), (64, 8),
+                                                                (32, 32), (64, 16))
+                       for w in (2, 4) for st in (2, 3) for spp in (1, 2)],
+    ("fwd", "medium"): [_c(16, 16, 4, 2), _c(16, 32, 2, 2), _c(32, 16, 4, 2), _c(32, 16, 4, 3)],
+    ("fwd", "wide"): [_c(br, t, w, st) for br, t in ((16, 32), (32, 16), (16, 16), (64, 8))
+                      for w in (4, 8) for st in (2, 3)],
     ("fwd", "node"): [_c(32, 4, 4, 2, bn=64), _c(16, 8, 4, 2, bn=64), _c(32, 4, 8, 2, bn=128),
                       _c(64, 2, 8, 2, bn=64), _c(16, 8, 4, 2, bn=128), _c(32, 8, 2, 2, bn=32),
-                      _c(8, 16, 4, 2, bn=128)],
-    ("bwd", "small"): [_c(64, 32, 4, 2), _c(16, 64, 2, 2), _c(32, 32, 2, 2)],
-    ("bwd", "medium"): [_c(16, 32, 4, 2), _c(16, 32, 2, 2)],
-    ("bwd", "node"): [_c(8, 32, 4, 2, bn=32), _c(4, 64, 4, 2, bn=64)],
+                      _c(8, 16, 4, 2, bn=128), _c(32, 16, 4, 2, bn=64)],
+    ("bwd", "small"): [_c(br, t, w, st) for br, t in ((16, 64), (32, 32), (64, 16), (64, 32),
+                                                      (128, 8))
+                       for w in (2, 4, 8) for st in (2, 3)],
+    ("bwd", "medium"): [_c(16, 32, 4, 2), _c(16, 32, 2, 2), _c(32, 16, 4, 2)],
+    ("bwd", "wide"): [_c(br, t, w, 2) for br, t in ((16, 32), (32, 16), (64, 8)) for w in (4, 8)],
+    ("bwd", "node"): [_c(8, 32, 4, 2, bn=32), _c(4, 64, 4, 2, bn=64), _c(8, 16, 4, 2, bn=64)],
 }
 
 
@@ -71,20 +79,27 @@ def problem(rows, dim, k, dtype):
   return spec, params, seed_in, x, ct, shift
 
 
-def measure(fn, args, iterations=10, repeats=3):
+def measure(fn, args, iterations=10, repeats=3, warmup_s=0.05):
+  """Median device time (ms) over repeats x iterations calls, and the (min, max) spread.
+  Each configuration first runs for `warmup_s` seconds: an idle GPU clocks down (345 MHz
+  SM clock seen at rest), and the first calls of a cold configuration ran 2-3x slower."""
   from jax.experimental.mosaic.gpu import profiler  # pylint: disable=g-import-not-at-top
+  jax.block_until_ready(fn(*args))
+  t_end = time.time() + warmup_s
+  while time.time() < t_end:
+    jax.block_until_ready(fn(*args))
   samples = []
   for _ in range(repeats):
     _, t = profiler.measure(fn, aggregate=True, iterations=iterations)(*args)
     samples.extend(t)
-  return float(np.median(samples))
+  return float(np.median(samples)), (float(np.min(samples)), float(np.max(samples)))
 
 
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--rows", type=int, default=16384)
   p.add_argument("--dtypes", default="f32,bf16")
-  p.add_argument("--classes", default="small,node,medium")
+  p.add_argument("--classes", default="small,wide,node,medium")
   p.add_argument("--kinds", default="fwd,bwd")
   p.add_argument("--out", default=os.environ.get("OUT") or "")
   a = p.parse_args()
@@ -112,13 +127,13 @@ def main():
               r2 = jnp.full((k,), 0.01, jnp.float32)
               fn = jax.jit(lambda x_, p_, c_: kt._backward_impl(spec, x_, p_, seed_in, None, ok, c_, r2))  # pylint: disable=protected-access
               args = (x, params, ct)
-              passes = 3  # read x, read ct; no dx write (blending seeds)
-            ms = measure(fn, args)
+              passes = 2  # read x, read ct; no dx write (blending seeds)
+            ms, spread = measure(fn, args)
             gbps = passes * nbytes / ms / 1e6
-            msg = f"{ms:.4f} ms {gbps:.0f} GB/s"
+            msg = f"{ms:.4f} ms ({spread[0]:.4f}..{spread[1]:.4f}) {gbps:.0f} GB/s"
           except Exception as e:  # pylint: disable=broad-except
-            ms, gbps, msg = None, None, f"FAILED {type(e).__name__}: {str(e)[:200]}"
-          rec = dict(dtype=dname, cls=cls, kind=kind, cfg=cfg, ms=ms, gbps=gbps)
+            ms, gbps, spread, msg = None, None, None, f"FAILED {type(e).__name__}: {str(e)[:200]}"
+          rec = dict(dtype=dname, cls=cls, kind=kind, cfg=cfg, ms=ms, spread=spread, gbps=gbps)
           results.append(rec)
           print(f"{dname} {cls:<6} {kind} {json.dumps(cfg)} {msg}  [{time.time() - t0:.0f}s]",
                 flush=True)

@@ -53,6 +53,7 @@ CONFIGS = {
     "all_stages": (22, 11, bp.default_blueprints(), None, 5),
     "per_node": (8, 8, NODE_BLUEPRINTS, 3, 10),
     "uneven_node_tail": (6, 4, bp.default_blueprints(), None, 0),
+    "even_wide": (64, 4, bp.default_blueprints(), None, 5),
 }
 
 
@@ -522,3 +523,23 @@ def test_triton_default_precision_and_eval_pass_interpreted(triton_interpreted):
   check_against_reference(spec, params, seeds, x, u, tel, tol=1e-5, forward=triton_forward,
                           eval_alpha=0.6, precision=None)
   assert {kw["PREC"] for _, kw in triton_interpreted.launches} == {"tf32"}
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_triton_even_tiles_interpreted(triton_interpreted, monkeypatch, dtype):
+  """Even chunks (a power of two wide) and whole strips take the unmasked loads, and two
+  seeds share a forward program; bfloat16 at JAX's default precision runs its dots on
+  bfloat16 operands (the interpreter rounds them too), float32 on the exact path."""
+  for kind in ("fwd", "bwd"):
+    monkeypatch.setitem(ktriton.CONFIG_OVERRIDES, (kind, "small"),
+                        dict(BR=16, TILES=2, SPP=2, num_warps=2, num_stages=2))
+  spec, params, seeds, x, u, tel = make_layer("even_wide", jax.random.PRNGKey(4), dtype=dtype,
+                                              lead=(64,))
+  bf16 = dtype == jnp.bfloat16
+  check_against_reference(spec, params, seeds, x, u, tel, tol=3e-2 if bf16 else 1e-5,
+                          forward=triton_forward, precision=None if bf16 else "highest")
+  launches = triton_interpreted.launches
+  assert {n for n, _ in launches} == {"fwd_coarse", "bwd_coarse"}
+  assert all(kw["MASKED"] is False and kw["EVEN_C"] is True for _, kw in launches), launches
+  assert all(kw["LOWP"] is bf16 for _, kw in launches)
+  assert [kw["SPP"] for n, kw in launches if n == "fwd_coarse"] == [2]

@@ -105,8 +105,34 @@ def triton_call(*args, kernel, out_shape, grid, num_warps=None, num_stages=None,
   return res[0] if single else res
 
 
+def _patch_bf16_dot() -> None:
+  """Triton 3.6's interpreter stores bfloat16 as its uint16 bit patterns and its `tl.dot`
+  multiplies those patterns as integers (a bfloat16 dot returns ~1e10 where it should
+  return ~1). Widen bfloat16 operands to float32 first: exact, and what the tensor-core dot
+  computes (float32 accumulation of bfloat16 products)."""
+  from triton.runtime import interpreter  # pylint: disable=g-import-not-at-top
+  import triton.language as tl  # pylint: disable=g-import-not-at-top
+  builder = interpreter.InterpreterBuilder
+  if getattr(builder.create_dot, "_kasmina_bf16", False):
+    return
+  original = builder.create_dot
+
+  def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+    def widen(h):
+      if h.dtype.scalar == tl.bfloat16:
+        return interpreter.TensorHandle(
+            interpreter._convert_float(h.data, tl.bfloat16, tl.float32, None).view(np.float32),  # pylint: disable=protected-access
+            tl.float32)
+      return h
+    return original(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
+
+  create_dot._kasmina_bf16 = True  # pylint: disable=protected-access
+  builder.create_dot = create_dot
+
+
 def stand_in() -> types.ModuleType:
   """The stand-in `jax_triton` module (set `TRITON_INTERPRET=1` before the kernels load)."""
+  _patch_bf16_dot()
   mod = types.ModuleType("jax_triton")
   mod.launches = []  # (kernel name, metaparameters) of every call, as traced
 

@@ -44,95 +44,258 @@ def _act_grad(pre, a0, a1, a2, a3, ACTS: tl.constexpr):
     g += a3 * (1.0 - th * th)
   return g
 
+# -------------------------------------------------------------- tiles
+@triton.jit
+def _load(ptr, mask, MASKED: tl.constexpr):
+  """A tile load; unmasked where the shape is even (a mask the compiler cannot prove
+  uniform stops it from vectorising the load)."""
+  if MASKED:
+    v = tl.load(ptr, mask=mask, other=0.0)
+  else:
+    v = tl.load(ptr)
+  return v
+
+
+@triton.jit
+def _store(ptr, v, mask, MASKED: tl.constexpr):
+  if MASKED:
+    tl.store(ptr, v, mask=mask)
+  else:
+    tl.store(ptr, v)
+
+
+@triton.jit
+def _dot(a, b, PREC: tl.constexpr, LOWP: tl.constexpr):
+  """a @ b accumulating in float32: with LOWP (16-bit activations at JAX's default
+  precision) on bfloat16 operands, as XLA's dot of bfloat16 arrays; else on float32 operands
+  at input precision PREC."""
+  if LOWP:
+    r = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), out_dtype=tl.float32)
+  else:
+    r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PREC)
+  return r
+
+
+@triton.jit
+def _telemetry_tile(x, shift, m2, acc_s, acc_q, acc_d, acc_x2, TELEMETRY: tl.constexpr,
+                    MASKED: tl.constexpr, DEAD_EPS: tl.constexpr):
+  """Adds a tile's column sums (shifted sum, sum of squares, dead count) and its sum of
+  squares of x (per column) to the strip's accumulators. Masked elements are 0 in x."""
+  if TELEMETRY:
+    dlt = x - shift[None, :]
+    dead = tl.abs(x) <= DEAD_EPS
+    if MASKED:
+      dlt = tl.where(m2, dlt, 0.0)
+      dead = dead & m2
+    acc_s += tl.sum(dlt, 0)
+    acc_q += tl.sum(dlt * dlt, 0)
+    acc_d += tl.sum(dead.to(tl.float32), 0)
+  acc_x2 += tl.sum(x * x, 0)
+  return acc_s, acc_q, acc_d, acc_x2
+
+
 # -------------------------------------------------------------- coarse forward
+@triton.jit
+def _fwd_coarse_seed(strip, k, x_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2_ptr, s_ptr,
+                     preu_ptr, shift_ptr, live_ptr, blend_ptr, act_ptr, glu_ptr, diag_ptr,
+                     res_ptr, hmask_ptr, out_ptr, tsum_ptr, tsq_ptr, tdead_ptr, r2_ptr, x2_ptr,
+                     bad_ptr, N: tl.constexpr, D: tl.constexpr, K: tl.constexpr,
+                     Q: tl.constexpr, R: tl.constexpr, C: tl.constexpr, H: tl.constexpr,
+                     CP: tl.constexpr, HP: tl.constexpr, BR: tl.constexpr, TILES: tl.constexpr,
+                     ACTS: tl.constexpr, HAS_GLU: tl.constexpr, HAS_DIAG: tl.constexpr,
+                     HAS_PREU: tl.constexpr, TELEMETRY: tl.constexpr, PREC: tl.constexpr,
+                     LOWP: tl.constexpr, EVEN_C: tl.constexpr, MASKED: tl.constexpr,
+                     DEAD_EPS: tl.constexpr):
+  """One seed's chunk over one strip of rows (see `fwd_coarse`)."""
+  ck = Q + (k < R).to(tl.int32)
+  if EVEN_C:
+    off = k * C
+  else:
+    off = k * Q + tl.minimum(k, R)
+  cols = tl.arange(0, CP)
+  colm = cols < ck
+  live = tl.load(live_ptr + k) > 0.0
+  if TELEMETRY:
+    shift = tl.load(shift_ptr + k * C + cols, mask=cols < C, other=0.0)
+  else:
+    shift = tl.zeros([CP], tl.float32)
+  acc_s = tl.zeros([CP], tl.float32)
+  acc_q = tl.zeros([CP], tl.float32)
+  acc_d = tl.zeros([CP], tl.float32)
+  acc_x2 = tl.zeros([CP], tl.float32)
+  acc_r2 = tl.zeros([CP], tl.float32)
+  acc_bad = tl.zeros([CP], tl.float32)
+  # Two loops, not a branch inside one: a dormant seed's chunk costs its read and its write,
+  # and the live loop stays free of control flow (Triton pipelines its loads).
+  if live:
+    hs = tl.arange(0, HP)
+    hm = hs < H
+    blend = tl.load(blend_ptr + k)
+    res = tl.load(res_ptr + k) > 0.0
+    wm = colm[:, None] & hm[None, :]
+    w1 = tl.load(w1_ptr + k * C * H + cols[:, None] * H + hs[None, :], mask=wm, other=0.0)
+    w2 = tl.load(w2_ptr + k * H * C + hs[:, None] * C + cols[None, :],
+                 mask=hm[:, None] & colm[None, :], other=0.0)
+    b1 = tl.load(b1_ptr + k * H + hs, mask=hm, other=0.0)
+    b2 = tl.load(b2_ptr + k * C + cols, mask=colm, other=0.0)
+    w2 = w2 * tl.load(hmask_ptr + k * H + hs, mask=hm, other=0.0)[:, None]
+    a0 = tl.load(act_ptr + k * 4 + 0)
+    a1 = tl.load(act_ptr + k * 4 + 1)
+    a2 = tl.load(act_ptr + k * 4 + 2)
+    a3 = tl.load(act_ptr + k * 4 + 3)
+    if HAS_GLU:
+      glu = tl.load(glu_ptr + k)
+      wg = tl.load(wg_ptr + k * C * H + cols[:, None] * H + hs[None, :], mask=wm, other=0.0)
+      bg = tl.load(bg_ptr + k * H + hs, mask=hm, other=0.0)
+    if HAS_DIAG:
+      sd = tl.load(s_ptr + k * C + cols, mask=colm, other=0.0) * tl.load(diag_ptr + k)
+    for t in range(TILES):
+      rows = (strip * TILES + t) * BR + tl.arange(0, BR)
+      rm = rows < N
+      m2 = rm[:, None] & colm[None, :]
+      xo = rows[:, None] * D + off + cols[None, :]
+      xr = _load(x_ptr + xo, m2, MASKED)
+      x = xr.to(tl.float32)
+      acc_s, acc_q, acc_d, acc_x2 = _telemetry_tile(x, shift, m2, acc_s, acc_q, acc_d, acc_x2,
+                                                    TELEMETRY, MASKED, DEAD_EPS)
+      pre = _dot(xr, w1, PREC, LOWP) + b1[None, :]
+      if HAS_PREU:
+        pre += tl.load(preu_ptr + rows[:, None] * (K * H) + k * H + hs[None, :],
+                       mask=rm[:, None] & hm[None, :], other=0.0)
+      a = _act(pre, a0, a1, a2, a3, ACTS)
+      if HAS_GLU:
+        gate = tl.sigmoid(_dot(xr, wg, PREC, LOWP) + bg[None, :])
+        a = a * tl.where(glu > 0.0, gate, 1.0)
+      f = _dot(a, w2, PREC, LOWP) + b2[None, :]
+      if HAS_DIAG:
+        f += sd[None, :] * x
+      bad = ~(tl.abs(f) < 3.0e38)
+      r = tl.where(res, f, f - x)
+      if MASKED:
+        bad = bad & m2
+        r = tl.where(m2, r, 0.0)
+      acc_bad += tl.sum(bad.to(tl.float32), 0)
+      acc_r2 += tl.sum(r * r, 0)
+      out = x + blend * r
+      _store(out_ptr + xo, out.to(out_ptr.dtype.element_ty), m2, MASKED)
+  else:
+    for t in range(TILES):
+      rows = (strip * TILES + t) * BR + tl.arange(0, BR)
+      m2 = (rows < N)[:, None] & colm[None, :]
+      xo = rows[:, None] * D + off + cols[None, :]
+      xr = _load(x_ptr + xo, m2, MASKED)
+      acc_s, acc_q, acc_d, acc_x2 = _telemetry_tile(xr.to(tl.float32), shift, m2, acc_s, acc_q,
+                                                    acc_d, acc_x2, TELEMETRY, MASKED, DEAD_EPS)
+      _store(out_ptr + xo, xr, m2, MASKED)
+  pc = cols < C
+  if TELEMETRY:
+    po = (strip * K + k) * C + cols
+    tl.store(tsum_ptr + po, acc_s, mask=pc)
+    tl.store(tsq_ptr + po, acc_q, mask=pc)
+    tl.store(tdead_ptr + po, acc_d, mask=pc)
+  tl.store(r2_ptr + strip * K + k, tl.sum(acc_r2, 0))
+  tl.store(x2_ptr + strip * K + k, tl.sum(acc_x2, 0))
+  tl.store(bad_ptr + strip * K + k, tl.sum(acc_bad, 0))
+
+
 @triton.jit
 def fwd_coarse(x_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2_ptr, s_ptr, preu_ptr,
                shift_ptr, live_ptr, blend_ptr, act_ptr, glu_ptr, diag_ptr, res_ptr, hmask_ptr,
                out_ptr, tsum_ptr, tsq_ptr, tdead_ptr, r2_ptr, x2_ptr, bad_ptr,
                N: tl.constexpr, D: tl.constexpr, K: tl.constexpr, Q: tl.constexpr,
                R: tl.constexpr, C: tl.constexpr, H: tl.constexpr, CP: tl.constexpr,
-               HP: tl.constexpr, BR: tl.constexpr, TILES: tl.constexpr, ACTS: tl.constexpr,
-               HAS_GLU: tl.constexpr, HAS_DIAG: tl.constexpr, HAS_PREU: tl.constexpr,
-               TELEMETRY: tl.constexpr, PREC: tl.constexpr, DEAD_EPS: tl.constexpr):
+               HP: tl.constexpr, BR: tl.constexpr, TILES: tl.constexpr, SPP: tl.constexpr,
+               ACTS: tl.constexpr, HAS_GLU: tl.constexpr, HAS_DIAG: tl.constexpr,
+               HAS_PREU: tl.constexpr, TELEMETRY: tl.constexpr, PREC: tl.constexpr,
+               LOWP: tl.constexpr, EVEN_C: tl.constexpr, MASKED: tl.constexpr,
+               DEAD_EPS: tl.constexpr):
+  """Program (strip, g): rows [strip * TILES * BR, + TILES * BR) of seeds g * SPP .. + SPP
+  (SPP divides K), one `BR`-row tile at a time; telemetry sums per strip."""
   strip = tl.program_id(0)
-  k = tl.program_id(1)
-  ck = Q + (k < R).to(tl.int32)
-  off = k * Q + tl.minimum(k, R)
-  cols = tl.arange(0, CP)
-  colm = cols < ck
-  hs = tl.arange(0, HP)
-  hm = hs < H
-  live = tl.load(live_ptr + k) > 0.0
-  blend = tl.load(blend_ptr + k)
-  res = tl.load(res_ptr + k) > 0.0
-  wm = colm[:, None] & hm[None, :]
-  w1 = tl.load(w1_ptr + k * C * H + cols[:, None] * H + hs[None, :], mask=wm, other=0.0)
-  w2 = tl.load(w2_ptr + k * H * C + hs[:, None] * C + cols[None, :], mask=hm[:, None] & colm[None, :], other=0.0)
-  b1 = tl.load(b1_ptr + k * H + hs, mask=hm, other=0.0)
-  b2 = tl.load(b2_ptr + k * C + cols, mask=colm, other=0.0)
-  hmask = tl.load(hmask_ptr + k * H + hs, mask=hm, other=0.0)
-  a0 = tl.load(act_ptr + k * 4 + 0)
-  a1 = tl.load(act_ptr + k * 4 + 1)
-  a2 = tl.load(act_ptr + k * 4 + 2)
-  a3 = tl.load(act_ptr + k * 4 + 3)
-  if HAS_GLU:
-    glu = tl.load(glu_ptr + k)
-    wg = tl.load(wg_ptr + k * C * H + cols[:, None] * H + hs[None, :], mask=wm, other=0.0)
-    bg = tl.load(bg_ptr + k * H + hs, mask=hm, other=0.0)
-  if HAS_DIAG:
-    sd = tl.load(s_ptr + k * C + cols, mask=colm, other=0.0) * tl.load(diag_ptr + k)
-  if TELEMETRY:
-    shift = tl.load(shift_ptr + k * C + cols, mask=colm, other=0.0)
-  # Sums kept per tile element and reduced once per strip (no reduction in the loop).
-  acc_s = tl.zeros([BR, CP], tl.float32)
-  acc_q = tl.zeros([BR, CP], tl.float32)
-  acc_d = tl.zeros([BR, CP], tl.float32)
-  acc_x2 = tl.zeros([BR, CP], tl.float32)
-  acc_r2 = tl.zeros([BR, CP], tl.float32)
-  acc_bad = tl.zeros([BR, CP], tl.float32)
+  for j in tl.static_range(SPP):
+    _fwd_coarse_seed(strip, tl.program_id(1) * SPP + j, x_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr,
+                     w2_ptr, b2_ptr, s_ptr, preu_ptr, shift_ptr, live_ptr, blend_ptr, act_ptr,
+                     glu_ptr, diag_ptr, res_ptr, hmask_ptr, out_ptr, tsum_ptr, tsq_ptr,
+                     tdead_ptr, r2_ptr, x2_ptr, bad_ptr, N, D, K, Q, R, C, H, CP, HP, BR, TILES,
+                     ACTS, HAS_GLU, HAS_DIAG, HAS_PREU, TELEMETRY, PREC, LOWP, EVEN_C, MASKED,
+                     DEAD_EPS)
+
+# -------------------------------------------------------------- coarse backward
+@triton.jit
+def _bwd_coarse_loop(strip, k, off, cols, colm, hs, hm, x_ptr, ct_ptr, preu_ptr, dx_ptr,
+                     dpreu_ptr, w1, b1, wg, bg, w2, b2, sd, diag, glu, a0, a1, a2, a3, res,
+                     blend, gb, hg, ctr2, repl, N: tl.constexpr, D: tl.constexpr,
+                     K: tl.constexpr, H: tl.constexpr, CP: tl.constexpr, HP: tl.constexpr,
+                     BR: tl.constexpr, TILES: tl.constexpr, ACTS: tl.constexpr,
+                     HAS_GLU: tl.constexpr, HAS_DIAG: tl.constexpr, HAS_PREU: tl.constexpr,
+                     PREC: tl.constexpr, LOWP: tl.constexpr, MASKED: tl.constexpr,
+                     WRITE_DX: tl.constexpr):
+  """The strip's tiles of one live seed: recomputes the child, accumulates the parameter
+  gradients (w2 before its hidden mask) and, with WRITE_DX, writes the chunk's input
+  gradient."""
+  acc_w1 = tl.zeros([CP, HP], tl.float32)
+  acc_b1 = tl.zeros([HP], tl.float32)
+  acc_w2 = tl.zeros([HP, CP], tl.float32)
+  acc_b2 = tl.zeros([CP], tl.float32)
+  acc_wg = tl.zeros([CP, HP], tl.float32)
+  acc_bg = tl.zeros([HP], tl.float32)
+  acc_s = tl.zeros([CP], tl.float32)
   for t in range(TILES):
     rows = (strip * TILES + t) * BR + tl.arange(0, BR)
     rm = rows < N
     m2 = rm[:, None] & colm[None, :]
     xo = rows[:, None] * D + off + cols[None, :]
-    x = tl.load(x_ptr + xo, mask=m2, other=0.0).to(tl.float32)
-    if TELEMETRY:
-      dlt = tl.where(m2, x - shift[None, :], 0.0)
-      acc_s += dlt
-      acc_q += dlt * dlt
-      acc_d += tl.where(m2 & (tl.abs(x) <= DEAD_EPS), 1.0, 0.0)
-    acc_x2 += x * x
-    if live:
-      pre = tl.dot(x, w1, input_precision=PREC) + b1[None, :]
-      if HAS_PREU:
-        pre += tl.load(preu_ptr + rows[:, None] * (K * H) + k * H + hs[None, :],
-                       mask=rm[:, None] & hm[None, :], other=0.0)
-      a = _act(pre, a0, a1, a2, a3, ACTS)
+    xr = _load(x_ptr + xo, m2, MASKED)
+    x = xr.to(tl.float32)
+    ct = _load(ct_ptr + xo, m2, MASKED).to(tl.float32)
+    pre = _dot(xr, w1, PREC, LOWP) + b1[None, :]
+    if HAS_PREU:
+      pre += tl.load(preu_ptr + rows[:, None] * (K * H) + k * H + hs[None, :],
+                     mask=rm[:, None] & hm[None, :], other=0.0)
+    av = _act(pre, a0, a1, a2, a3, ACTS)
+    a = av
+    if HAS_GLU:
+      gate = tl.sigmoid(_dot(xr, wg, PREC, LOWP) + bg[None, :])
+      gate = tl.where(glu, gate, 1.0)
+      a = av * gate
+    f = _dot(a, w2, PREC, LOWP) + b2[None, :]
+    if HAS_DIAG:
+      f += sd[None, :] * x
+    r = tl.where(res, f, f - x)
+    ctf = gb * ct + 2.0 * ctr2 * r
+    if MASKED:
+      ctf = tl.where(m2, ctf, 0.0)
+    acc_w2 += _dot(tl.trans(a), ctf, PREC, LOWP)
+    acc_b2 += tl.sum(ctf, 0)
+    da = _dot(ctf, tl.trans(w2), PREC, LOWP)
+    if HAS_GLU:
+      dgp = tl.where(glu, da * av * gate * (1.0 - gate), 0.0)
+      if MASKED:
+        dgp = tl.where(rm[:, None], dgp, 0.0)
+      da = da * gate
+      acc_wg += _dot(tl.trans(x), dgp, PREC, LOWP)
+      acc_bg += tl.sum(dgp, 0)
+    dpre = da * _act_grad(pre, a0, a1, a2, a3, ACTS)
+    if MASKED:
+      dpre = tl.where(rm[:, None] & hm[None, :], dpre, 0.0)
+    acc_w1 += _dot(tl.trans(x), dpre, PREC, LOWP)
+    acc_b1 += tl.sum(dpre, 0)
+    if HAS_DIAG:
+      acc_s += tl.sum(ctf * x, 0) * diag
+    if HAS_PREU:
+      tl.store(dpreu_ptr + rows[:, None] * (K * H) + k * H + hs[None, :], dpre,
+               mask=rm[:, None] & hm[None, :])
+    if WRITE_DX:
+      dxc = _dot(dpre, tl.trans(w1), PREC, LOWP)
       if HAS_GLU:
-        gate = tl.sigmoid(tl.dot(x, wg, input_precision=PREC) + bg[None, :])
-        a = a * tl.where(glu > 0.0, gate, 1.0)
-      a = a * hmask[None, :]
-      f = tl.dot(a, w2, input_precision=PREC) + b2[None, :]
+        dxc += _dot(dgp, tl.trans(wg), PREC, LOWP)
       if HAS_DIAG:
-        f += sd[None, :] * x
-      acc_bad += tl.where(m2 & ~(tl.abs(f) < 3.0e38), 1.0, 0.0)
-      r = tl.where(m2, tl.where(res, f, f - x), 0.0)
-      acc_r2 += r * r
-      out = x + blend * r
-    else:
-      out = x
-    tl.store(out_ptr + xo, out.to(out_ptr.dtype.element_ty), mask=m2)
-  pc = cols < C
-  if TELEMETRY:
-    po = (strip * K + k) * C + cols
-    tl.store(tsum_ptr + po, tl.sum(acc_s, 0), mask=pc)
-    tl.store(tsq_ptr + po, tl.sum(acc_q, 0), mask=pc)
-    tl.store(tdead_ptr + po, tl.sum(acc_d, 0), mask=pc)
-  tl.store(r2_ptr + strip * K + k, tl.sum(tl.sum(acc_r2, 1), 0))
-  tl.store(x2_ptr + strip * K + k, tl.sum(tl.sum(acc_x2, 1), 0))
-  tl.store(bad_ptr + strip * K + k, tl.sum(tl.sum(acc_bad, 1), 0))
+        dxc += ctf * sd[None, :]
+      dx = ct + hg * (dxc - repl * blend * ct)
+      _store(dx_ptr + xo, dx.to(dx_ptr.dtype.element_ty), m2, MASKED)
+  return acc_w1, acc_b1, acc_w2, acc_b2, acc_wg, acc_bg, acc_s
 
-# -------------------------------------------------------------- coarse backward
+
 @triton.jit
 def bwd_coarse(x_ptr, ct_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2_ptr, s_ptr, preu_ptr,
                live_ptr, blend_ptr, gblend_ptr, hgrad_ptr, ok_ptr, ctr2_ptr, act_ptr, glu_ptr,
@@ -142,96 +305,75 @@ def bwd_coarse(x_ptr, ct_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2_ptr, s_
                R: tl.constexpr, C: tl.constexpr, H: tl.constexpr, CP: tl.constexpr,
                HP: tl.constexpr, BR: tl.constexpr, TILES: tl.constexpr, ACTS: tl.constexpr,
                HAS_GLU: tl.constexpr, HAS_DIAG: tl.constexpr, HAS_PREU: tl.constexpr,
-               PREC: tl.constexpr):
+               PREC: tl.constexpr, LOWP: tl.constexpr, EVEN_C: tl.constexpr,
+               MASKED: tl.constexpr):
+  """Program (strip, k). A seed that is off (not live, or not ok) reads nothing; the input
+  gradient (aliased to the output cotangent) is written only where the child is in the
+  gradient path (host_grad > 0)."""
   strip = tl.program_id(0)
   k = tl.program_id(1)
   ck = Q + (k < R).to(tl.int32)
-  off = k * Q + tl.minimum(k, R)
+  if EVEN_C:
+    off = k * C
+  else:
+    off = k * Q + tl.minimum(k, R)
   cols = tl.arange(0, CP)
   colm = cols < ck
   hs = tl.arange(0, HP)
   hm = hs < H
   on = (tl.load(live_ptr + k) > 0.0) & (tl.load(ok_ptr + k) > 0.0)
-  blend = tl.load(blend_ptr + k)
-  gb = tl.load(gblend_ptr + k)
   hg = tl.load(hgrad_ptr + k)
-  ctr2 = tl.load(ctr2_ptr + k)
-  res = tl.load(res_ptr + k) > 0.0
-  repl = tl.where(res, 0.0, 1.0)
-  write_dx = on & (hg > 0.0)
-  wm = colm[:, None] & hm[None, :]
-  w1 = tl.load(w1_ptr + k * C * H + cols[:, None] * H + hs[None, :], mask=wm, other=0.0)
-  w2 = tl.load(w2_ptr + k * H * C + hs[:, None] * C + cols[None, :], mask=hm[:, None] & colm[None, :], other=0.0)
-  b1 = tl.load(b1_ptr + k * H + hs, mask=hm, other=0.0)
-  b2 = tl.load(b2_ptr + k * C + cols, mask=colm, other=0.0)
   hmask = tl.load(hmask_ptr + k * H + hs, mask=hm, other=0.0)
-  a0 = tl.load(act_ptr + k * 4 + 0)
-  a1 = tl.load(act_ptr + k * 4 + 1)
-  a2 = tl.load(act_ptr + k * 4 + 2)
-  a3 = tl.load(act_ptr + k * 4 + 3)
-  if HAS_GLU:
-    glu = tl.load(glu_ptr + k) > 0.0
-    wg = tl.load(wg_ptr + k * C * H + cols[:, None] * H + hs[None, :], mask=wm, other=0.0)
-    bg = tl.load(bg_ptr + k * H + hs, mask=hm, other=0.0)
-    acc_wg = tl.zeros([CP, HP], tl.float32)
-    acc_bg = tl.zeros([HP], tl.float32)
-  if HAS_DIAG:
-    diag = tl.load(diag_ptr + k)
-    sd = tl.load(s_ptr + k * C + cols, mask=colm, other=0.0) * diag
-    acc_s = tl.zeros([CP], tl.float32)
   acc_w1 = tl.zeros([CP, HP], tl.float32)
   acc_b1 = tl.zeros([HP], tl.float32)
   acc_w2 = tl.zeros([HP, CP], tl.float32)
   acc_b2 = tl.zeros([CP], tl.float32)
+  acc_wg = tl.zeros([CP, HP], tl.float32)
+  acc_bg = tl.zeros([HP], tl.float32)
+  acc_s = tl.zeros([CP], tl.float32)
   if on:
-    for t in range(TILES):
-      rows = (strip * TILES + t) * BR + tl.arange(0, BR)
-      rm = rows < N
-      m2 = rm[:, None] & colm[None, :]
-      xo = rows[:, None] * D + off + cols[None, :]
-      x = tl.load(x_ptr + xo, mask=m2, other=0.0).to(tl.float32)
-      ct = tl.load(ct_ptr + xo, mask=m2, other=0.0).to(tl.float32)
-      pre = tl.dot(x, w1, input_precision=PREC) + b1[None, :]
-      if HAS_PREU:
-        pre += tl.load(preu_ptr + rows[:, None] * (K * H) + k * H + hs[None, :],
-                       mask=rm[:, None] & hm[None, :], other=0.0)
-      av = _act(pre, a0, a1, a2, a3, ACTS)
-      a = av
-      if HAS_GLU:
-        gate = tl.sigmoid(tl.dot(x, wg, input_precision=PREC) + bg[None, :])
-        gate = tl.where(glu, gate, 1.0)
-        a = av * gate
-      a = a * hmask[None, :]
-      f = tl.dot(a, w2, input_precision=PREC) + b2[None, :]
-      if HAS_DIAG:
-        f += sd[None, :] * x
-      r = tl.where(m2, tl.where(res, f, f - x), 0.0)
-      ctf = tl.where(m2, gb * ct + 2.0 * r * ctr2, 0.0)
-      acc_w2 += tl.dot(tl.trans(a), ctf, input_precision=PREC)
-      acc_b2 += tl.sum(ctf, 0)
-      da = tl.dot(ctf, tl.trans(w2), input_precision=PREC) * hmask[None, :]
-      if HAS_GLU:
-        dgp = tl.where(glu, da * av * gate * (1.0 - gate), 0.0)
-        da = da * gate
-        acc_wg += tl.dot(tl.trans(x), dgp, input_precision=PREC)
-        acc_bg += tl.sum(tl.where(rm[:, None], dgp, 0.0), 0)
-      dpre = da * _act_grad(pre, a0, a1, a2, a3, ACTS)
-      dpre = tl.where(rm[:, None] & hm[None, :], dpre, 0.0)
-      acc_w1 += tl.dot(tl.trans(x), dpre, input_precision=PREC)
-      acc_b1 += tl.sum(dpre, 0)
-      if HAS_DIAG:
-        acc_s += tl.sum(ctf * x, 0) * diag
-      if HAS_PREU:
-        tl.store(dpreu_ptr + rows[:, None] * (K * H) + k * H + hs[None, :], dpre,
-                 mask=rm[:, None] & hm[None, :])
-      if write_dx:
-        dxc = tl.dot(dpre, tl.trans(w1), input_precision=PREC)
-        if HAS_GLU:
-          dxc += tl.dot(dgp, tl.trans(wg), input_precision=PREC)
-        if HAS_DIAG:
-          dxc += ctf * sd[None, :]
-        dx = ct + hg * (dxc - repl * blend * ct)
-        tl.store(dx_ptr + xo, dx.to(dx_ptr.dtype.element_ty), mask=m2)
+    blend = tl.load(blend_ptr + k)
+    gb = tl.load(gblend_ptr + k)
+    ctr2 = tl.load(ctr2_ptr + k)
+    res = tl.load(res_ptr + k) > 0.0
+    repl = tl.where(res, 0.0, 1.0)
+    wm = colm[:, None] & hm[None, :]
+    w1 = tl.load(w1_ptr + k * C * H + cols[:, None] * H + hs[None, :], mask=wm, other=0.0)
+    w2 = tl.load(w2_ptr + k * H * C + hs[:, None] * C + cols[None, :],
+                 mask=hm[:, None] & colm[None, :], other=0.0) * hmask[:, None]
+    b1 = tl.load(b1_ptr + k * H + hs, mask=hm, other=0.0)
+    b2 = tl.load(b2_ptr + k * C + cols, mask=colm, other=0.0)
+    a0 = tl.load(act_ptr + k * 4 + 0)
+    a1 = tl.load(act_ptr + k * 4 + 1)
+    a2 = tl.load(act_ptr + k * 4 + 2)
+    a3 = tl.load(act_ptr + k * 4 + 3)
+    if HAS_GLU:
+      glu = tl.load(glu_ptr + k) > 0.0
+      wg = tl.load(wg_ptr + k * C * H + cols[:, None] * H + hs[None, :], mask=wm, other=0.0)
+      bg = tl.load(bg_ptr + k * H + hs, mask=hm, other=0.0)
+    else:
+      glu = False
+      wg = w1
+      bg = b1
+    if HAS_DIAG:
+      diag = tl.load(diag_ptr + k)
+      sd = tl.load(s_ptr + k * C + cols, mask=colm, other=0.0) * diag
+    else:
+      diag = 0.0
+      sd = b2
+    # Two loops rather than a branch per tile: only a seed in the gradient path writes dx.
+    if hg > 0.0:
+      acc_w1, acc_b1, acc_w2, acc_b2, acc_wg, acc_bg, acc_s = _bwd_coarse_loop(
+          strip, k, off, cols, colm, hs, hm, x_ptr, ct_ptr, preu_ptr, dx_ptr, dpreu_ptr, w1,
+          b1, wg, bg, w2, b2, sd, diag, glu, a0, a1, a2, a3, res, blend, gb, hg, ctr2, repl, N,
+          D, K, H, CP, HP, BR, TILES, ACTS, HAS_GLU, HAS_DIAG, HAS_PREU, PREC, LOWP, MASKED,
+          True)
+    else:
+      acc_w1, acc_b1, acc_w2, acc_b2, acc_wg, acc_bg, acc_s = _bwd_coarse_loop(
+          strip, k, off, cols, colm, hs, hm, x_ptr, ct_ptr, preu_ptr, dx_ptr, dpreu_ptr, w1,
+          b1, wg, bg, w2, b2, sd, diag, glu, a0, a1, a2, a3, res, blend, gb, hg, ctr2, repl, N,
+          D, K, H, CP, HP, BR, TILES, ACTS, HAS_GLU, HAS_DIAG, HAS_PREU, PREC, LOWP, MASKED,
+          False)
   else:
     if HAS_PREU:
       for t in range(TILES):
@@ -243,7 +385,7 @@ def bwd_coarse(x_ptr, ct_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2_ptr, s_
   base = strip * K + k
   tl.store(dw1_ptr + base * C * H + cols[:, None] * H + hs[None, :], acc_w1,
            mask=pc[:, None] & hm[None, :])
-  tl.store(dw2_ptr + base * H * C + hs[:, None] * C + cols[None, :], acc_w2,
+  tl.store(dw2_ptr + base * H * C + hs[:, None] * C + cols[None, :], acc_w2 * hmask[:, None],
            mask=hm[:, None] & pc[None, :])
   tl.store(db1_ptr + base * H + hs, acc_b1, mask=hm)
   tl.store(db2_ptr + base * C + cols, acc_b2, mask=pc)
@@ -262,9 +404,10 @@ def fwd_node(x_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2_ptr, s_ptr, preu_
              N: tl.constexpr, D: tl.constexpr, H: tl.constexpr, HP: tl.constexpr,
              BR: tl.constexpr, BN: tl.constexpr, TILES: tl.constexpr, ACTS: tl.constexpr,
              HAS_GLU: tl.constexpr, HAS_DIAG: tl.constexpr, HAS_PREU: tl.constexpr,
-             TELEMETRY: tl.constexpr, DEAD_EPS: tl.constexpr):
+             TELEMETRY: tl.constexpr, MASKED: tl.constexpr, DEAD_EPS: tl.constexpr):
   """Per-node mode: (BR, BN) element tiles, every node's child evaluated element-wise with
-  its hidden units unrolled (only 2-D tiles live in registers)."""
+  its hidden units unrolled (only 2-D tiles live in registers). A block of nodes none of
+  which is live runs a loop with no child work."""
   strip = tl.program_id(0)
   nb = tl.program_id(1)
   nodes = nb * BN + tl.arange(0, BN)
@@ -272,38 +415,36 @@ def fwd_node(x_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2_ptr, s_ptr, preu_
   livef = tl.load(live_ptr + nodes, mask=nm, other=0.0)
   live = livef > 0.0
   any_live = tl.max(livef, 0) > 0.0
-  blend = tl.load(blend_ptr + nodes, mask=nm, other=0.0)
-  res = tl.load(res_ptr + nodes, mask=nm, other=1.0) > 0.0
-  b2 = tl.load(b2_ptr + nodes, mask=nm, other=0.0)
-  a0 = tl.load(act_ptr + nodes * 4 + 0, mask=nm, other=0.0)[None, :]
-  a1 = tl.load(act_ptr + nodes * 4 + 1, mask=nm, other=0.0)[None, :]
-  a2 = tl.load(act_ptr + nodes * 4 + 2, mask=nm, other=0.0)[None, :]
-  a3 = tl.load(act_ptr + nodes * 4 + 3, mask=nm, other=0.0)[None, :]
-  if HAS_GLU:
-    glu = tl.load(glu_ptr + nodes, mask=nm, other=0.0) > 0.0
-  if HAS_DIAG:
-    sd = tl.load(s_ptr + nodes, mask=nm, other=0.0) * tl.load(diag_ptr + nodes, mask=nm, other=0.0)
   if TELEMETRY:
     shift = tl.load(shift_ptr + nodes, mask=nm, other=0.0)
+  else:
+    shift = tl.zeros([BN], tl.float32)
   acc_s = tl.zeros([BN], tl.float32)
   acc_q = tl.zeros([BN], tl.float32)
   acc_d = tl.zeros([BN], tl.float32)
   acc_x2 = tl.zeros([BN], tl.float32)
   acc_r2 = tl.zeros([BN], tl.float32)
   acc_bad = tl.zeros([BN], tl.float32)
-  for t in range(TILES):
-    rows = (strip * TILES + t) * BR + tl.arange(0, BR)
-    rm = rows < N
-    m2 = rm[:, None] & nm[None, :]
-    xo = rows[:, None] * D + nodes[None, :]
-    x = tl.load(x_ptr + xo, mask=m2, other=0.0).to(tl.float32)
-    if TELEMETRY:
-      dlt = tl.where(m2, x - shift[None, :], 0.0)
-      acc_s += tl.sum(dlt, 0)
-      acc_q += tl.sum(dlt * dlt, 0)
-      acc_d += tl.sum(tl.where(m2 & (tl.abs(x) <= DEAD_EPS), 1.0, 0.0), 0)
-    acc_x2 += tl.sum(x * x, 0)
-    if any_live:
+  if any_live:
+    blend = tl.load(blend_ptr + nodes, mask=nm, other=0.0)
+    res = tl.load(res_ptr + nodes, mask=nm, other=1.0) > 0.0
+    b2 = tl.load(b2_ptr + nodes, mask=nm, other=0.0)
+    a0 = tl.load(act_ptr + nodes * 4 + 0, mask=nm, other=0.0)[None, :]
+    a1 = tl.load(act_ptr + nodes * 4 + 1, mask=nm, other=0.0)[None, :]
+    a2 = tl.load(act_ptr + nodes * 4 + 2, mask=nm, other=0.0)[None, :]
+    a3 = tl.load(act_ptr + nodes * 4 + 3, mask=nm, other=0.0)[None, :]
+    if HAS_GLU:
+      glu = tl.load(glu_ptr + nodes, mask=nm, other=0.0) > 0.0
+    if HAS_DIAG:
+      sd = tl.load(s_ptr + nodes, mask=nm, other=0.0) * tl.load(diag_ptr + nodes, mask=nm,
+                                                                  other=0.0)
+    for t in range(TILES):
+      rows = (strip * TILES + t) * BR + tl.arange(0, BR)
+      m2 = (rows < N)[:, None] & nm[None, :]
+      xo = rows[:, None] * D + nodes[None, :]
+      x = _load(x_ptr + xo, m2, MASKED).to(tl.float32)
+      acc_s, acc_q, acc_d, acc_x2 = _telemetry_tile(x, shift, m2, acc_s, acc_q, acc_d, acc_x2,
+                                                    TELEMETRY, MASKED, DEAD_EPS)
       f = tl.zeros([BR, BN], tl.float32) + b2[None, :]
       for h in tl.static_range(H):
         w1h = tl.load(w1_ptr + nodes * H + h, mask=nm, other=0.0)
@@ -328,9 +469,16 @@ def fwd_node(x_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2_ptr, s_ptr, preu_
       r = tl.where(lm, tl.where(res[None, :], f, f - x), 0.0)
       acc_r2 += tl.sum(r * r, 0)
       out = x + blend[None, :] * r
-    else:
-      out = x
-    tl.store(out_ptr + xo, out.to(out_ptr.dtype.element_ty), mask=m2)
+      _store(out_ptr + xo, out.to(out_ptr.dtype.element_ty), m2, MASKED)
+  else:
+    for t in range(TILES):
+      rows = (strip * TILES + t) * BR + tl.arange(0, BR)
+      m2 = (rows < N)[:, None] & nm[None, :]
+      xo = rows[:, None] * D + nodes[None, :]
+      xr = _load(x_ptr + xo, m2, MASKED)
+      acc_s, acc_q, acc_d, acc_x2 = _telemetry_tile(xr.to(tl.float32), shift, m2, acc_s, acc_q,
+                                                    acc_d, acc_x2, TELEMETRY, MASKED, DEAD_EPS)
+      _store(out_ptr + xo, xr, m2, MASKED)
   if TELEMETRY:
     tl.store(tsum_ptr + strip * D + nodes, acc_s, mask=nm)
     tl.store(tsq_ptr + strip * D + nodes, acc_q, mask=nm)

@@ -45,7 +45,7 @@ from kasmina_jax import telemetry as tel_lib
 from kasmina_jax.kernels import common
 from kasmina_jax.kernels import select
 
-MAX_INLINE_CHUNK = 128
+MAX_INLINE_CHUNK = 256
 
 # Tiling per shape class (see `_config`); `CONFIG_OVERRIDES[(kind, class)]` (kind "fwd" or
 # "bwd") replaces an entry, for tuning runs.
@@ -84,7 +84,9 @@ def shape_class(spec) -> str:
   cp = max(16, _pow2(c))
   if cp <= 64:
     return "small"
-  return "medium"
+  if cp <= 128:
+    return "medium"
+  return "wide"
 
 
 # Measured on an H100 (benchmarks/tune_triton.py; see benchmarks/RESULTS.md). Keys
@@ -96,6 +98,8 @@ _DEFAULT_CONFIGS = {
     ("fwd", "small"): dict(BR=16, TILES=32, num_warps=2, num_stages=2),
     ("fwd", "medium"): dict(BR=16, TILES=32, num_warps=4, num_stages=2),
     ("fwd", "medium", "float32"): dict(BR=16, TILES=32, num_warps=4, num_stages=2, PREC="ieee"),
+    ("fwd", "wide"): dict(BR=16, TILES=32, num_warps=4, num_stages=2),
+    ("bwd", "wide"): dict(BR=16, TILES=32, num_warps=4, num_stages=2),
     ("bwd", "node"): dict(BR=8, BN=32, TILES=32, num_warps=4, num_stages=2),
     ("bwd", "node", "float32"): dict(BR=4, BN=64, TILES=64, num_warps=4, num_stages=2),
     ("bwd", "small"): dict(BR=64, TILES=32, num_warps=4, num_stages=2),
@@ -111,6 +115,29 @@ def _config(kind: str, spec, dtype) -> dict[str, Any]:
   cfg.update(_DEFAULT_CONFIGS.get((kind, cls, jnp.dtype(dtype).name), {}))
   cfg.update(CONFIG_OVERRIDES.get((kind, cls), {}))
   return cfg
+
+
+def low_precision_dots(dtype, precision) -> bool:
+  """bfloat16 activations at JAX's DEFAULT precision: the child's dots take bfloat16
+  operands (accumulating in float32), as XLA's dot of bfloat16 arrays does; HIGH and HIGHEST
+  (and every other dtype) keep float32 operands."""
+  return (jnp.dtype(dtype) == jnp.bfloat16
+          and chunks.effective_precision(precision) == jax.lax.Precision.DEFAULT)
+
+
+def _geometry(spec, n: int, rows_per_strip: int) -> dict[str, Any]:
+  """EVEN_C: every chunk is `chunk_width` wide, a power of two (no column mask, aligned
+  offsets); MASKED: some tile needs a mask (uneven chunks, or a partial last strip)."""
+  k, c = spec.num_seeds, spec.chunk_width
+  even_c = spec.dim % k == 0 and c == max(16, _pow2(c))
+  return dict(EVEN_C=even_c, MASKED=not (even_c and n % rows_per_strip == 0))
+
+
+def _seeds_per_program(cfg: dict[str, Any], k: int) -> int:
+  spp = int(cfg.get("SPP", 1))
+  while spp > 1 and k % spp:
+    spp //= 2
+  return max(1, spp)
 
 
 def input_precision(cfg: dict[str, Any], precision) -> str:
@@ -190,14 +217,17 @@ def _forward_impl(spec, telemetry: bool, x2d, params, seed_in, pre_u, shift, pre
     grid = (strips, -(-d // cfg["BN"]))
     outs = jt.triton_call(*args, kernel=kern["fwd_node"], out_shape=out_shape, grid=grid,
                           num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-                          BN=cfg["BN"], **common_kw)
+                          BN=cfg["BN"], MASKED=bool(d % cfg["BN"] or n % rows_per_strip),
+                          **common_kw)
   else:
     q, r = divmod(d, k)
-    grid = (strips, k)
-    outs = jt.triton_call(*args, kernel=kern["fwd_coarse"], out_shape=out_shape, grid=grid,
-                          num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-                          K=k, Q=q, R=r, C=c, CP=max(16, _pow2(c)),
-                          PREC=input_precision(cfg, precision), **common_kw)
+    spp = _seeds_per_program(cfg, k)
+    outs = jt.triton_call(*args, kernel=kern["fwd_coarse"], out_shape=out_shape,
+                          grid=(strips, k // spp), num_warps=cfg["num_warps"],
+                          num_stages=cfg["num_stages"], K=k, Q=q, R=r, C=c,
+                          CP=max(16, _pow2(c)), SPP=spp, PREC=input_precision(cfg, precision),
+                          LOWP=low_precision_dots(x2d.dtype, precision),
+                          **_geometry(spec, n, rows_per_strip), **common_kw)
   out, tsum, tsq, tdead, r2, x2, bad = outs
   ok = jnp.sum(bad, axis=0) == 0
   out = common.apply_guard(spec, x2d, out, ok)
@@ -286,7 +316,9 @@ def _backward_impl(spec, x2d, params, seed_in, pre_u, ok, ct_out, ct_sum_r2, pre
                           grid=(strips, k), num_warps=cfg["num_warps"],
                           num_stages=cfg["num_stages"], input_output_aliases=aliases,
                           K=k, Q=q, R=r, C=c, CP=max(16, _pow2(c)),
-                          PREC=input_precision(cfg, precision), **common_kw)
+                          PREC=input_precision(cfg, precision),
+                          LOWP=low_precision_dots(x2d.dtype, precision),
+                          **_geometry(spec, n, cfg["BR"] * cfg["TILES"]), **common_kw)
   dx, dw1, db1, dwg, dbg, dw2, db2, ds, dpreu = outs
   if node:
     dw1 = dw1.sum(0).reshape(k, 1, h)
