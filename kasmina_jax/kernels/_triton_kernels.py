@@ -79,8 +79,9 @@ def _dot(a, b, PREC: tl.constexpr, LOWP: tl.constexpr):
 @triton.jit
 def _telemetry_tile(x, shift, m2, acc_s, acc_q, acc_d, acc_x2, TELEMETRY: tl.constexpr,
                     MASKED: tl.constexpr, DEAD_EPS: tl.constexpr):
-  """Adds a tile's column sums (shifted sum, sum of squares, dead count) and its sum of
-  squares of x (per column) to the strip's accumulators. Masked elements are 0 in x."""
+  """Adds a tile's column sums to the strip's accumulators: with TELEMETRY the shifted sum,
+  shifted sum of squares and dead count, else the sum of squares of x. Masked elements are 0
+  in x."""
   if TELEMETRY:
     dlt = x - shift[None, :]
     dead = tl.abs(x) <= DEAD_EPS
@@ -90,7 +91,9 @@ def _telemetry_tile(x, shift, m2, acc_s, acc_q, acc_d, acc_x2, TELEMETRY: tl.con
     acc_s += tl.sum(dlt, 0)
     acc_q += tl.sum(dlt * dlt, 0)
     acc_d += tl.sum(dead.to(tl.float32), 0)
-  acc_x2 += tl.sum(x * x, 0)
+  else:
+    # With telemetry the wrapper derives sum(x^2) from the shifted sums (one reduction less).
+    acc_x2 += tl.sum(x * x, 0)
   return acc_s, acc_q, acc_d, acc_x2
 
 
@@ -405,9 +408,9 @@ def fwd_node(x_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2_ptr, s_ptr, preu_
              BR: tl.constexpr, BN: tl.constexpr, TILES: tl.constexpr, ACTS: tl.constexpr,
              HAS_GLU: tl.constexpr, HAS_DIAG: tl.constexpr, HAS_PREU: tl.constexpr,
              TELEMETRY: tl.constexpr, MASKED: tl.constexpr, DEAD_EPS: tl.constexpr):
-  """Per-node mode: (BR, BN) element tiles, every node's child evaluated element-wise with
-  its hidden units unrolled (only 2-D tiles live in registers). A block of nodes none of
-  which is live runs a loop with no child work."""
+  """Per-node mode: (BR, BN) element tiles, every node's child evaluated element-wise on
+  (BR, BN, HP) tensors. A block of nodes none of which is live runs a loop with no child
+  work."""
   strip = tl.program_id(0)
   nb = tl.program_id(1)
   nodes = nb * BN + tl.arange(0, BN)
@@ -429,12 +432,22 @@ def fwd_node(x_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2_ptr, s_ptr, preu_
     blend = tl.load(blend_ptr + nodes, mask=nm, other=0.0)
     res = tl.load(res_ptr + nodes, mask=nm, other=1.0) > 0.0
     b2 = tl.load(b2_ptr + nodes, mask=nm, other=0.0)
-    a0 = tl.load(act_ptr + nodes * 4 + 0, mask=nm, other=0.0)[None, :]
-    a1 = tl.load(act_ptr + nodes * 4 + 1, mask=nm, other=0.0)[None, :]
-    a2 = tl.load(act_ptr + nodes * 4 + 2, mask=nm, other=0.0)[None, :]
-    a3 = tl.load(act_ptr + nodes * 4 + 3, mask=nm, other=0.0)[None, :]
+    a0 = tl.load(act_ptr + nodes * 4 + 0, mask=nm, other=0.0)[None, :, None]
+    a1 = tl.load(act_ptr + nodes * 4 + 1, mask=nm, other=0.0)[None, :, None]
+    a2 = tl.load(act_ptr + nodes * 4 + 2, mask=nm, other=0.0)[None, :, None]
+    a3 = tl.load(act_ptr + nodes * 4 + 3, mask=nm, other=0.0)[None, :, None]
+    # The children's weights as (BN, HP) tiles, loaded once: the tile loop evaluates every
+    # node's child on (BR, BN, HP) tensors (hidden units masked in w2).
+    hs = tl.arange(0, HP)
+    pm = nm[:, None] & (hs < H)[None, :]
+    po = nodes[:, None] * H + hs[None, :]
+    w1 = tl.load(w1_ptr + po, mask=pm, other=0.0)
+    b1 = tl.load(b1_ptr + po, mask=pm, other=0.0)
+    w2 = tl.load(w2_ptr + po, mask=pm, other=0.0) * tl.load(hmask_ptr + po, mask=pm, other=0.0)
     if HAS_GLU:
       glu = tl.load(glu_ptr + nodes, mask=nm, other=0.0) > 0.0
+      wg = tl.load(wg_ptr + po, mask=pm, other=0.0)
+      bg = tl.load(bg_ptr + po, mask=pm, other=0.0)
     if HAS_DIAG:
       sd = tl.load(s_ptr + nodes, mask=nm, other=0.0) * tl.load(diag_ptr + nodes, mask=nm,
                                                                   other=0.0)
@@ -445,23 +458,15 @@ def fwd_node(x_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2_ptr, s_ptr, preu_
       x = _load(x_ptr + xo, m2, MASKED).to(tl.float32)
       acc_s, acc_q, acc_d, acc_x2 = _telemetry_tile(x, shift, m2, acc_s, acc_q, acc_d, acc_x2,
                                                     TELEMETRY, MASKED, DEAD_EPS)
-      f = tl.zeros([BR, BN], tl.float32) + b2[None, :]
-      for h in tl.static_range(H):
-        w1h = tl.load(w1_ptr + nodes * H + h, mask=nm, other=0.0)
-        b1h = tl.load(b1_ptr + nodes * H + h, mask=nm, other=0.0)
-        w2h = tl.load(w2_ptr + nodes * H + h, mask=nm, other=0.0) * tl.load(
-            hmask_ptr + nodes * H + h, mask=nm, other=0.0)
-        pre = x * w1h[None, :] + b1h[None, :]
-        if HAS_PREU:
-          pre += tl.load(preu_ptr + rows[:, None] * (D * H) + nodes[None, :] * H + h,
-                         mask=m2, other=0.0)
-        a = _act(pre, a0, a1, a2, a3, ACTS)
-        if HAS_GLU:
-          wgh = tl.load(wg_ptr + nodes * H + h, mask=nm, other=0.0)
-          bgh = tl.load(bg_ptr + nodes * H + h, mask=nm, other=0.0)
-          gate = tl.sigmoid(x * wgh[None, :] + bgh[None, :])
-          a = a * tl.where(glu[None, :], gate, 1.0)
-        f += a * w2h[None, :]
+      pre = x[:, :, None] * w1[None, :, :] + b1[None, :, :]
+      if HAS_PREU:
+        pre += tl.load(preu_ptr + rows[:, None, None] * (D * H) + po[None, :, :],
+                       mask=(rows < N)[:, None, None] & pm[None, :, :], other=0.0)
+      a = _act(pre, a0, a1, a2, a3, ACTS)
+      if HAS_GLU:
+        gate = tl.sigmoid(x[:, :, None] * wg[None, :, :] + bg[None, :, :])
+        a = a * tl.where(glu[None, :, None], gate, 1.0)
+      f = tl.sum(a * w2[None, :, :], 2) + b2[None, :]
       if HAS_DIAG:
         f += sd[None, :] * x
       lm = m2 & live[None, :]

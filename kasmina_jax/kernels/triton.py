@@ -233,8 +233,14 @@ def _forward_impl(spec, telemetry: bool, x2d, params, seed_in, pre_u, shift, pre
   out = common.apply_guard(spec, x2d, out, ok)
   partials = None
   if telemetry:
-    partials = _partials(spec, x2d, shift_arr, tsum.sum(0), tsq.sum(0), tdead.sum(0))
-  return common.FusedOutputs(out=out, sum_r2=r2.sum(0), sum_x2=x2.sum(0), ok=ok,
+    s1, s2 = tsum.sum(0).reshape(k, c), tsq.sum(0).reshape(k, c)
+    partials = _partials(spec, x2d, shift_arr, s1, s2, tdead.sum(0))
+    # sum over rows of x^2 = sum (x - shift)^2 + 2 shift sum (x - shift) + n shift^2 per node
+    # (padded nodes: all three 0); the kernels skip that reduction when they take telemetry.
+    sum_x2 = jnp.sum(s2 + shift_arr * (2.0 * s1 + n * shift_arr), axis=1)
+  else:
+    sum_x2 = x2.sum(0)
+  return common.FusedOutputs(out=out, sum_r2=r2.sum(0), sum_x2=sum_x2, ok=ok,
                              partials=partials)
 
 
