@@ -543,3 +543,16 @@ def test_triton_even_tiles_interpreted(triton_interpreted, monkeypatch, dtype):
   assert all(kw["MASKED"] is False and kw["EVEN_C"] is True for _, kw in launches), launches
   assert all(kw["LOWP"] is bf16 for _, kw in launches)
   assert [kw["SPP"] for n, kw in launches if n == "fwd_coarse"] == [2]
+
+
+def test_triton_per_node_even_tiles_interpreted(triton_interpreted, monkeypatch):
+  """Per-node mode on whole blocks of nodes and whole strips: unmasked loads."""
+  monkeypatch.setitem(ktriton.CONFIG_OVERRIDES, ("fwd", "node"),
+                      dict(BR=8, BN=8, TILES=2, num_warps=2, num_stages=2))
+  monkeypatch.setitem(ktriton.CONFIG_OVERRIDES, ("bwd", "node"),
+                      dict(BR=4, BN=8, TILES=4, num_warps=2, num_stages=2))
+  spec, params, seeds, x, u, tel = make_layer("per_node", jax.random.PRNGKey(8), lead=(32,))
+  check_against_reference(spec, params, seeds, x, u, tel, tol=1e-5, forward=triton_forward,
+                          precision="highest")
+  fwd = [kw for n, kw in triton_interpreted.launches if n == "fwd_node"]
+  assert fwd and all(kw["MASKED"] is False for kw in fwd)

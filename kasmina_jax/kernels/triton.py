@@ -7,20 +7,25 @@ them (`available()` says whether they are there); calling `fused_blend` does.
 
 Kernels (one program = one strip of rows x one seed, or a block of nodes in per-node mode):
 
-* coarse (`chunk_width >= 2`, chunk padded to a power of two `CP >= 16` in registers): the
-  program loops over `TILES` row tiles of `BR` rows, loads its chunk once, runs the child with
-  `tl.dot` (float32 operands accumulating in float32, at the caller's `precision`: `tf32` for
-  JAX's default (DEFAULT / HIGH, as XLA's dots on these GPUs); for HIGHEST, the exact path,
-  `tf32x3` or `ieee`, whichever the tuning sweep found faster for the shape class),
-  blends, writes the output and keeps the telemetry sums in registers, written once per strip (XLA adds the strips). A seed that is not live does no
-  child work (a uniform branch), so a dormant chunk costs its read and its write.
+* coarse (`chunk_width >= 2`, chunk padded to a power of two `CP >= 16` in registers): a
+  program owns one strip of `TILES` x `BR` rows of `SPP` seeds (one after the other), loads a
+  seed's child once, runs it with `tl.dot` and blends, writing the output once and keeping
+  the telemetry sums of the strip in registers (XLA adds the strips). Dots: float32
+  operands at the caller's `precision` (`tf32` for HIGH; for HIGHEST, the exact path,
+  `tf32x3` or `ieee`, whichever the tuning sweep found faster), and at JAX's DEFAULT
+  precision `tf32` for float32 activations and bfloat16 operands for bfloat16 ones (as XLA's
+  dots of those arrays); float32 accumulation always. A seed that is not live runs a loop
+  with no child work (its chunk costs its read and its write); the live loop has no branch
+  per tile. Where every chunk is a power of two wide and the rows fill whole strips
+  (`EVEN_C`, not `MASKED`), tiles load and store unmasked at aligned offsets (vectorised).
 * per-node (`chunk_width == 1`): a program owns `BR` rows x `BN` nodes (one node = one seed)
-  and evaluates every node's child element-wise on `(BR, BN, H)` tensors.
+  and evaluates every node's child element-wise on `(BR, BN, H)` tensors, the weights
+  loaded once per program.
 * backward: the same tiling; it recomputes the child (no residual but `x`), accumulates the
   parameter gradients per strip, and writes the input gradient only for chunks whose child
-  is in the gradient path (STABILIZATION on): the input gradient is aliased to the output
-  cotangent, which *is* the input gradient of every other chunk (no write: DESIGN.md's
-  four-pass floor while seeds only blend).
+  is in the gradient path (STABILIZATION on), in a loop of its own: the input gradient is
+  aliased to the output cotangent, which *is* the input gradient of every other chunk (no
+  write: DESIGN.md's four-pass floor while seeds only blend).
 
 Chunks wider than `MAX_INLINE_CHUNK` nodes do not fit one program's registers; for those the
 primitive falls back to the `jnp` contract under XLA (correct, not fused).
@@ -46,6 +51,10 @@ from kasmina_jax.kernels import common
 from kasmina_jax.kernels import select
 
 MAX_INLINE_CHUNK = 256
+# The backward's per-program gradient accumulators of chunks wider than this spill (2026-12-06,
+# H100: 2.5 ms for 16 seeds of 256 nodes against 0.49 ms for 64 of 64): those run the `jnp`
+# contract's backward under XLA.
+MAX_INLINE_CHUNK_BACKWARD = 128
 
 # Tiling per shape class (see `_config`); `CONFIG_OVERRIDES[(kind, class)]` (kind "fwd" or
 # "bwd") replaces an entry, for tuning runs.
@@ -89,21 +98,22 @@ def shape_class(spec) -> str:
   return "wide"
 
 
-# Measured on an H100 (benchmarks/tune_triton.py; see benchmarks/RESULTS.md). Keys
+# Measured on an H100 (benchmarks/tune_triton.py, 2026-11-25; the small and wide forward and
+# the small backward re-swept on an H100 on 2026-12-06 after the unmasked-tile rewrite; the
+# per-node forward's (rows, nodes, hidden) tiling takes the per-node backward's shape,
+# unswept; see benchmarks/RESULTS.md). Keys
 # (kind, class) or (kind, class, dtype name); the latter wins. "PREC" is the exact path's
 # `tl.dot` input precision (precision="highest"): "tf32x3" unless given ("ieee" where the sweep
 # found it faster); JAX's default precision always runs "tf32".
 _DEFAULT_CONFIGS = {
-    ("fwd", "node"): dict(BR=32, BN=32, TILES=8, num_warps=2, num_stages=2),
-    ("fwd", "small"): dict(BR=16, TILES=32, num_warps=2, num_stages=2),
+    ("fwd", "node"): dict(BR=4, BN=64, TILES=64, num_warps=4, num_stages=2),
+    ("fwd", "small"): dict(BR=64, TILES=16, num_warps=2, num_stages=3),
     ("fwd", "medium"): dict(BR=16, TILES=32, num_warps=4, num_stages=2),
     ("fwd", "medium", "float32"): dict(BR=16, TILES=32, num_warps=4, num_stages=2, PREC="ieee"),
-    ("fwd", "wide"): dict(BR=16, TILES=32, num_warps=4, num_stages=2),
-    ("bwd", "wide"): dict(BR=16, TILES=32, num_warps=4, num_stages=2),
+    ("fwd", "wide"): dict(BR=32, TILES=16, num_warps=4, num_stages=2),
     ("bwd", "node"): dict(BR=8, BN=32, TILES=32, num_warps=4, num_stages=2),
     ("bwd", "node", "float32"): dict(BR=4, BN=64, TILES=64, num_warps=4, num_stages=2),
-    ("bwd", "small"): dict(BR=64, TILES=32, num_warps=4, num_stages=2),
-    ("bwd", "small", "float32"): dict(BR=16, TILES=64, num_warps=2, num_stages=2),
+    ("bwd", "small"): dict(BR=32, TILES=32, num_warps=2, num_stages=2),
     ("bwd", "medium"): dict(BR=16, TILES=32, num_warps=2, num_stages=2),
     ("bwd", "medium", "float32"): dict(BR=16, TILES=32, num_warps=4, num_stages=2, PREC="ieee"),
 }
@@ -177,8 +187,9 @@ def _param_arrays(spec, params: bp_lib.ChildParams):
   return f32(params.w1), f32(params.b1), wg, bg, f32(params.w2), f32(params.b2), s
 
 
-def _inline(spec) -> bool:
-  return spec.chunk_width <= MAX_INLINE_CHUNK
+def _inline(spec, kind: str = "fwd") -> bool:
+  limit = MAX_INLINE_CHUNK if kind == "fwd" else MAX_INLINE_CHUNK_BACKWARD
+  return spec.chunk_width <= limit
 
 
 # ----------------------------------------------------------------------------- forward
@@ -267,7 +278,7 @@ def _partials(spec, x2d, shift, s1, s2, dead) -> tel_lib.TelemetryPartials:
 
 
 def _backward_impl(spec, x2d, params, seed_in, pre_u, ok, ct_out, ct_sum_r2, precision=None):
-  if not _inline(spec):
+  if not _inline(spec, "bwd"):
     return common.fused_blend_backward_reference(spec, x2d, params, seed_in, pre_u, ok, ct_out,
                                                  ct_sum_r2, precision)
   import jax_triton as jt  # pylint: disable=g-import-not-at-top
