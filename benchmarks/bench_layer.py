@@ -110,6 +110,9 @@ def parse_args(argv=None):
   p.add_argument("--out", default=os.environ.get("OUT") or os.path.join(
       os.path.dirname(os.path.abspath(__file__)), "out"))
   p.add_argument("--no-validate", action="store_true")
+  p.add_argument("--triton-configs", default="",
+                 help="JSON of Triton tilings ({'kind/class/dtype': config}, as "
+                      "tune_triton.py writes) to use instead of the defaults")
   return p.parse_args(argv)
 
 
@@ -429,10 +432,18 @@ def main(argv=None):
       raise SystemExit(f"--impls: unknown {i!r}; known: {ALL_IMPLS}")
   compile_shapes = args.compile_shapes.split(",")
 
+  if args.triton_configs:
+    from kasmina_jax.kernels import triton as kt  # pylint: disable=g-import-not-at-top
+    with open(args.triton_configs) as fh:
+      for key, cfg in json.load(fh).items():
+        kt.CONFIG_OVERRIDES[tuple(key.split("/"))] = cfg
+    print("# Triton tilings:", json.dumps({"/".join(k): v for k, v in kt.CONFIG_OVERRIDES.items()}))
+
   dev = jax.devices()[0]
   info = {"device": dev.device_kind, "platform": dev.platform, "jax": jax.__version__,
           "date": datetime.date.today().isoformat(), "rows": args.rows, "hidden": args.hidden,
-          "corr_rows": args.corr_rows, "argv": sys.argv[1:]}
+          "corr_rows": args.corr_rows, "argv": sys.argv[1:],
+          "xla_flags": os.environ.get("XLA_FLAGS", "")}
   try:
     import torch  # pylint: disable=g-import-not-at-top
     info["torch"] = torch.__version__
@@ -531,9 +542,10 @@ def main(argv=None):
                   del res
                   if impl == "reference":
                     ref = got
-                  elif ref is None:
-                    raise RuntimeError("no reference result to validate against")
                   elif not args.no_validate:
+                    if ref is None:
+                      raise RuntimeError("no reference result to validate against "
+                                         "(--no-validate times without one)")
                     rec["errors"] = {kk: rel_err(got[kk], ref[kk]) for kk in got}
                   ms = time_jax(fn, fargs, args.iterations, args.repeats)
                   if args.breakdown and (impl, mode, dtype, k) not in shown:

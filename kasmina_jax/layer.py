@@ -227,7 +227,7 @@ def check_inputs(spec: KasminaSpec, params: bp_lib.ChildParams, seeds, x, u=None
 
 def forward(spec: KasminaSpec, params: bp_lib.ChildParams, seeds, x: jax.Array, *,
             u: jax.Array | None = None, telemetry: tel_lib.TelemetryState | None = None,
-            eval_alpha: jax.Array | None = None, impl: str = "reference", precision=None,
+            eval_alpha: jax.Array | None = None, impl: str = "auto", precision=None,
             live: bool | None = None, row_split: kernels.RowSplit | None = None):
   """The chunked layer. Returns `(out, aux)`; `out` has `x`'s shape and dtype.
 
@@ -237,7 +237,9 @@ def forward(spec: KasminaSpec, params: bp_lib.ChildParams, seeds, x: jax.Array, 
   for a seed still in TRAINING): every live seed blends `x + eval_alpha (g(x) - x)`, and no
   telemetry is taken.
 
-  impl: "reference" (default), "pallas", "triton" or "auto" (see `kasmina_jax.kernels`).
+  impl: "auto" (default: the fused Triton kernels where the device and layer shape make them
+    the faster path, the reference elsewhere, CPU included; logged once), "reference",
+    "pallas" or "triton" (see `kasmina_jax.kernels`).
   precision: of the child matmuls (float32 inside), as for `jnp.dot`: None (default) is
   JAX's default matmul precision (TF32 on NVIDIA GPUs since Ampere, as XLA uses for
   `jnp.dot`; exact float32 on CPU; `jax.default_matmul_precision` changes it); "highest" /

@@ -96,7 +96,7 @@ class KasminaLayer(nn.Module):
   corr_rows: int = 256
   trust_penalty: float = 1.0
   dead_eps: float = tel_lib.DEAD_EPS
-  impl: str = "reference"
+  impl: str = "auto"
   telemetry_every: int = tel_lib.DEFAULT_TELEMETRY_EVERY
   precision: Any = None  # child matmuls: None (JAX's default), "highest", a lax.Precision
 
@@ -159,7 +159,7 @@ class KasminaDense(nn.Module):
   activation: Callable[[jax.Array], jax.Array] | None = None
   corr_rows: int = 256
   trust_penalty: float = 1.0
-  impl: str = "reference"
+  impl: str = "auto"
   telemetry_every: int = tel_lib.DEFAULT_TELEMETRY_EVERY
   precision: Any = None
 

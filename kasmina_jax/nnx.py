@@ -101,7 +101,7 @@ class KasminaLayer(nnx.Module):
                blueprints: tuple[bp_lib.Blueprint, ...] = bp_lib.default_blueprints(),
                grafting_strategies: tuple = graft_lib.DEFAULT_STRATEGIES,
                input_dim: int | None = None, corr_rows: int = 256, trust_penalty: float = 1.0,
-               dead_eps: float = tel_lib.DEAD_EPS, impl: str = "reference",
+               dead_eps: float = tel_lib.DEAD_EPS, impl: str = "auto",
                telemetry_every: int = tel_lib.DEFAULT_TELEMETRY_EVERY,
                precision=None, rngs: nnx.Rngs | None = None):
     if impl not in layer_lib.IMPLS:
@@ -166,7 +166,7 @@ class KasminaDense(nnx.Module):
                grafting_strategies: tuple = graft_lib.DEFAULT_STRATEGIES,
                activation: Callable[[jax.Array], jax.Array] | None = None,
                corr_rows: int = 256, trust_penalty: float = 1.0,
-               dead_eps: float = tel_lib.DEAD_EPS, impl: str = "reference",
+               dead_eps: float = tel_lib.DEAD_EPS, impl: str = "auto",
                telemetry_every: int = tel_lib.DEFAULT_TELEMETRY_EVERY,
                precision=None, rngs: nnx.Rngs):
     if not isinstance(rngs, nnx.Rngs):

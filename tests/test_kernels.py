@@ -183,6 +183,8 @@ def test_resolve_impl_on_cpu(caplog):
     spec, params, seeds, x, u, tel = make_layer("even", jax.random.PRNGKey(0))
     out, _ = layer.forward(spec, params, seeds, x, impl="auto")  # the reference, as on CPU
     chex.assert_trees_all_equal(out, layer.forward_reference(spec, params, seeds, x)[0])
+    out, _ = layer.forward(spec, params, seeds, x)  # "auto" is the default
+    chex.assert_trees_all_equal(out, layer.forward_reference(spec, params, seeds, x)[0])
   lines = [r for r in caplog.records if r.name == "kasmina_jax.kernels.select"]
   assert len(lines) == 1, [r.getMessage() for r in lines]  # once, not once a call
   assert "'reference'" in lines[0].getMessage() and "cpu" in lines[0].getMessage()
@@ -201,18 +203,19 @@ CUDA = functools.partial(select.DeviceInfo, "cuda")
     (select.DeviceInfo("cpu"), "chunk", True, False, "reference"),
     (select.DeviceInfo("tpu"), "chunk", True, True, "reference"),
     (select.DeviceInfo("rocm", "gfx942"), "chunk", True, True, "reference"),
-    # default precision (TF32): XLA's reference beat the kernels' forward+backward (H200)
-    (CUDA("9.0", "NVIDIA H100 80GB HBM3"), "chunk", True, False, "reference"),
-    (CUDA("8.0", "NVIDIA A100-SXM4-40GB"), "chunk", True, False, "reference"),
-    # the exact path: Triton (H100)
+    # chunks the Triton backward fuses: Triton at either precision (H100, 2026-12-06)
+    (CUDA("9.0", "NVIDIA H100 80GB HBM3"), "chunk", True, False, "triton"),
+    (CUDA("8.0", "NVIDIA A100-SXM4-40GB"), "chunk", True, False, "triton"),
     (CUDA("9.0", "NVIDIA H100 80GB HBM3"), "chunk", True, True, "triton"),
     (CUDA("10.0", "a future GPU"), "chunk", True, True, "triton"),
-    (CUDA("9.0"), "chunk", False, True, "pallas"),  # jax-triton not installed
-    (CUDA("8.0", "NVIDIA A100-SXM4-40GB"), "chunk", True, True, "triton"),
+    (CUDA("9.0"), "chunk", False, True, "reference"),  # jax-triton not installed
+    # wider chunks: the reference (Triton's forward + the contract's backward lost dormant)
+    (CUDA("9.0", "NVIDIA H200"), "wide_chunk", True, False, "reference"),
+    (CUDA("9.0"), "wide_chunk", True, True, "reference"),
     # per node: Triton at either precision
     (CUDA("9.0", "NVIDIA H200"), "per_node", True, False, "triton"),
     (CUDA("12.0"), "per_node", True, True, "triton"),
-    (CUDA("8.9"), "per_node", False, False, "pallas"),
+    (CUDA("8.9"), "per_node", False, False, "reference"),
     (CUDA("7.5", "Tesla T4"), "chunk", True, True, "reference"),
     (CUDA("7.0"), "per_node", False, False, "reference"),
     (CUDA(None), "chunk", True, True, "reference"),
@@ -236,6 +239,13 @@ def test_device_info_of_this_machine():
     assert kernels.choose_impl(info)[0] == "reference"
   with pytest.raises(ValueError, match="mode"):
     kernels.choose_impl(info, "rows")
+
+
+@pytest.mark.parametrize("dim,num_seeds,mode", [(8, 8, "per_node"), (64, 4, "chunk"),
+                                                (4096, 32, "chunk"), (4096, 16, "wide_chunk")])
+def test_layer_mode(dim, num_seeds, mode):
+  spec = layer.KasminaSpec(dim=dim, num_seeds=num_seeds, blueprints=bp.default_blueprints())
+  assert select.layer_mode(spec) == mode
 
 
 # ----------------------------------------------------------------------------- precision
@@ -525,14 +535,16 @@ def test_triton_default_precision_and_eval_pass_interpreted(triton_interpreted):
   assert {kw["PREC"] for _, kw in triton_interpreted.launches} == {"tf32"}
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_triton_even_tiles_interpreted(triton_interpreted, monkeypatch, dtype):
+@pytest.mark.parametrize("dtype,acc2d", [(jnp.float32, 0), (jnp.bfloat16, 0),
+                                         (jnp.float32, 1)])
+def test_triton_even_tiles_interpreted(triton_interpreted, monkeypatch, dtype, acc2d):
   """Even chunks (a power of two wide) and whole strips take the unmasked loads, and two
   seeds share a forward program; bfloat16 at JAX's default precision runs its dots on
-  bfloat16 operands (the interpreter rounds them too), float32 on the exact path."""
+  bfloat16 operands (the interpreter rounds them too), float32 on the exact path. ACC2D:
+  the forward's sums kept per tile element, reduced once per strip."""
   for kind in ("fwd", "bwd"):
     monkeypatch.setitem(ktriton.CONFIG_OVERRIDES, (kind, "small"),
-                        dict(BR=16, TILES=2, SPP=2, num_warps=2, num_stages=2))
+                        dict(BR=16, TILES=2, SPP=2, ACC2D=acc2d, num_warps=2, num_stages=2))
   spec, params, seeds, x, u, tel = make_layer("even_wide", jax.random.PRNGKey(4), dtype=dtype,
                                               lead=(64,))
   bf16 = dtype == jnp.bfloat16
@@ -542,7 +554,7 @@ def test_triton_even_tiles_interpreted(triton_interpreted, monkeypatch, dtype):
   assert {n for n, _ in launches} == {"fwd_coarse", "bwd_coarse"}
   assert all(kw["MASKED"] is False and kw["EVEN_C"] is True for _, kw in launches), launches
   assert all(kw["LOWP"] is bf16 for _, kw in launches)
-  assert [kw["SPP"] for n, kw in launches if n == "fwd_coarse"] == [2]
+  assert [(kw["SPP"], kw["ACC2D"]) for n, kw in launches if n == "fwd_coarse"] == [(2, bool(acc2d))]
 
 
 def test_triton_per_node_even_tiles_interpreted(triton_interpreted, monkeypatch):

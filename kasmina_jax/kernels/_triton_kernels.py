@@ -77,23 +77,43 @@ def _dot(a, b, PREC: tl.constexpr, LOWP: tl.constexpr):
 
 
 @triton.jit
+def _acc(acc, v, ACC2D: tl.constexpr):
+  """acc + v's column sums: with ACC2D, `acc` has v's (rows, columns) shape and the rows are
+  summed once per strip (`_colsum`), no reduction across warps per tile; else per tile."""
+  if ACC2D:
+    r = acc + v
+  else:
+    r = acc + tl.sum(v, 0)
+  return r
+
+
+@triton.jit
+def _colsum(acc, ACC2D: tl.constexpr):
+  if ACC2D:
+    r = tl.sum(acc, 0)
+  else:
+    r = acc
+  return r
+
+
+@triton.jit
 def _telemetry_tile(x, shift, m2, acc_s, acc_q, acc_d, acc_x2, TELEMETRY: tl.constexpr,
-                    MASKED: tl.constexpr, DEAD_EPS: tl.constexpr):
-  """Adds a tile's column sums to the strip's accumulators: with TELEMETRY the shifted sum,
-  shifted sum of squares and dead count, else the sum of squares of x. Masked elements are 0
-  in x."""
+                    MASKED: tl.constexpr, DEAD_EPS: tl.constexpr, ACC2D: tl.constexpr):
+  """Adds a tile's column sums to the strip's accumulators (`_acc`): with TELEMETRY the
+  shifted sum, shifted sum of squares and dead count, else the sum of squares of x. Masked
+  elements are 0 in x."""
   if TELEMETRY:
     dlt = x - shift[None, :]
     dead = tl.abs(x) <= DEAD_EPS
     if MASKED:
       dlt = tl.where(m2, dlt, 0.0)
       dead = dead & m2
-    acc_s += tl.sum(dlt, 0)
-    acc_q += tl.sum(dlt * dlt, 0)
-    acc_d += tl.sum(dead.to(tl.float32), 0)
+    acc_s = _acc(acc_s, dlt, ACC2D)
+    acc_q = _acc(acc_q, dlt * dlt, ACC2D)
+    acc_d = _acc(acc_d, dead.to(tl.float32), ACC2D)
   else:
     # With telemetry the wrapper derives sum(x^2) from the shifted sums (one reduction less).
-    acc_x2 += tl.sum(x * x, 0)
+    acc_x2 = _acc(acc_x2, x * x, ACC2D)
   return acc_s, acc_q, acc_d, acc_x2
 
 
@@ -108,7 +128,7 @@ def _fwd_coarse_seed(strip, k, x_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2
                      ACTS: tl.constexpr, HAS_GLU: tl.constexpr, HAS_DIAG: tl.constexpr,
                      HAS_PREU: tl.constexpr, TELEMETRY: tl.constexpr, PREC: tl.constexpr,
                      LOWP: tl.constexpr, EVEN_C: tl.constexpr, MASKED: tl.constexpr,
-                     DEAD_EPS: tl.constexpr):
+                     DEAD_EPS: tl.constexpr, ACC2D: tl.constexpr):
   """One seed's chunk over one strip of rows (see `fwd_coarse`)."""
   ck = Q + (k < R).to(tl.int32)
   if EVEN_C:
@@ -122,12 +142,20 @@ def _fwd_coarse_seed(strip, k, x_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2
     shift = tl.load(shift_ptr + k * C + cols, mask=cols < C, other=0.0)
   else:
     shift = tl.zeros([CP], tl.float32)
-  acc_s = tl.zeros([CP], tl.float32)
-  acc_q = tl.zeros([CP], tl.float32)
-  acc_d = tl.zeros([CP], tl.float32)
-  acc_x2 = tl.zeros([CP], tl.float32)
-  acc_r2 = tl.zeros([CP], tl.float32)
-  acc_bad = tl.zeros([CP], tl.float32)
+  if ACC2D:
+    acc_s = tl.zeros([BR, CP], tl.float32)
+    acc_q = tl.zeros([BR, CP], tl.float32)
+    acc_d = tl.zeros([BR, CP], tl.float32)
+    acc_x2 = tl.zeros([BR, CP], tl.float32)
+    acc_r2 = tl.zeros([BR, CP], tl.float32)
+    acc_bad = tl.zeros([BR, CP], tl.float32)
+  else:
+    acc_s = tl.zeros([CP], tl.float32)
+    acc_q = tl.zeros([CP], tl.float32)
+    acc_d = tl.zeros([CP], tl.float32)
+    acc_x2 = tl.zeros([CP], tl.float32)
+    acc_r2 = tl.zeros([CP], tl.float32)
+    acc_bad = tl.zeros([CP], tl.float32)
   # Two loops, not a branch inside one: a dormant seed's chunk costs its read and its write,
   # and the live loop stays free of control flow (Triton pipelines its loads).
   if live:
@@ -160,7 +188,7 @@ def _fwd_coarse_seed(strip, k, x_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2
       xr = _load(x_ptr + xo, m2, MASKED)
       x = xr.to(tl.float32)
       acc_s, acc_q, acc_d, acc_x2 = _telemetry_tile(x, shift, m2, acc_s, acc_q, acc_d, acc_x2,
-                                                    TELEMETRY, MASKED, DEAD_EPS)
+                                                    TELEMETRY, MASKED, DEAD_EPS, ACC2D)
       pre = _dot(xr, w1, PREC, LOWP) + b1[None, :]
       if HAS_PREU:
         pre += tl.load(preu_ptr + rows[:, None] * (K * H) + k * H + hs[None, :],
@@ -177,8 +205,8 @@ def _fwd_coarse_seed(strip, k, x_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2
       if MASKED:
         bad = bad & m2
         r = tl.where(m2, r, 0.0)
-      acc_bad += tl.sum(bad.to(tl.float32), 0)
-      acc_r2 += tl.sum(r * r, 0)
+      acc_bad = _acc(acc_bad, bad.to(tl.float32), ACC2D)
+      acc_r2 = _acc(acc_r2, r * r, ACC2D)
       out = x + blend * r
       _store(out_ptr + xo, out.to(out_ptr.dtype.element_ty), m2, MASKED)
   else:
@@ -188,17 +216,18 @@ def _fwd_coarse_seed(strip, k, x_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2
       xo = rows[:, None] * D + off + cols[None, :]
       xr = _load(x_ptr + xo, m2, MASKED)
       acc_s, acc_q, acc_d, acc_x2 = _telemetry_tile(xr.to(tl.float32), shift, m2, acc_s, acc_q,
-                                                    acc_d, acc_x2, TELEMETRY, MASKED, DEAD_EPS)
+                                                    acc_d, acc_x2, TELEMETRY, MASKED, DEAD_EPS,
+                                                    ACC2D)
       _store(out_ptr + xo, xr, m2, MASKED)
   pc = cols < C
   if TELEMETRY:
     po = (strip * K + k) * C + cols
-    tl.store(tsum_ptr + po, acc_s, mask=pc)
-    tl.store(tsq_ptr + po, acc_q, mask=pc)
-    tl.store(tdead_ptr + po, acc_d, mask=pc)
-  tl.store(r2_ptr + strip * K + k, tl.sum(acc_r2, 0))
-  tl.store(x2_ptr + strip * K + k, tl.sum(acc_x2, 0))
-  tl.store(bad_ptr + strip * K + k, tl.sum(acc_bad, 0))
+    tl.store(tsum_ptr + po, _colsum(acc_s, ACC2D), mask=pc)
+    tl.store(tsq_ptr + po, _colsum(acc_q, ACC2D), mask=pc)
+    tl.store(tdead_ptr + po, _colsum(acc_d, ACC2D), mask=pc)
+  tl.store(r2_ptr + strip * K + k, tl.sum(_colsum(acc_r2, ACC2D), 0))
+  tl.store(x2_ptr + strip * K + k, tl.sum(_colsum(acc_x2, ACC2D), 0))
+  tl.store(bad_ptr + strip * K + k, tl.sum(_colsum(acc_bad, ACC2D), 0))
 
 
 @triton.jit
@@ -211,7 +240,7 @@ def fwd_coarse(x_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2_ptr, s_ptr, pre
                ACTS: tl.constexpr, HAS_GLU: tl.constexpr, HAS_DIAG: tl.constexpr,
                HAS_PREU: tl.constexpr, TELEMETRY: tl.constexpr, PREC: tl.constexpr,
                LOWP: tl.constexpr, EVEN_C: tl.constexpr, MASKED: tl.constexpr,
-               DEAD_EPS: tl.constexpr):
+               DEAD_EPS: tl.constexpr, ACC2D: tl.constexpr):
   """Program (strip, g): rows [strip * TILES * BR, + TILES * BR) of seeds g * SPP .. + SPP
   (SPP divides K), one `BR`-row tile at a time; telemetry sums per strip."""
   strip = tl.program_id(0)
@@ -221,7 +250,7 @@ def fwd_coarse(x_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2_ptr, s_ptr, pre
                      glu_ptr, diag_ptr, res_ptr, hmask_ptr, out_ptr, tsum_ptr, tsq_ptr,
                      tdead_ptr, r2_ptr, x2_ptr, bad_ptr, N, D, K, Q, R, C, H, CP, HP, BR, TILES,
                      ACTS, HAS_GLU, HAS_DIAG, HAS_PREU, TELEMETRY, PREC, LOWP, EVEN_C, MASKED,
-                     DEAD_EPS)
+                     DEAD_EPS, ACC2D)
 
 # -------------------------------------------------------------- coarse backward
 @triton.jit
@@ -457,7 +486,7 @@ def fwd_node(x_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2_ptr, s_ptr, preu_
       xo = rows[:, None] * D + nodes[None, :]
       x = _load(x_ptr + xo, m2, MASKED).to(tl.float32)
       acc_s, acc_q, acc_d, acc_x2 = _telemetry_tile(x, shift, m2, acc_s, acc_q, acc_d, acc_x2,
-                                                    TELEMETRY, MASKED, DEAD_EPS)
+                                                    TELEMETRY, MASKED, DEAD_EPS, False)
       pre = x[:, :, None] * w1[None, :, :] + b1[None, :, :]
       if HAS_PREU:
         pre += tl.load(preu_ptr + rows[:, None, None] * (D * H) + po[None, :, :],
@@ -482,7 +511,8 @@ def fwd_node(x_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2_ptr, s_ptr, preu_
       xo = rows[:, None] * D + nodes[None, :]
       xr = _load(x_ptr + xo, m2, MASKED)
       acc_s, acc_q, acc_d, acc_x2 = _telemetry_tile(xr.to(tl.float32), shift, m2, acc_s, acc_q,
-                                                    acc_d, acc_x2, TELEMETRY, MASKED, DEAD_EPS)
+                                                    acc_d, acc_x2, TELEMETRY, MASKED, DEAD_EPS,
+                                                    False)
       _store(out_ptr + xo, xr, m2, MASKED)
   if TELEMETRY:
     tl.store(tsum_ptr + strip * D + nodes, acc_s, mask=nm)

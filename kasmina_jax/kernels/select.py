@@ -22,26 +22,47 @@ _LOG = logging.getLogger(__name__)
 IMPLS = ("auto", "reference", "pallas", "triton")
 """The values of `layer.forward`'s `impl`."""
 
+FUSED_BACKWARD_MAX_CHUNK = 128
+"""Chunks up to this many nodes run the Triton backward fused; wider ones run the `jnp`
+contract's backward under XLA (`kernels.triton`): the layer mode "wide_chunk"."""
+
 # (minimum compute capability, architecture, {layer mode: backend}), newest first. Modes:
-# "chunk" (chunks of several nodes) and "per_node" (num_seeds == dim), each at JAX's default
-# matmul precision (TF32 dots) and, with "/exact", at precision="highest". A training layer's
-# cost is its forward+backward, so that decides:
-# - chunk, default precision (H200, 2026-12-01, 16384 x 4096, 64 seeds all blending;
-#   benchmarks/RESULTS.md): the jnp reference under XLA 0.421 ms f32 / 0.331 ms bf16 against
-#   Triton 0.822 / 0.586 and Pallas 0.820 / 0.957; at 16 and 512 seeds too: the reference.
-# - chunk, exact (H100, 2026-11-25, float32): Triton 1.237 ms against the reference 2.181 and
-#   Pallas 2.107: Triton.
-# - per node (4096 seeds of 1 node), H200: Triton 2.88 ms against Pallas 32.0 ms (the
-#   reference's per-node program was not timed: its compile alone took 2.6 minutes): Triton.
-# Ampere and Ada (sm_80 .. sm_89) are not measured: the kernels are the same (TF32 tensor
-# cores), so Hopper's ranking is assumed. Before Ampere there are no TF32 tensor cores, for
-# which the kernels are written: the reference.
-_MEASURED_ON_HOPPER = {"chunk": "reference", "chunk/exact": "triton",
+# "chunk" (chunks of 2 .. FUSED_BACKWARD_MAX_CHUNK nodes), "wide_chunk" (wider chunks) and
+# "per_node" (num_seeds == dim), each at JAX's default matmul precision and, with "/exact",
+# at precision="highest". A training layer's cost is its forward+backward, so that decides.
+# Measured on an H100 on 2026-12-06 (benchmarks/results/h100_2026-12-06_bench_layer.json;
+# 16384 x 4096 activations, telemetry on every row, every implementation timed with XLA's
+# command buffers off, which had hidden the reference's conditional child kernels from the
+# profiler and made it look faster than a copy of x):
+# - chunk, 64 seeds of 64: forward+backward Triton 0.607 ms f32 / 0.440 ms bf16 against the
+#   reference's 3.386 / 2.537 with every seed blending, 0.222 / 0.148 against 0.823 / 0.596
+#   with all dormant: Triton (the exact path was Triton already: 1.237 ms against 2.181, H100,
+#   2026-11-25).
+# - wide chunks (16 seeds of 256): Triton's forward with the contract's backward took 1.87 ms
+#   against the reference's 2.99 with every seed blending but 1.80 against 0.82 with all
+#   dormant, the common case of a growing network: the reference.
+# - per node (4096 seeds of 1 node), H200 (2026-12-01): Triton 2.88 ms against Pallas 32.0 ms
+#   (the reference's per-node program took 2.6 minutes to compile): Triton.
+# Ampere and Ada (sm_80 .. sm_89) are not measured: the kernels are the same (TF32 and
+# bfloat16 tensor cores), so Hopper's ranking is assumed. Before Ampere there are no TF32
+# tensor cores, for which the kernels are written: the reference. Without jax-triton: the
+# reference (the Pallas path lowers through Pallas's deprecated Triton backend and was
+# slower than Triton at every shape).
+_MEASURED_ON_HOPPER = {"chunk": "triton", "chunk/exact": "triton",
+                       "wide_chunk": "reference", "wide_chunk/exact": "reference",
                        "per_node": "triton", "per_node/exact": "triton"}
+MODES = ("chunk", "wide_chunk", "per_node")
 AUTO_BY_CAPABILITY: tuple[tuple[tuple[int, int], str, dict[str, str]], ...] = (
     ((9, 0), "Hopper or later", _MEASURED_ON_HOPPER),
     ((8, 0), "Ampere / Ada (not measured: Hopper's ranking)", _MEASURED_ON_HOPPER),
 )
+
+
+def layer_mode(spec) -> str:
+  """The `choose_impl` mode of a `KasminaSpec`: "per_node", "wide_chunk" or "chunk"."""
+  if spec.chunk_width == 1:
+    return "per_node"
+  return "wide_chunk" if spec.chunk_width > FUSED_BACKWARD_MAX_CHUNK else "chunk"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,10 +113,10 @@ def _capability(cc: str | None) -> tuple[int, int] | None:
 def choose_impl(device: DeviceInfo, mode: str = "chunk", triton_installed: bool = False,
                 exact: bool = False) -> tuple[str, str]:
   """`impl="auto"`'s choice: `(backend, reason)`, backend "reference", "pallas" or
-  "triton". Pure: depends only on its arguments. `mode` is "chunk" or "per_node"; `exact`:
+  "triton". Pure: depends only on its arguments. `mode` is one of `MODES` (`layer_mode`); `exact`:
   the child matmuls run at `precision="highest"` (else JAX's default, TF32 on these GPUs)."""
-  if mode not in ("chunk", "per_node"):
-    raise ValueError(f"mode: expected 'chunk' or 'per_node', got {mode!r}")
+  if mode not in MODES:
+    raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
   if not isinstance(exact, bool):
     raise TypeError(f"exact: expected a bool, got {type(exact).__name__}")
   if device.platform != "cuda":
@@ -110,7 +131,8 @@ def choose_impl(device: DeviceInfo, mode: str = "chunk", triton_installed: bool 
       why = (f"compute capability {cc[0]}.{cc[1]}, {arch}, {mode} mode, "
              f"{'exact float32' if exact else 'default (TF32)'} matmuls")
       if choice == "triton" and not triton_installed:
-        return "pallas", f"{why}: Triton measured fastest, but jax-triton is not installed"
+        return "reference", (f"{why}: Triton measured fastest, but jax-triton is not "
+                             "installed (pip install 'kasmina_jax[gpu]'): the jnp reference")
       return choice, f"{why}: {choice} measured fastest"
   return "reference", (f"compute capability {cc[0]}.{cc[1]} is older than Ampere (8.0), "
                        "which the kernels need (TF32 tensor cores): the jnp reference")
@@ -128,8 +150,8 @@ def _log_once(message: str) -> None:
 def resolve_impl(impl: str, spec=None, precision=None) -> str:
   """Maps a user's `impl` to the backend that will run: "reference", "pallas" or "triton".
 
-  For "auto", `spec` (a `KasminaSpec`, optional) selects the layer mode: "per_node" when
-  every chunk has one node, else "chunk", and `precision` (the child matmuls', as
+  For "auto", `spec` (a `KasminaSpec`, optional) selects the layer mode (`layer_mode`), and
+  `precision` (the child matmuls', as
   `layer.forward` takes it) whether the exact path's ranking applies; the choice is `choose_impl`'s for the default
   device, logged once (INFO) with its reason.
 
@@ -149,7 +171,7 @@ def resolve_impl(impl: str, spec=None, precision=None) -> str:
       raise ValueError(f"impl='triton': needs an NVIDIA GPU, but the default backend is "
                        f"{jax.default_backend()!r}; use impl='reference' (or 'pallas')")
     return "triton"
-  mode = "per_node" if (spec is not None and spec.chunk_width == 1) else "chunk"
+  mode = layer_mode(spec) if spec is not None else "chunk"
   exact = chunks.effective_precision(precision) == jax.lax.Precision.HIGHEST
   choice, why = choose_impl(info, mode, triton_available(), exact=exact)
   name = f" ({info.name})" if info.name else ""
@@ -157,5 +179,6 @@ def resolve_impl(impl: str, spec=None, precision=None) -> str:
   return choice
 
 
-__all__ = ["AUTO_BY_CAPABILITY", "DeviceInfo", "IMPLS", "choose_impl", "cuda_device_kind",
-           "device_info", "resolve_impl", "triton_available"]
+__all__ = ["AUTO_BY_CAPABILITY", "DeviceInfo", "FUSED_BACKWARD_MAX_CHUNK", "IMPLS", "MODES",
+           "choose_impl", "cuda_device_kind", "device_info", "layer_mode", "resolve_impl",
+           "triton_available"]

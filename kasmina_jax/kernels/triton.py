@@ -54,10 +54,10 @@ MAX_INLINE_CHUNK = 256
 # The backward's per-program gradient accumulators of chunks wider than this spill (2026-12-06,
 # H100: 2.5 ms for 16 seeds of 256 nodes against 0.49 ms for 64 of 64): those run the `jnp`
 # contract's backward under XLA.
-MAX_INLINE_CHUNK_BACKWARD = 128
+MAX_INLINE_CHUNK_BACKWARD = select.FUSED_BACKWARD_MAX_CHUNK
 
-# Tiling per shape class (see `_config`); `CONFIG_OVERRIDES[(kind, class)]` (kind "fwd" or
-# "bwd") replaces an entry, for tuning runs.
+# Tiling per shape class (see `_config`); `CONFIG_OVERRIDES[(kind, class)]` or
+# `[(kind, class, dtype name)]` (kind "fwd" or "bwd") replaces an entry, for tuning runs.
 CONFIG_OVERRIDES: dict[tuple[str, str], dict[str, int]] = {}
 
 
@@ -124,6 +124,7 @@ def _config(kind: str, spec, dtype) -> dict[str, Any]:
   cfg = dict(_DEFAULT_CONFIGS[(kind, cls)])
   cfg.update(_DEFAULT_CONFIGS.get((kind, cls, jnp.dtype(dtype).name), {}))
   cfg.update(CONFIG_OVERRIDES.get((kind, cls), {}))
+  cfg.update(CONFIG_OVERRIDES.get((kind, cls, jnp.dtype(dtype).name), {}))
   return cfg
 
 
@@ -238,6 +239,7 @@ def _forward_impl(spec, telemetry: bool, x2d, params, seed_in, pre_u, shift, pre
                           num_stages=cfg["num_stages"], K=k, Q=q, R=r, C=c,
                           CP=max(16, _pow2(c)), SPP=spp, PREC=input_precision(cfg, precision),
                           LOWP=low_precision_dots(x2d.dtype, precision),
+                          ACC2D=bool(cfg.get("ACC2D", 0)),
                           **_geometry(spec, n, rows_per_strip), **common_kw)
   out, tsum, tsq, tdead, r2, x2, bad = outs
   ok = jnp.sum(bad, axis=0) == 0
