@@ -9,6 +9,9 @@ interpreter (`TRITON_INTERPRET=1`, set before the kernels are first imported) in
 buffers. Outputs are poisoned with NaN before each call (an aliased output starts as its
 input), so an element a kernel fails to write shows up. The interpreter's `tl.dot` is a
 float32 numpy matmul whatever its `input_precision`: this checks the kernels' logic, not TF32.
+bfloat16 arrays are out of its reach (Triton 3.6: a masked bfloat16 load fails for want of
+`get_bf16`, and unmasked ones read NaN in some runs); bfloat16 *operands* in registers work
+once `_patch_bf16_dot` widens them for `tl.dot`.
 Needs `triton` (3.6, the GPU image's; no GPU, no torch) and `numpy`. `install()` puts the
 stand-in in `sys.modules` for a whole process (the benchmark script); tests patch it in.
 """

@@ -8,11 +8,12 @@
                any other platform they run in interpret mode (slow: for tests);
   "triton"     hand-written Triton kernels through jax-triton (`kernels.triton`): the GPU
                extra (`pip install kasmina_jax[gpu]`); needs an NVIDIA GPU;
-  "auto"       by the default device's capability and the precision (`select.choose_impl`):
-               on NVIDIA GPUs from Ampere on, the backend measured fastest for that
-               architecture, layer mode and precision (`select.AUTO_BY_CAPABILITY`, from
-               `benchmarks/`), the reference elsewhere; it logs one line saying what it
-               chose and why.
+  "auto"       (the default) by the default device's capability, the layer's shape and the
+               precision (`select.choose_impl`): on NVIDIA GPUs from Ampere on, the backend
+               measured fastest for that architecture and layer mode
+               (`select.AUTO_BY_CAPABILITY`, from `benchmarks/`: Triton for chunks of up to
+               `select.FUSED_BACKWARD_MAX_CHUNK` nodes and per node), the reference
+               elsewhere (CPU included); it logs one line saying what it chose and why.
 
 Every path takes the caller's `precision` for the child matmuls (`chunks.canonical_precision`:
 None = JAX's default, TF32 on those GPUs; "highest" = the exact path).
@@ -31,6 +32,7 @@ from kasmina_jax.kernels import sharded
 from kasmina_jax.kernels.sharded import RowSplit, current_row_split, split_rows
 from kasmina_jax.kernels.select import (
     AUTO_BY_CAPABILITY,
+    FUSED_BACKWARD_MAX_CHUNK,
     IMPLS,
     DeviceInfo,
     choose_impl,
@@ -65,7 +67,7 @@ def forward(spec, params, seeds, x, *, u=None, telemetry=None, eval_alpha=None,
                         precision=precision, row_split=row_split)
 
 
-__all__ = ["AUTO_BY_CAPABILITY", "DeviceInfo", "IMPLS", "RowSplit", "choose_impl", "common",
+__all__ = ["AUTO_BY_CAPABILITY", "DeviceInfo", "FUSED_BACKWARD_MAX_CHUNK", "IMPLS", "RowSplit", "choose_impl", "common",
            "current_row_split", "sharded", "split_rows",
            "cuda_device_kind", "device_info", "forward", "fused_primitive", "resolve_impl",
            "select", "triton_available"]
