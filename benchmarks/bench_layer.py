@@ -58,10 +58,21 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.55")
 # Inductor's default cache location was not writable on the device image (torch.compile failed).
 # ... nor was Triton's (torch.compile's kernels are Triton kernels): an empty TRITON_CACHE_DIR
 # in the image's environment left Triton with no cache directory at all.
+# 2026-12-06 it failed again with the variable set when unset or empty only: the image's
+# value may name a directory this user cannot create or write. Use ours unless it is usable.
+def _writable_dir(path: str) -> bool:
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError:
+    return False
+  return os.access(path, os.W_OK | os.X_OK)
+
+
 for _var, _dir in (("TORCHINDUCTOR_CACHE_DIR", "/tmp/torchinductor_cache"),
                    ("TRITON_CACHE_DIR", "/tmp/triton_cache")):
-  if not os.environ.get(_var):
+  if not (os.environ.get(_var) and _writable_dir(os.environ[_var])):
     os.environ[_var] = _dir
+    os.makedirs(_dir, exist_ok=True)
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 # XLA runs a `lax.cond`'s branches as CUDA-graph conditional nodes, whose kernels CUPTI
 # reports as 0 ms (the reference's child GEMMs sit in such a branch: it timed faster than a
