@@ -67,7 +67,8 @@ def forward(spec, params, seeds, x, *, u=None, telemetry=None, eval_alpha=None,
                         precision=precision, row_split=row_split)
 
 
-__all__ = ["AUTO_BY_CAPABILITY", "DeviceInfo", "FUSED_BACKWARD_MAX_CHUNK", "IMPLS", "RowSplit", "choose_impl", "common",
+__all__ = ["AUTO_BY_CAPABILITY", "DeviceInfo", "FUSED_BACKWARD_MAX_CHUNK", "IMPLS", "RowSplit",
+           "choose_impl", "common",
            "current_row_split", "sharded", "split_rows",
            "cuda_device_kind", "device_info", "forward", "fused_primitive", "resolve_impl",
            "select", "triton_available"]

@@ -97,6 +97,25 @@ def _colsum(acc, ACC2D: tl.constexpr):
 
 
 @triton.jit
+def _zero_sums(R: tl.constexpr, C: tl.constexpr, ACC2D: tl.constexpr):
+  """A forward program's six per-strip sums at 0 (see `_acc`): (R, C) with ACC2D, else (C,)."""
+  if ACC2D:
+    z = tl.zeros([R, C], tl.float32)
+  else:
+    z = tl.zeros([C], tl.float32)
+  return z, z, z, z, z, z
+
+
+@triton.jit
+def _zero_grads(CP: tl.constexpr, HP: tl.constexpr):
+  """A coarse backward program's gradient accumulators at 0: w1, b1, w2, b2, wg, bg, s."""
+  return (tl.zeros([CP, HP], tl.float32), tl.zeros([HP], tl.float32),
+          tl.zeros([HP, CP], tl.float32), tl.zeros([CP], tl.float32),
+          tl.zeros([CP, HP], tl.float32), tl.zeros([HP], tl.float32),
+          tl.zeros([CP], tl.float32))
+
+
+@triton.jit
 def _telemetry_tile(x, shift, m2, acc_s, acc_q, acc_d, acc_x2, TELEMETRY: tl.constexpr,
                     MASKED: tl.constexpr, DEAD_EPS: tl.constexpr, ACC2D: tl.constexpr):
   """Adds a tile's column sums to the strip's accumulators (`_acc`): with TELEMETRY the
@@ -142,20 +161,7 @@ def _fwd_coarse_seed(strip, k, x_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2
     shift = tl.load(shift_ptr + k * C + cols, mask=cols < C, other=0.0)
   else:
     shift = tl.zeros([CP], tl.float32)
-  if ACC2D:
-    acc_s = tl.zeros([BR, CP], tl.float32)
-    acc_q = tl.zeros([BR, CP], tl.float32)
-    acc_d = tl.zeros([BR, CP], tl.float32)
-    acc_x2 = tl.zeros([BR, CP], tl.float32)
-    acc_r2 = tl.zeros([BR, CP], tl.float32)
-    acc_bad = tl.zeros([BR, CP], tl.float32)
-  else:
-    acc_s = tl.zeros([CP], tl.float32)
-    acc_q = tl.zeros([CP], tl.float32)
-    acc_d = tl.zeros([CP], tl.float32)
-    acc_x2 = tl.zeros([CP], tl.float32)
-    acc_r2 = tl.zeros([CP], tl.float32)
-    acc_bad = tl.zeros([CP], tl.float32)
+  acc_s, acc_q, acc_d, acc_x2, acc_r2, acc_bad = _zero_sums(BR, CP, ACC2D)
   # Two loops, not a branch inside one: a dormant seed's chunk costs its read and its write,
   # and the live loop stays free of control flow (Triton pipelines its loads).
   if live:
@@ -265,13 +271,7 @@ def _bwd_coarse_loop(strip, k, off, cols, colm, hs, hm, x_ptr, ct_ptr, preu_ptr,
   """The strip's tiles of one live seed: recomputes the child, accumulates the parameter
   gradients (w2 before its hidden mask) and, with WRITE_DX, writes the chunk's input
   gradient."""
-  acc_w1 = tl.zeros([CP, HP], tl.float32)
-  acc_b1 = tl.zeros([HP], tl.float32)
-  acc_w2 = tl.zeros([HP, CP], tl.float32)
-  acc_b2 = tl.zeros([CP], tl.float32)
-  acc_wg = tl.zeros([CP, HP], tl.float32)
-  acc_bg = tl.zeros([HP], tl.float32)
-  acc_s = tl.zeros([CP], tl.float32)
+  acc_w1, acc_b1, acc_w2, acc_b2, acc_wg, acc_bg, acc_s = _zero_grads(CP, HP)
   for t in range(TILES):
     rows = (strip * TILES + t) * BR + tl.arange(0, BR)
     rm = rows < N
@@ -356,13 +356,7 @@ def bwd_coarse(x_ptr, ct_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2_ptr, s_
   on = (tl.load(live_ptr + k) > 0.0) & (tl.load(ok_ptr + k) > 0.0)
   hg = tl.load(hgrad_ptr + k)
   hmask = tl.load(hmask_ptr + k * H + hs, mask=hm, other=0.0)
-  acc_w1 = tl.zeros([CP, HP], tl.float32)
-  acc_b1 = tl.zeros([HP], tl.float32)
-  acc_w2 = tl.zeros([HP, CP], tl.float32)
-  acc_b2 = tl.zeros([CP], tl.float32)
-  acc_wg = tl.zeros([CP, HP], tl.float32)
-  acc_bg = tl.zeros([HP], tl.float32)
-  acc_s = tl.zeros([CP], tl.float32)
+  acc_w1, acc_b1, acc_w2, acc_b2, acc_wg, acc_bg, acc_s = _zero_grads(CP, HP)
   if on:
     blend = tl.load(blend_ptr + k)
     gb = tl.load(gblend_ptr + k)
@@ -451,12 +445,7 @@ def fwd_node(x_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2_ptr, s_ptr, preu_
     shift = tl.load(shift_ptr + nodes, mask=nm, other=0.0)
   else:
     shift = tl.zeros([BN], tl.float32)
-  acc_s = tl.zeros([BN], tl.float32)
-  acc_q = tl.zeros([BN], tl.float32)
-  acc_d = tl.zeros([BN], tl.float32)
-  acc_x2 = tl.zeros([BN], tl.float32)
-  acc_r2 = tl.zeros([BN], tl.float32)
-  acc_bad = tl.zeros([BN], tl.float32)
+  acc_s, acc_q, acc_d, acc_x2, acc_r2, acc_bad = _zero_sums(1, BN, False)
   if any_live:
     blend = tl.load(blend_ptr + nodes, mask=nm, other=0.0)
     res = tl.load(res_ptr + nodes, mask=nm, other=1.0) > 0.0
