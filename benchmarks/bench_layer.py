@@ -337,6 +337,27 @@ class TorchImpls:
     return out.reshape(n, -1), tel
 
 
+def _ensure_triton_cache():
+  """Points Triton's cache at a writable directory through its knobs, not the environment.
+
+  torch.compile failed twice on the device image with Triton's "Could not create or locate
+  cache dir" although TRITON_CACHE_DIR named a writable directory: that message means
+  `triton.knobs.cache.dir` read empty, so set the knob itself, and keep Inductor's compile
+  in this process (its worker pool failed the same way in a subprocess)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import triton  # pylint: disable=g-import-not-at-top
+  cache = os.environ.get("TRITON_CACHE_DIR") or "/tmp/triton_cache"
+  os.makedirs(cache, exist_ok=True)
+  knobs = getattr(triton, "knobs", None)
+  before = getattr(getattr(knobs, "cache", None), "dir", None)
+  if knobs is not None and not before:
+    knobs.cache.dir = cache
+  torch._inductor.config.compile_threads = 1  # pylint: disable=protected-access
+  print(f"# torch.compile: TRITON_CACHE_DIR={os.environ.get('TRITON_CACHE_DIR')!r} "
+        f"knobs.cache.dir {before!r} -> {getattr(getattr(knobs, 'cache', None), 'dir', None)!r}",
+        flush=True)
+
+
 def run_torch_cell(prob, impl, mode, args, ref, log):
   """Validates and times one PyTorch implementation; returns (ms, errors) or raises."""
   import torch  # pylint: disable=g-import-not-at-top
@@ -351,6 +372,7 @@ def run_torch_cell(prob, impl, mode, args, ref, log):
     params = [ti.W1, ti.b1, ti.W2, ti.b2]
     base = ti.einsum_forward
     if impl == "torch_compile":
+      _ensure_triton_cache()
       base = torch.compile(ti.einsum_forward, dynamic=False)
     fwd = lambda x: base(x, *params)
   if mode == "fwd":

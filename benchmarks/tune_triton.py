@@ -37,10 +37,12 @@ from kasmina_jax.kernels import triton as kt  # noqa: E402
 CLASSES = {"small": (4096, 64), "medium": (8192, 64), "wide": (4096, 16), "node": (4096, 4096)}
 
 
-def _c(br, t, w, s, prec=None, bn=None, spp=None, acc2d=None):
+def _c(br, t, w, s, prec=None, bn=None, spp=None, acc2d=None, joint=None):
   cfg = dict(BR=br, TILES=t, num_warps=w, num_stages=s)
   if acc2d:
     cfg["ACC2D"] = acc2d
+  if joint:
+    cfg["JOINT"] = joint
   if spp:
     cfg["SPP"] = spp
   if prec:
@@ -50,17 +52,19 @@ def _c(br, t, w, s, prec=None, bn=None, spp=None, acc2d=None):
   return cfg
 
 
+# JOINT: the forward's per-tile column sums in one multi-operand reduction (one exchange
+# between warps); ACC2D: kept per element, reduced once per strip. The H100 sweep of
+# 2026-12-06 (separate sums) ran the small forward at 2 warps in 0.25 ms and at 4 in 0.38.
 SWEEP = {
-    ("fwd", "small"): [_c(64, 16, 2, 3), _c(32, 16, 4, 3), _c(32, 16, 2, 3),
-                       _c(16, 32, 2, 2, acc2d=1), _c(32, 16, 2, 2, acc2d=1),
-                       _c(32, 16, 4, 2, acc2d=1), _c(16, 32, 4, 2, acc2d=1),
-                       _c(64, 8, 4, 2, acc2d=1)],
+    ("fwd", "small"): [_c(64, 16, 2, 3), _c(64, 16, 2, 3, joint=1), _c(32, 16, 4, 3, joint=1),
+                       _c(64, 16, 4, 2, joint=1), _c(16, 32, 4, 2, acc2d=1),
+                       _c(32, 16, 2, 2, acc2d=1), _c(16, 32, 2, 2, acc2d=1)],
     ("fwd", "medium"): [_c(16, 16, 4, 2), _c(32, 16, 2, 2), _c(32, 16, 4, 2), _c(64, 8, 2, 3)],
-    ("fwd", "wide"): [_c(32, 16, 4, 2), _c(32, 16, 2, 2), _c(16, 32, 4, 2, acc2d=1),
-                      _c(16, 32, 8, 2, acc2d=1)],
-    ("fwd", "node"): [_c(4, 64, 4, 2, bn=64), _c(8, 32, 2, 2, bn=32), _c(4, 64, 2, 2, bn=32)],
-    ("bwd", "small"): [_c(br, t, w, 2) for br, t in ((32, 32), (64, 16), (32, 16))
-                       for w in (1, 2, 4)],
+    ("fwd", "wide"): [_c(32, 16, 4, 2), _c(32, 16, 4, 2, joint=1), _c(32, 16, 2, 2, joint=1),
+                      _c(16, 32, 4, 2, acc2d=1)],
+    ("fwd", "node"): [_c(4, 64, 4, 2, bn=64), _c(4, 64, 4, 2, bn=64, joint=1),
+                      _c(8, 32, 2, 2, bn=32), _c(4, 64, 2, 2, bn=32)],
+    ("bwd", "small"): [_c(32, 32, 2, 2), _c(64, 16, 2, 2), _c(32, 16, 4, 2)],
     ("bwd", "medium"): [_c(16, 32, 4, 2), _c(16, 32, 2, 2), _c(32, 16, 2, 2)],
     ("bwd", "wide"): [_c(br, t, w, 2) for br, t in ((16, 32), (32, 16)) for w in (2, 4)],
     ("bwd", "node"): [_c(8, 32, 4, 2, bn=32), _c(4, 64, 4, 2, bn=64), _c(8, 16, 4, 2, bn=64),
@@ -112,6 +116,10 @@ def main():
   p.add_argument("--classes", default="small,wide,node,medium")
   p.add_argument("--kinds", default="fwd,bwd")
   p.add_argument("--out", default=os.environ.get("OUT") or "")
+  p.add_argument("--configs", default="",
+                 help="a JSON list of configurations to run instead of the sweep's")
+  p.add_argument("--plain-calls", type=int, default=0,
+                 help="only call each configuration this many times, untimed (under ncu)")
   a = p.parse_args()
   results = []
   winners = {}  # "kind/class/dtype" -> the fastest configuration (bench_layer --triton-configs)
@@ -125,7 +133,7 @@ def main():
       nbytes = x.size * x.dtype.itemsize
       for kind in a.kinds.split(","):
         best = None
-        for cfg in SWEEP[(kind, cls)]:
+        for cfg in (json.loads(a.configs) if a.configs else SWEEP[(kind, cls)]):
           kt.CONFIG_OVERRIDES.clear()
           kt.CONFIG_OVERRIDES[(kind, cls)] = cfg
           try:
@@ -139,6 +147,11 @@ def main():
               fn = jax.jit(lambda x_, p_, c_: kt._backward_impl(spec, x_, p_, seed_in, None, ok, c_, r2))  # pylint: disable=protected-access
               args = (x, params, ct)
               passes = 2  # read x, read ct; no dx write (blending seeds)
+            if a.plain_calls:
+              for _ in range(a.plain_calls):
+                jax.block_until_ready(fn(*args))
+              print(f"{dname} {cls} {kind} {json.dumps(cfg)}: {a.plain_calls} calls", flush=True)
+              continue
             # The backward's input gradient aliases the cotangent, a live argument here, so
             # XLA copies it first: `kernel_ms` (the Triton kernel alone) is the figure to rank.
             ms, spread, kernel_ms = measure(fn, args)

@@ -522,9 +522,13 @@ def test_triton_kernels_match_reference_interpreted(triton_interpreted, name):
     assert {kw["PREC"] for _, kw in triton_interpreted.launches} <= {"tf32x3", "ieee"}
 
 
-def test_triton_default_precision_and_eval_pass_interpreted(triton_interpreted):
+@pytest.mark.parametrize("joint", [0, 1])
+def test_triton_default_precision_and_eval_pass_interpreted(triton_interpreted, monkeypatch,
+                                                            joint):
   """JAX's default precision reaches the coarse kernels as TF32; an evaluation pass
-  (`eval_alpha`, no telemetry) and a non-finite child match the reference."""
+  (`eval_alpha`, no telemetry) and a non-finite child match the reference. JOINT: the
+  forward's per-tile sums in one multi-operand reduction."""
+  monkeypatch.setitem(ktriton.CONFIG_OVERRIDES, ("fwd", "small"), dict(JOINT=joint))
   spec, params, seeds, x, u, tel = make_layer("even", jax.random.PRNGKey(2), stages=[
       Stage.GRAFTING, Stage.FINE_TUNING, Stage.TRAINING, Stage.STABILIZATION])
   params = params.replace(b2=params.b2.at[1, 0].set(jnp.inf))
@@ -533,10 +537,13 @@ def test_triton_default_precision_and_eval_pass_interpreted(triton_interpreted):
   check_against_reference(spec, params, seeds, x, u, tel, tol=1e-5, forward=triton_forward,
                           eval_alpha=0.6, precision=None)
   assert {kw["PREC"] for _, kw in triton_interpreted.launches} == {"tf32"}
+  assert {kw["JOINT"] for n, kw in triton_interpreted.launches if n == "fwd_coarse"} == {
+      bool(joint)}
 
 
-@pytest.mark.parametrize("lowp,acc2d", [(False, 0), (True, 0), (False, 1)])
-def test_triton_even_tiles_interpreted(triton_interpreted, monkeypatch, lowp, acc2d):
+@pytest.mark.parametrize("lowp,acc2d,joint", [(False, 0, 0), (True, 0, 0), (False, 1, 0),
+                                              (False, 0, 1)])
+def test_triton_even_tiles_interpreted(triton_interpreted, monkeypatch, lowp, acc2d, joint):
   """Even chunks (a power of two wide) and whole strips take the unmasked loads, and two
   seeds share a forward program. LOWP: the dots on bfloat16 operands (what bfloat16
   activations run at JAX's default precision), forced here on float32 activations: Triton
@@ -544,10 +551,11 @@ def test_triton_even_tiles_interpreted(triton_interpreted, monkeypatch, lowp, ac
   attribute get_bf16", and unmasked runs read NaN in 2-3 of 15 runs and left later tests of
   the process failing), so bfloat16 arrays are checked on the GPU (`check_triton.py`,
   `bench_layer.py`), the bfloat16 dot logic here. ACC2D: the forward's sums kept per tile
-  element, reduced once per strip."""
+  element, reduced once per strip; JOINT: in one multi-operand reduction per tile."""
   for kind in ("fwd", "bwd"):
     monkeypatch.setitem(ktriton.CONFIG_OVERRIDES, (kind, "small"),
-                        dict(BR=16, TILES=2, SPP=2, ACC2D=acc2d, num_warps=2, num_stages=2))
+                        dict(BR=16, TILES=2, SPP=2, ACC2D=acc2d, JOINT=joint, num_warps=2,
+                             num_stages=2))
   if lowp:
     monkeypatch.setattr(ktriton, "low_precision_dots", lambda dtype, precision: True)
   spec, params, seeds, x, u, tel = make_layer("even_wide", jax.random.PRNGKey(4), lead=(64,))
@@ -557,7 +565,8 @@ def test_triton_even_tiles_interpreted(triton_interpreted, monkeypatch, lowp, ac
   assert {n for n, _ in launches} == {"fwd_coarse", "bwd_coarse"}
   assert all(kw["MASKED"] is False and kw["EVEN_C"] is True for _, kw in launches), launches
   assert all(kw["LOWP"] is lowp for _, kw in launches)
-  assert [(kw["SPP"], kw["ACC2D"]) for n, kw in launches if n == "fwd_coarse"] == [(2, bool(acc2d))]
+  assert [(kw["SPP"], kw["ACC2D"], kw["JOINT"]) for n, kw in launches
+          if n == "fwd_coarse"] == [(2, bool(acc2d), bool(joint))]
 
 
 @pytest.mark.parametrize("dtype,precision,expected", [
@@ -569,13 +578,19 @@ def test_triton_low_precision_dots(dtype, precision, expected):
     assert ktriton.low_precision_dots(dtype, None) is False
 
 
-def test_triton_per_node_even_tiles_interpreted(triton_interpreted, monkeypatch):
-  """Per-node mode on whole blocks of nodes and whole strips: unmasked loads."""
+@pytest.mark.parametrize("joint", [0, 1])
+def test_triton_per_node_even_tiles_interpreted(triton_interpreted, monkeypatch, joint):
+  """Per-node mode on whole blocks of nodes and whole strips: unmasked loads; one node's
+  child non-finite (its sum of squares turns NaN: the kernel's non-finite check)."""
   monkeypatch.setitem(ktriton.CONFIG_OVERRIDES, ("fwd", "node"),
-                      dict(BR=8, BN=8, TILES=2, num_warps=2, num_stages=2))
+                      dict(BR=8, BN=8, TILES=2, JOINT=joint, num_warps=2, num_stages=2))
   monkeypatch.setitem(ktriton.CONFIG_OVERRIDES, ("bwd", "node"),
                       dict(BR=4, BN=8, TILES=4, num_warps=2, num_stages=2))
-  spec, params, seeds, x, u, tel = make_layer("per_node", jax.random.PRNGKey(8), lead=(32,))
+  stages = [Stage.GRAFTING, Stage.DORMANT, Stage.TRAINING, Stage.GRAFTING, Stage.FINE_TUNING,
+            Stage.FOSSILIZED, Stage.STABILIZATION, Stage.CULLED]
+  spec, params, seeds, x, u, tel = make_layer("per_node", jax.random.PRNGKey(8), lead=(32,),
+                                              stages=stages)
+  params = params.replace(b2=params.b2.at[3, 0].set(jnp.inf))
   check_against_reference(spec, params, seeds, x, u, tel, tol=1e-5, forward=triton_forward,
                           precision="highest")
   fwd = [kw for n, kw in triton_interpreted.launches if n == "fwd_node"]

@@ -98,12 +98,12 @@ def _colsum(acc, ACC2D: tl.constexpr):
 
 @triton.jit
 def _zero_sums(R: tl.constexpr, C: tl.constexpr, ACC2D: tl.constexpr):
-  """A forward program's six per-strip sums at 0 (see `_acc`): (R, C) with ACC2D, else (C,)."""
+  """A forward program's five per-strip sums at 0 (see `_acc`): (R, C) with ACC2D, else (C,)."""
   if ACC2D:
     z = tl.zeros([R, C], tl.float32)
   else:
     z = tl.zeros([C], tl.float32)
-  return z, z, z, z, z, z
+  return z, z, z, z, z
 
 
 @triton.jit
@@ -136,6 +136,81 @@ def _telemetry_tile(x, shift, m2, acc_s, acc_q, acc_d, acc_x2, TELEMETRY: tl.con
   return acc_s, acc_q, acc_d, acc_x2
 
 
+@triton.jit
+def _add2(a0, a1, b0, b1):
+  return a0 + b0, a1 + b1
+
+
+@triton.jit
+def _add3(a0, a1, a2, b0, b1, b2):
+  return a0 + b0, a1 + b1, a2 + b2
+
+
+@triton.jit
+def _add4(a0, a1, a2, a3, b0, b1, b2, b3):
+  return a0 + b0, a1 + b1, a2 + b2, a3 + b3
+
+
+@triton.jit
+def _live_tile_sums(x, shift, m2, rr, acc_s, acc_q, acc_d, acc_x2, acc_r2,
+                    TELEMETRY: tl.constexpr, MASKED: tl.constexpr, DEAD_EPS: tl.constexpr,
+                    ACC2D: tl.constexpr, JOINT: tl.constexpr):
+  """A live tile's column sums: the telemetry sums (or x^2) and the residual's squares `rr`.
+  With JOINT (and not ACC2D) they are reduced over the rows in one multi-operand reduction:
+  one exchange between warps through shared memory, one barrier, where separate sums take
+  one each."""
+  if JOINT and not ACC2D:
+    if TELEMETRY:
+      dlt = x - shift[None, :]
+      dead = tl.abs(x) <= DEAD_EPS
+      if MASKED:
+        dlt = tl.where(m2, dlt, 0.0)
+        dead = dead & m2
+      s_, q_, d_, r_ = tl.reduce((dlt, dlt * dlt, dead.to(tl.float32), rr), 0, _add4)
+      acc_s += s_
+      acc_q += q_
+      acc_d += d_
+      acc_r2 += r_
+    else:
+      x2_, r_ = tl.reduce((x * x, rr), 0, _add2)
+      acc_x2 += x2_
+      acc_r2 += r_
+  else:
+    acc_s, acc_q, acc_d, acc_x2 = _telemetry_tile(x, shift, m2, acc_s, acc_q, acc_d, acc_x2,
+                                                  TELEMETRY, MASKED, DEAD_EPS, ACC2D)
+    acc_r2 = _acc(acc_r2, rr, ACC2D)
+  return acc_s, acc_q, acc_d, acc_x2, acc_r2
+
+
+@triton.jit
+def _dormant_tile_sums(x, shift, m2, acc_s, acc_q, acc_d, acc_x2, TELEMETRY: tl.constexpr,
+                       MASKED: tl.constexpr, DEAD_EPS: tl.constexpr, ACC2D: tl.constexpr,
+                       JOINT: tl.constexpr):
+  """`_live_tile_sums` without a child: the telemetry sums (or x^2) alone."""
+  if JOINT and TELEMETRY and not ACC2D:
+    dlt = x - shift[None, :]
+    dead = tl.abs(x) <= DEAD_EPS
+    if MASKED:
+      dlt = tl.where(m2, dlt, 0.0)
+      dead = dead & m2
+    s_, q_, d_ = tl.reduce((dlt, dlt * dlt, dead.to(tl.float32)), 0, _add3)
+    acc_s += s_
+    acc_q += q_
+    acc_d += d_
+  else:
+    acc_s, acc_q, acc_d, acc_x2 = _telemetry_tile(x, shift, m2, acc_s, acc_q, acc_d, acc_x2,
+                                                  TELEMETRY, MASKED, DEAD_EPS, ACC2D)
+  return acc_s, acc_q, acc_d, acc_x2
+
+
+@triton.jit
+def _squares_or_nan(f, r, ok):
+  """r^2 where `ok` (f finite, or a masked element), else NaN (f * 0 of a non-finite f). A
+  seed's sum of these is NaN exactly when one of its child outputs is not finite (every other
+  term is >= 0 or +inf): the non-finite check costs no reduction of its own."""
+  return tl.where(ok, r * r, f * 0.0)
+
+
 # -------------------------------------------------------------- coarse forward
 @triton.jit
 def _fwd_coarse_seed(strip, k, x_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2_ptr, s_ptr,
@@ -147,7 +222,7 @@ def _fwd_coarse_seed(strip, k, x_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2
                      ACTS: tl.constexpr, HAS_GLU: tl.constexpr, HAS_DIAG: tl.constexpr,
                      HAS_PREU: tl.constexpr, TELEMETRY: tl.constexpr, PREC: tl.constexpr,
                      LOWP: tl.constexpr, EVEN_C: tl.constexpr, MASKED: tl.constexpr,
-                     DEAD_EPS: tl.constexpr, ACC2D: tl.constexpr):
+                     DEAD_EPS: tl.constexpr, ACC2D: tl.constexpr, JOINT: tl.constexpr):
   """One seed's chunk over one strip of rows (see `fwd_coarse`)."""
   ck = Q + (k < R).to(tl.int32)
   if EVEN_C:
@@ -161,7 +236,7 @@ def _fwd_coarse_seed(strip, k, x_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2
     shift = tl.load(shift_ptr + k * C + cols, mask=cols < C, other=0.0)
   else:
     shift = tl.zeros([CP], tl.float32)
-  acc_s, acc_q, acc_d, acc_x2, acc_r2, acc_bad = _zero_sums(BR, CP, ACC2D)
+  acc_s, acc_q, acc_d, acc_x2, acc_r2 = _zero_sums(BR, CP, ACC2D)
   # Two loops, not a branch inside one: a dormant seed's chunk costs its read and its write,
   # and the live loop stays free of control flow (Triton pipelines its loads).
   if live:
@@ -193,8 +268,6 @@ def _fwd_coarse_seed(strip, k, x_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2
       xo = rows[:, None] * D + off + cols[None, :]
       xr = _load(x_ptr + xo, m2, MASKED)
       x = xr.to(tl.float32)
-      acc_s, acc_q, acc_d, acc_x2 = _telemetry_tile(x, shift, m2, acc_s, acc_q, acc_d, acc_x2,
-                                                    TELEMETRY, MASKED, DEAD_EPS, ACC2D)
       pre = _dot(xr, w1, PREC, LOWP) + b1[None, :]
       if HAS_PREU:
         pre += tl.load(preu_ptr + rows[:, None] * (K * H) + k * H + hs[None, :],
@@ -206,13 +279,14 @@ def _fwd_coarse_seed(strip, k, x_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2
       f = _dot(a, w2, PREC, LOWP) + b2[None, :]
       if HAS_DIAG:
         f += sd[None, :] * x
-      bad = ~(tl.abs(f) < 3.0e38)
+      finite = tl.abs(f) < 3.0e38
       r = tl.where(res, f, f - x)
       if MASKED:
-        bad = bad & m2
+        finite = finite | ~m2
         r = tl.where(m2, r, 0.0)
-      acc_bad = _acc(acc_bad, bad.to(tl.float32), ACC2D)
-      acc_r2 = _acc(acc_r2, r * r, ACC2D)
+      acc_s, acc_q, acc_d, acc_x2, acc_r2 = _live_tile_sums(
+          x, shift, m2, _squares_or_nan(f, r, finite), acc_s, acc_q, acc_d, acc_x2, acc_r2,
+          TELEMETRY, MASKED, DEAD_EPS, ACC2D, JOINT)
       out = x + blend * r
       _store(out_ptr + xo, out.to(out_ptr.dtype.element_ty), m2, MASKED)
   else:
@@ -221,9 +295,9 @@ def _fwd_coarse_seed(strip, k, x_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2
       m2 = (rows < N)[:, None] & colm[None, :]
       xo = rows[:, None] * D + off + cols[None, :]
       xr = _load(x_ptr + xo, m2, MASKED)
-      acc_s, acc_q, acc_d, acc_x2 = _telemetry_tile(xr.to(tl.float32), shift, m2, acc_s, acc_q,
-                                                    acc_d, acc_x2, TELEMETRY, MASKED, DEAD_EPS,
-                                                    ACC2D)
+      acc_s, acc_q, acc_d, acc_x2 = _dormant_tile_sums(xr.to(tl.float32), shift, m2, acc_s,
+                                                       acc_q, acc_d, acc_x2, TELEMETRY, MASKED,
+                                                       DEAD_EPS, ACC2D, JOINT)
       _store(out_ptr + xo, xr, m2, MASKED)
   pc = cols < C
   if TELEMETRY:
@@ -231,9 +305,10 @@ def _fwd_coarse_seed(strip, k, x_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2
     tl.store(tsum_ptr + po, _colsum(acc_s, ACC2D), mask=pc)
     tl.store(tsq_ptr + po, _colsum(acc_q, ACC2D), mask=pc)
     tl.store(tdead_ptr + po, _colsum(acc_d, ACC2D), mask=pc)
-  tl.store(r2_ptr + strip * K + k, tl.sum(_colsum(acc_r2, ACC2D), 0))
+  r2 = tl.sum(_colsum(acc_r2, ACC2D), 0)
+  tl.store(r2_ptr + strip * K + k, r2)
   tl.store(x2_ptr + strip * K + k, tl.sum(_colsum(acc_x2, ACC2D), 0))
-  tl.store(bad_ptr + strip * K + k, tl.sum(_colsum(acc_bad, ACC2D), 0))
+  tl.store(bad_ptr + strip * K + k, tl.where(r2 == r2, 0.0, 1.0))  # NaN: a non-finite output
 
 
 @triton.jit
@@ -246,7 +321,7 @@ def fwd_coarse(x_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2_ptr, s_ptr, pre
                ACTS: tl.constexpr, HAS_GLU: tl.constexpr, HAS_DIAG: tl.constexpr,
                HAS_PREU: tl.constexpr, TELEMETRY: tl.constexpr, PREC: tl.constexpr,
                LOWP: tl.constexpr, EVEN_C: tl.constexpr, MASKED: tl.constexpr,
-               DEAD_EPS: tl.constexpr, ACC2D: tl.constexpr):
+               DEAD_EPS: tl.constexpr, ACC2D: tl.constexpr, JOINT: tl.constexpr):
   """Program (strip, g): rows [strip * TILES * BR, + TILES * BR) of seeds g * SPP .. + SPP
   (SPP divides K), one `BR`-row tile at a time; telemetry sums per strip."""
   strip = tl.program_id(0)
@@ -256,7 +331,7 @@ def fwd_coarse(x_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2_ptr, s_ptr, pre
                      glu_ptr, diag_ptr, res_ptr, hmask_ptr, out_ptr, tsum_ptr, tsq_ptr,
                      tdead_ptr, r2_ptr, x2_ptr, bad_ptr, N, D, K, Q, R, C, H, CP, HP, BR, TILES,
                      ACTS, HAS_GLU, HAS_DIAG, HAS_PREU, TELEMETRY, PREC, LOWP, EVEN_C, MASKED,
-                     DEAD_EPS, ACC2D)
+                     DEAD_EPS, ACC2D, JOINT)
 
 # -------------------------------------------------------------- coarse backward
 @triton.jit
@@ -430,7 +505,8 @@ def fwd_node(x_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2_ptr, s_ptr, preu_
              N: tl.constexpr, D: tl.constexpr, H: tl.constexpr, HP: tl.constexpr,
              BR: tl.constexpr, BN: tl.constexpr, TILES: tl.constexpr, ACTS: tl.constexpr,
              HAS_GLU: tl.constexpr, HAS_DIAG: tl.constexpr, HAS_PREU: tl.constexpr,
-             TELEMETRY: tl.constexpr, MASKED: tl.constexpr, DEAD_EPS: tl.constexpr):
+             TELEMETRY: tl.constexpr, MASKED: tl.constexpr, DEAD_EPS: tl.constexpr,
+             JOINT: tl.constexpr):
   """Per-node mode: (BR, BN) element tiles, every node's child evaluated element-wise on
   (BR, BN, HP) tensors. A block of nodes none of which is live runs a loop with no child
   work."""
@@ -445,7 +521,7 @@ def fwd_node(x_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2_ptr, s_ptr, preu_
     shift = tl.load(shift_ptr + nodes, mask=nm, other=0.0)
   else:
     shift = tl.zeros([BN], tl.float32)
-  acc_s, acc_q, acc_d, acc_x2, acc_r2, acc_bad = _zero_sums(1, BN, False)
+  acc_s, acc_q, acc_d, acc_x2, acc_r2 = _zero_sums(1, BN, False)
   if any_live:
     blend = tl.load(blend_ptr + nodes, mask=nm, other=0.0)
     res = tl.load(res_ptr + nodes, mask=nm, other=1.0) > 0.0
@@ -474,8 +550,6 @@ def fwd_node(x_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2_ptr, s_ptr, preu_
       m2 = (rows < N)[:, None] & nm[None, :]
       xo = rows[:, None] * D + nodes[None, :]
       x = _load(x_ptr + xo, m2, MASKED).to(tl.float32)
-      acc_s, acc_q, acc_d, acc_x2 = _telemetry_tile(x, shift, m2, acc_s, acc_q, acc_d, acc_x2,
-                                                    TELEMETRY, MASKED, DEAD_EPS, False)
       pre = x[:, :, None] * w1[None, :, :] + b1[None, :, :]
       if HAS_PREU:
         pre += tl.load(preu_ptr + rows[:, None, None] * (D * H) + po[None, :, :],
@@ -488,9 +562,10 @@ def fwd_node(x_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2_ptr, s_ptr, preu_
       if HAS_DIAG:
         f += sd[None, :] * x
       lm = m2 & live[None, :]
-      acc_bad += tl.sum(tl.where(lm & ~(tl.abs(f) < 3.0e38), 1.0, 0.0), 0)
       r = tl.where(lm, tl.where(res[None, :], f, f - x), 0.0)
-      acc_r2 += tl.sum(r * r, 0)
+      acc_s, acc_q, acc_d, acc_x2, acc_r2 = _live_tile_sums(
+          x, shift, m2, _squares_or_nan(f, r, (tl.abs(f) < 3.0e38) | ~lm), acc_s, acc_q, acc_d,
+          acc_x2, acc_r2, TELEMETRY, MASKED, DEAD_EPS, False, JOINT)
       out = x + blend[None, :] * r
       _store(out_ptr + xo, out.to(out_ptr.dtype.element_ty), m2, MASKED)
   else:
@@ -499,9 +574,9 @@ def fwd_node(x_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2_ptr, s_ptr, preu_
       m2 = (rows < N)[:, None] & nm[None, :]
       xo = rows[:, None] * D + nodes[None, :]
       xr = _load(x_ptr + xo, m2, MASKED)
-      acc_s, acc_q, acc_d, acc_x2 = _telemetry_tile(xr.to(tl.float32), shift, m2, acc_s, acc_q,
-                                                    acc_d, acc_x2, TELEMETRY, MASKED, DEAD_EPS,
-                                                    False)
+      acc_s, acc_q, acc_d, acc_x2 = _dormant_tile_sums(xr.to(tl.float32), shift, m2, acc_s,
+                                                       acc_q, acc_d, acc_x2, TELEMETRY, MASKED,
+                                                       DEAD_EPS, False, JOINT)
       _store(out_ptr + xo, xr, m2, MASKED)
   if TELEMETRY:
     tl.store(tsum_ptr + strip * D + nodes, acc_s, mask=nm)
@@ -509,7 +584,7 @@ def fwd_node(x_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2_ptr, s_ptr, preu_
     tl.store(tdead_ptr + strip * D + nodes, acc_d, mask=nm)
   tl.store(r2_ptr + strip * D + nodes, acc_r2, mask=nm)
   tl.store(x2_ptr + strip * D + nodes, acc_x2, mask=nm)
-  tl.store(bad_ptr + strip * D + nodes, acc_bad, mask=nm)
+  tl.store(bad_ptr + strip * D + nodes, tl.where(acc_r2 == acc_r2, 0.0, 1.0), mask=nm)
 
 
 # -------------------------------------------------------------- per-node backward

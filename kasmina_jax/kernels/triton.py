@@ -222,7 +222,7 @@ def _forward_impl(spec, telemetry: bool, x2d, params, seed_in, pre_u, shift, pre
   common_kw = dict(N=n, D=d, H=st["H"], HP=st["HP"], BR=cfg["BR"], TILES=cfg["TILES"],
                    ACTS=st["ACTS"], HAS_GLU=st["HAS_GLU"], HAS_DIAG=st["HAS_DIAG"],
                    HAS_PREU=has_preu, TELEMETRY=bool(telemetry),
-                   DEAD_EPS=float(spec.dead_eps))
+                   DEAD_EPS=float(spec.dead_eps), JOINT=bool(cfg.get("JOINT", 0)))
   args = (x2d, w1, b1, wg, bg, w2, b2, s, preu, shift_arr, seed_in.live.astype(jnp.float32),
           seed_in.blend.astype(jnp.float32), act, glu, diag, res, hmask)
   if node:
