@@ -211,6 +211,21 @@ def _squares_or_nan(f, r, ok):
   return tl.where(ok, r * r, f * 0.0)
 
 
+@triton.jit
+def _chunk_extent(k, Q: tl.constexpr, R: tl.constexpr):
+  """Seed k's chunk width and first column (the first R chunks are one wider). Where D
+  divides evenly (R == 0) both are constant multiples the compiler can see: the column mask
+  is constant in runs of Q and the offset a multiple of Q, so masked tiles still load in
+  vectors (`k * Q + min(k, 0)` hides that)."""
+  if R == 0:
+    ck = Q
+    off = k * Q
+  else:
+    ck = Q + (k < R).to(tl.int32)
+    off = k * Q + tl.minimum(k, R)
+  return ck, off
+
+
 # -------------------------------------------------------------- coarse forward
 @triton.jit
 def _fwd_coarse_seed(strip, k, x_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2_ptr, s_ptr,
@@ -224,11 +239,7 @@ def _fwd_coarse_seed(strip, k, x_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2
                      LOWP: tl.constexpr, EVEN_C: tl.constexpr, MASKED: tl.constexpr,
                      DEAD_EPS: tl.constexpr, ACC2D: tl.constexpr, JOINT: tl.constexpr):
   """One seed's chunk over one strip of rows (see `fwd_coarse`)."""
-  ck = Q + (k < R).to(tl.int32)
-  if EVEN_C:
-    off = k * C
-  else:
-    off = k * Q + tl.minimum(k, R)
+  ck, off = _chunk_extent(k, Q, R)
   cols = tl.arange(0, CP)
   colm = cols < ck
   live = tl.load(live_ptr + k) > 0.0
@@ -419,11 +430,7 @@ def bwd_coarse(x_ptr, ct_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2_ptr, s_
   gradient path (host_grad > 0)."""
   strip = tl.program_id(0)
   k = tl.program_id(1)
-  ck = Q + (k < R).to(tl.int32)
-  if EVEN_C:
-    off = k * C
-  else:
-    off = k * Q + tl.minimum(k, R)
+  ck, off = _chunk_extent(k, Q, R)
   cols = tl.arange(0, CP)
   colm = cols < ck
   hs = tl.arange(0, HP)
