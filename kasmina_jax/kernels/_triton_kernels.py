@@ -77,6 +77,17 @@ def _dot(a, b, PREC: tl.constexpr, LOWP: tl.constexpr):
 
 
 @triton.jit
+def _dot_operand(w, LOWP: tl.constexpr):
+  """A weight tile as `_dot` takes it, cast once before the tile loop (with LOWP, bfloat16)
+  rather than in every tile's `_dot`."""
+  if LOWP:
+    r = w.to(tl.bfloat16)
+  else:
+    r = w
+  return r
+
+
+@triton.jit
 def _acc(acc, v, ACC2D: tl.constexpr):
   """acc + v's column sums: with ACC2D, `acc` has v's (rows, columns) shape and the rows are
   summed once per strip (`_colsum`), no reduction across warps per tile; else per tile."""
@@ -272,6 +283,10 @@ def _fwd_coarse_seed(strip, k, x_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2
       bg = tl.load(bg_ptr + k * H + hs, mask=hm, other=0.0)
     if HAS_DIAG:
       sd = tl.load(s_ptr + k * C + cols, mask=colm, other=0.0) * tl.load(diag_ptr + k)
+    w1 = _dot_operand(w1, LOWP)
+    w2 = _dot_operand(w2, LOWP)
+    if HAS_GLU:
+      wg = _dot_operand(wg, LOWP)
     for t in range(TILES):
       rows = (strip * TILES + t) * BR + tl.arange(0, BR)
       rm = rows < N
@@ -469,6 +484,9 @@ def bwd_coarse(x_ptr, ct_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2_ptr, s_
     else:
       diag = 0.0
       sd = b2
+    w1 = _dot_operand(w1, LOWP)
+    w2 = _dot_operand(w2, LOWP)
+    wg = _dot_operand(wg, LOWP)
     # Two loops rather than a branch per tile: only a seed in the gradient path writes dx.
     if hg > 0.0:
       acc_w1, acc_b1, acc_w2, acc_b2, acc_wg, acc_bg, acc_s = _bwd_coarse_loop(

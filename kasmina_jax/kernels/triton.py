@@ -100,14 +100,16 @@ def shape_class(spec) -> str:
 
 # Measured on an H100 (benchmarks/tune_triton.py, 2026-11-25; the small and wide forward and
 # the small backward re-swept on an H100 on 2026-12-06 after the unmasked-tile rewrite; the
-# per-node forward's (rows, nodes, hidden) tiling takes the per-node backward's shape,
-# unswept; see benchmarks/RESULTS.md). Keys
+# small and per-node forward on an H200 on 2026-12-06: the sums kept per element (ACC2D) at
+# 2 warps won in f32 and bf16, the one multi-operand reduction (JOINT) lost in f32, 0.51 ms
+# against 0.23; see benchmarks/RESULTS.md). Keys
 # (kind, class) or (kind, class, dtype name); the latter wins. "PREC" is the exact path's
 # `tl.dot` input precision (precision="highest"): "tf32x3" unless given ("ieee" where the sweep
 # found it faster); JAX's default precision always runs "tf32".
 _DEFAULT_CONFIGS = {
-    ("fwd", "node"): dict(BR=4, BN=64, TILES=64, num_warps=4, num_stages=2),
-    ("fwd", "small"): dict(BR=64, TILES=16, num_warps=2, num_stages=3),
+    ("fwd", "node"): dict(BR=4, BN=32, TILES=64, num_warps=2, num_stages=2),
+    ("fwd", "node", "float32"): dict(BR=8, BN=32, TILES=32, num_warps=2, num_stages=2),
+    ("fwd", "small"): dict(BR=32, TILES=16, num_warps=2, num_stages=2, ACC2D=1),
     ("fwd", "medium"): dict(BR=16, TILES=32, num_warps=4, num_stages=2),
     ("fwd", "medium", "float32"): dict(BR=16, TILES=32, num_warps=4, num_stages=2, PREC="ieee"),
     ("fwd", "wide"): dict(BR=32, TILES=16, num_warps=4, num_stages=2),
