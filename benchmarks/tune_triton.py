@@ -135,7 +135,8 @@ def main():
         best = None
         for cfg in (json.loads(a.configs) if a.configs else SWEEP[(kind, cls)]):
           kt.CONFIG_OVERRIDES.clear()
-          kt.CONFIG_OVERRIDES[(kind, cls)] = cfg
+          # a sweep's configuration replaces the default's switches, not only its tiling
+          kt.CONFIG_OVERRIDES[(kind, cls)] = {"ACC2D": 0, "JOINT": 0, "SPP": 1, **cfg}
           try:
             if kind == "fwd":
               fn = jax.jit(lambda x_, p_: kt._forward_impl(spec, True, x_, p_, seed_in, None, shift))  # pylint: disable=protected-access

@@ -1,0 +1,163 @@
+"""Compiles the Triton kernels ahead of time for a GPU on the CPU (no GPU, no jax-triton) and
+prints each tiling's registers per thread, local memory (spills) and shared memory, and the occupancy
+those allow on an sm_90 multiprocessor (the H100 / H200).
+
+Why: `ncu` on the H100 (2026-12-06) showed the tuned coarse forward at 255 registers a
+thread, 12.5% theoretical occupancy (4 programs of 2 warps per multiprocessor) and half its
+stalls waiting on global loads: too few loads in flight to cover HBM's latency. Registers
+are a property of the compiled kernel, so they can be ranked here, at no GPU time, before a
+sweep on the device (`tune_triton.py`) times the promising tilings.
+
+  python benchmarks/triton_regs.py --classes small --kinds fwd --dtypes f32,bf16
+  python benchmarks/triton_regs.py --classes small --kinds fwd --configs '[{"BR":32,...}]'
+
+A stand-in `jax_triton.triton_call` captures each launch (kernel, pointer dtypes, constexprs,
+warps, stages) inside `jax.eval_shape`, compiles it with `triton.compile` for
+`GPUTarget("cuda", 90, 32)` (the pointers marked 16-byte aligned, as jax-triton does) and reads
+the cubin's resource usage with the `cuobjdump` bundled with Triton.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import types
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+_PTR = {"float32": "*fp32", "bfloat16": "*bf16", "float16": "*fp16", "int32": "*i32",
+        "bool": "*i1"}
+CAPTURED: list[dict] = []
+
+# sm_90 limits per multiprocessor (CUDA occupancy calculator): registers are allocated per warp
+# in units of 256, shared memory per program includes 1 KiB reserved by the driver.
+SM90 = dict(regs=65536, warps=64, programs=32, smem=228 * 1024, reg_unit=256, smem_reserved=1024)
+
+
+def _triton_call(*args, kernel, out_shape, grid, num_warps=4, num_stages=2,
+                 input_output_aliases=None, **constexprs):
+  del input_output_aliases
+  outs = list(out_shape) if isinstance(out_shape, (list, tuple)) else [out_shape]
+  pointers = [_PTR[jnp.dtype(a.dtype).name] for a in args + tuple(outs)]
+  signature, consts = {}, {}
+  for i, name in enumerate(kernel.arg_names):
+    if i < len(pointers):
+      signature[name] = pointers[i]
+    else:
+      signature[name] = "constexpr"
+      consts[name] = constexprs[name]
+  CAPTURED.append(dict(kernel=kernel, signature=signature, constexprs=consts,
+                       num_warps=num_warps, num_stages=num_stages, n_pointers=len(pointers),
+                       grid=tuple(int(g) for g in grid)))
+  zeros = [jnp.zeros(o.shape, o.dtype) for o in outs]
+  return zeros if isinstance(out_shape, (list, tuple)) else zeros[0]
+
+
+def install_stand_in():
+  sys.modules["jax_triton"] = types.SimpleNamespace(triton_call=_triton_call)
+
+
+def occupancy(regs: int, warps: int, smem: int) -> dict:
+  per_warp = -(-regs * 32 // SM90["reg_unit"]) * SM90["reg_unit"]
+  by_regs = SM90["regs"] // (per_warp * warps)
+  by_warps = SM90["warps"] // warps
+  by_smem = SM90["smem"] // (smem + SM90["smem_reserved"])
+  programs = min(by_regs, by_warps, by_smem, SM90["programs"])
+  limit = min((("registers", by_regs), ("warps", by_warps), ("shared memory", by_smem)),
+              key=lambda t: t[1])[0]
+  return dict(programs_per_sm=programs, occupancy=programs * warps / SM90["warps"], limit=limit)
+
+
+def compile_launch(launch: dict) -> dict:
+  import triton  # pylint: disable=g-import-not-at-top
+  from triton.backends.compiler import GPUTarget  # pylint: disable=g-import-not-at-top
+  from triton.compiler import ASTSource  # pylint: disable=g-import-not-at-top
+  attrs = {(i,): [["tt.divisibility", 16]] for i in range(launch["n_pointers"])}
+  src = ASTSource(launch["kernel"], signature=launch["signature"],
+                  constexprs=launch["constexprs"], attrs=attrs)
+  compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                            options=dict(num_warps=launch["num_warps"],
+                                         num_stages=launch["num_stages"]))
+  cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                           "cuobjdump")
+  with tempfile.NamedTemporaryFile(suffix=".cubin") as fh:
+    fh.write(compiled.asm["cubin"])
+    fh.flush()
+    usage = subprocess.run([cuobjdump, "-res-usage", fh.name], capture_output=True, text=True,
+                           check=True).stdout
+  m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage)
+  regs, stack, static_smem, local = (int(v) for v in m.groups())
+  smem = static_smem + int(compiled.metadata.shared)
+  return dict(regs=regs, stack=stack, local=local, smem=smem,
+              **occupancy(regs, launch["num_warps"], smem))
+
+
+def main():
+  import tune_triton as tt  # pylint: disable=g-import-not-at-top
+  from kasmina_jax.kernels import triton as kt  # pylint: disable=g-import-not-at-top
+  p = argparse.ArgumentParser()
+  p.add_argument("--rows", type=int, default=16384)
+  p.add_argument("--dtypes", default="f32,bf16")
+  p.add_argument("--classes", default="small,node")
+  p.add_argument("--kinds", default="fwd,bwd")
+  p.add_argument("--configs", default="", help="a JSON list of configurations (default: "
+                 "tune_triton.py's sweep, with the current default first)")
+  p.add_argument("--out", default="")
+  a = p.parse_args()
+  install_stand_in()
+  rows = []
+  for dname in a.dtypes.split(","):
+    dtype = {"f32": jnp.float32, "bf16": jnp.bfloat16}[dname]
+    for cls in a.classes.split(","):
+      dim, k = tt.CLASSES[cls]
+      # the problem's parameters and stages; x itself is only a shape here
+      spec, params, seed_in, _, _, shift = tt.problem(256, dim, k, dtype)
+      for kind in a.kinds.split(","):
+        kt.CONFIG_OVERRIDES.clear()
+        if not kt._inline(spec, kind):  # pylint: disable=protected-access
+          print(f"{dname:4} {cls:6} {kind}: no kernel (the contract's XLA fallback)")
+          continue
+        default = kt._config(kind, spec, dtype)  # pylint: disable=protected-access
+        configs = json.loads(a.configs) if a.configs else [default] + [
+            c for c in tt.SWEEP.get((kind, cls), []) if c != default]
+        for cfg in configs:
+          kt.CONFIG_OVERRIDES.clear()
+          # a sweep's configuration replaces the default's switches, not only its tiling
+          kt.CONFIG_OVERRIDES[(kind, cls)] = {"ACC2D": 0, "JOINT": 0, "SPP": 1, **cfg}
+          del CAPTURED[:]
+          xs = jax.ShapeDtypeStruct((a.rows, dim), dtype)
+          if kind == "fwd":
+            jax.eval_shape(lambda x_: kt._forward_impl(spec, True, x_, params, seed_in, None,  # pylint: disable=protected-access
+                                                       shift), xs)
+          else:
+            ok = jnp.ones((k,), bool)
+            r2 = jnp.full((k,), 0.01, jnp.float32)
+            jax.eval_shape(lambda x_, c_: kt._backward_impl(spec, x_, params, seed_in, None, ok,  # pylint: disable=protected-access
+                                                            c_, r2), xs, xs)
+          try:
+            res = compile_launch(CAPTURED[-1])
+            msg = (f"{res['regs']:3d} regs  local {res['local']:4d} B  smem {res['smem']:6d} B  "
+                   f"{res['programs_per_sm']:2d} programs/SM  occupancy "
+                   f"{100 * res['occupancy']:5.1f}% ({res['limit']})  grid {CAPTURED[-1]['grid']}")
+          except Exception as e:  # pylint: disable=broad-except
+            res, msg = {"error": f"{type(e).__name__}: {str(e)[:300]}"}, f"FAILED {type(e).__name__}: {str(e)[:300]}"
+          tag = " (default)" if cfg == default and not a.configs else ""
+          print(f"{dname:4} {cls:6} {kind} {json.dumps(cfg)}{tag}\n     {msg}", flush=True)
+          rows.append(dict(dtype=dname, cls=cls, kind=kind, cfg=cfg, **res))
+  kt.CONFIG_OVERRIDES.clear()
+  if a.out:
+    with open(a.out, "w") as fh:
+      json.dump(rows, fh, indent=1)
+
+
+if __name__ == "__main__":
+  main()
