@@ -10,6 +10,7 @@ sweep on the device (`tune_triton.py`) times the promising tilings.
 
   python benchmarks/triton_regs.py --classes small --kinds fwd --dtypes f32,bf16
   python benchmarks/triton_regs.py --classes small --kinds fwd --configs '[{"BR":32,...}]'
+  python benchmarks/triton_regs.py --defaults-only    # what CI runs: every kernel compiles
 
 A stand-in `jax_triton.triton_call` captures each launch (kernel, pointer dtypes, constexprs,
 warps, stages) inside `jax.eval_shape`, compiles it with `triton.compile` for
@@ -101,6 +102,34 @@ def compile_launch(launch: dict) -> dict:
               **occupancy(regs, launch["num_warps"], smem))
 
 
+def full_catalog_problem(spec, rows: int, kt):
+  """`spec`'s shape with a catalog holding every kind of child, so every constexpr branch of
+  the kernels (GLU gate, diagonal scale, the activations, `pre_u` of parallel wiring) is
+  compiled."""
+  from kasmina_jax import blueprints as bp  # pylint: disable=g-import-not-at-top
+  from kasmina_jax import layer as layer_lib  # pylint: disable=g-import-not-at-top
+  from kasmina_jax import lifecycle  # pylint: disable=g-import-not-at-top
+  from kasmina_jax.kernels import common  # pylint: disable=g-import-not-at-top
+  if spec.chunk_width == 1:
+    catalog = (bp.Blueprint("node_relu", hidden=3, activation="relu"),
+               bp.Blueprint("node_glu", hidden=2, activation="gelu", glu=True),
+               bp.Blueprint("node_scale", hidden=0, diagonal=True),
+               bp.Blueprint("node_tanh_repl", hidden=2, activation="tanh", kind="replacement"),
+               bp.Blueprint("node_parallel", hidden=2, activation="relu", wiring="parallel"))
+  else:
+    catalog = bp.default_blueprints(parallel_hidden=8)
+  k = spec.num_seeds
+  spec = layer_lib.KasminaSpec(dim=spec.dim, num_seeds=k, blueprints=catalog, input_dim=32,
+                               corr_rows=0)
+  params = layer_lib.init_children(spec)
+  seeds = lifecycle.init_seed_state(k).replace(
+      stage=jnp.full((k,), int(lifecycle.Stage.GRAFTING), jnp.int32),
+      blueprint=jnp.arange(k, dtype=jnp.int32) % len(catalog))
+  h = kt._statics(spec, jnp.float32)["H"]  # pylint: disable=protected-access
+  return spec, params, common.seed_inputs(spec, seeds), jax.ShapeDtypeStruct((rows, k, h),
+                                                                               jnp.float32)
+
+
 def main():
   import tune_triton as tt  # pylint: disable=g-import-not-at-top
   from kasmina_jax.kernels import triton as kt  # pylint: disable=g-import-not-at-top
@@ -111,6 +140,12 @@ def main():
   p.add_argument("--kinds", default="fwd,bwd")
   p.add_argument("--configs", default="", help="a JSON list of configurations (default: "
                  "tune_triton.py's sweep, with the current default first)")
+  p.add_argument("--catalog", choices=("residual", "full"), default="residual",
+                 help="the children compiled for: tune_triton's residual MLP, or every kind "
+                 "(GLU gate, diagonal scale, replacement, parallel wiring: each branch of the "
+                 "kernels)")
+  p.add_argument("--defaults-only", action="store_true",
+                 help="only each class's default tiling (what the library launches)")
   p.add_argument("--out", default="")
   a = p.parse_args()
   install_stand_in()
@@ -121,14 +156,17 @@ def main():
       dim, k = tt.CLASSES[cls]
       # the problem's parameters and stages; x itself is only a shape here
       spec, params, seed_in, _, _, shift = tt.problem(256, dim, k, dtype)
+      pre_u = None
+      if a.catalog == "full":
+        spec, params, seed_in, pre_u = full_catalog_problem(spec, a.rows, kt)
       for kind in a.kinds.split(","):
         kt.CONFIG_OVERRIDES.clear()
-        if not kt._inline(spec, kind):  # pylint: disable=protected-access
+        if not kt._inline(spec, kind, kt.low_precision_dots(dtype, None)):  # pylint: disable=protected-access
           print(f"{dname:4} {cls:6} {kind}: no kernel (the contract's XLA fallback)")
           continue
         default = kt._config(kind, spec, dtype)  # pylint: disable=protected-access
         configs = json.loads(a.configs) if a.configs else [default] + [
-            c for c in tt.SWEEP.get((kind, cls), []) if c != default]
+            c for c in tt.SWEEP.get((kind, cls), []) if c != default and not a.defaults_only]
         for cfg in configs:
           kt.CONFIG_OVERRIDES.clear()
           # a sweep's configuration replaces the default's switches, not only its tiling
@@ -136,13 +174,13 @@ def main():
           del CAPTURED[:]
           xs = jax.ShapeDtypeStruct((a.rows, dim), dtype)
           if kind == "fwd":
-            jax.eval_shape(lambda x_: kt._forward_impl(spec, True, x_, params, seed_in, None,  # pylint: disable=protected-access
-                                                       shift), xs)
+            jax.eval_shape(lambda x_, u_: kt._forward_impl(spec, True, x_, params, seed_in, u_,  # pylint: disable=protected-access
+                                                           shift), xs, pre_u)
           else:
             ok = jnp.ones((k,), bool)
             r2 = jnp.full((k,), 0.01, jnp.float32)
-            jax.eval_shape(lambda x_, c_: kt._backward_impl(spec, x_, params, seed_in, None, ok,  # pylint: disable=protected-access
-                                                            c_, r2), xs, xs)
+            jax.eval_shape(lambda x_, c_, u_: kt._backward_impl(spec, x_, params, seed_in, u_,  # pylint: disable=protected-access
+                                                                ok, c_, r2), xs, xs, pre_u)
           try:
             res = compile_launch(CAPTURED[-1])
             msg = (f"{res['regs']:3d} regs  local {res['local']:4d} B  smem {res['smem']:6d} B  "
@@ -157,6 +195,9 @@ def main():
   if a.out:
     with open(a.out, "w") as fh:
       json.dump(rows, fh, indent=1)
+  failed = [r for r in rows if "error" in r]
+  if failed:
+    sys.exit(f"{len(failed)} of {len(rows)} kernels failed to compile")
 
 
 if __name__ == "__main__":

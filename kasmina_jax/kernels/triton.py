@@ -56,6 +56,13 @@ MAX_INLINE_CHUNK = 256
 # contract's backward under XLA.
 MAX_INLINE_CHUNK_BACKWARD = select.FUSED_BACKWARD_MAX_CHUNK
 
+# A coarse program keeps its seed's weight tiles (w1, w2 and a GLU gate's wg, padded to powers
+# of two) in shared memory as the dots' operands. Past this the tiles and the pipelining
+# buffers no longer fit the 227 KiB a program may take on sm_90 and the kernel cannot launch:
+# `benchmarks/triton_regs.py` compiled 256-node chunks with a GLU child at 238 KiB in float32
+# (2026-12-06). Such layers run the `jnp` contract under XLA.
+MAX_WEIGHT_SMEM_BYTES = 160 * 1024
+
 # Tiling per shape class (see `_config`); `CONFIG_OVERRIDES[(kind, class)]` or
 # `[(kind, class, dtype name)]` (kind "fwd" or "bwd") replaces an entry, for tuning runs.
 CONFIG_OVERRIDES: dict[tuple[str, str], dict[str, int]] = {}
@@ -190,16 +197,27 @@ def _param_arrays(spec, params: bp_lib.ChildParams):
   return f32(params.w1), f32(params.b1), wg, bg, f32(params.w2), f32(params.b2), s
 
 
-def _inline(spec, kind: str = "fwd") -> bool:
+def _inline(spec, kind: str = "fwd", lowp: bool = False) -> bool:
+  """Whether a kernel runs this layer (else the `jnp` contract under XLA). `lowp`: the dots
+  take bfloat16 operands (`low_precision_dots`), half the weight tiles' shared memory."""
   limit = MAX_INLINE_CHUNK if kind == "fwd" else MAX_INLINE_CHUNK_BACKWARD
-  return spec.chunk_width <= limit
+  if spec.chunk_width > limit:
+    return False
+  return spec.chunk_width == 1 or weight_smem_bytes(spec, lowp) <= MAX_WEIGHT_SMEM_BYTES
+
+
+def weight_smem_bytes(spec, lowp: bool = False) -> int:
+  """Shared memory a coarse program's weight tiles take (see MAX_WEIGHT_SMEM_BYTES)."""
+  st = _statics(spec, None)
+  matrices = 3 if st["HAS_GLU"] else 2
+  return matrices * max(16, _pow2(spec.chunk_width)) * st["HP"] * (2 if lowp else 4)
 
 
 # ----------------------------------------------------------------------------- forward
 
 
 def _forward_impl(spec, telemetry: bool, x2d, params, seed_in, pre_u, shift, precision=None):
-  if not _inline(spec):
+  if not _inline(spec, "fwd", low_precision_dots(x2d.dtype, precision)):
     return common.fused_blend_reference(spec, telemetry, x2d, params, seed_in, pre_u, shift,
                                         precision)
   import jax_triton as jt  # pylint: disable=g-import-not-at-top
@@ -282,7 +300,7 @@ def _partials(spec, x2d, shift, s1, s2, dead) -> tel_lib.TelemetryPartials:
 
 
 def _backward_impl(spec, x2d, params, seed_in, pre_u, ok, ct_out, ct_sum_r2, precision=None):
-  if not _inline(spec, "bwd"):
+  if not _inline(spec, "bwd", low_precision_dots(x2d.dtype, precision)):
     return common.fused_blend_backward_reference(spec, x2d, params, seed_in, pre_u, ok, ct_out,
                                                  ct_sum_r2, precision)
   import jax_triton as jt  # pylint: disable=g-import-not-at-top
