@@ -181,16 +181,20 @@ def main():
             r2 = jnp.full((k,), 0.01, jnp.float32)
             jax.eval_shape(lambda x_, c_, u_: kt._backward_impl(spec, x_, params, seed_in, u_,  # pylint: disable=protected-access
                                                                 ok, c_, r2), xs, xs, pre_u)
-          try:
-            res = compile_launch(CAPTURED[-1])
-            msg = (f"{res['regs']:3d} regs  local {res['local']:4d} B  smem {res['smem']:6d} B  "
-                   f"{res['programs_per_sm']:2d} programs/SM  occupancy "
-                   f"{100 * res['occupancy']:5.1f}% ({res['limit']})  grid {CAPTURED[-1]['grid']}")
-          except Exception as e:  # pylint: disable=broad-except
-            res, msg = {"error": f"{type(e).__name__}: {str(e)[:300]}"}, f"FAILED {type(e).__name__}: {str(e)[:300]}"
           tag = " (default)" if cfg == default and not a.configs else ""
-          print(f"{dname:4} {cls:6} {kind} {json.dumps(cfg)}{tag}\n     {msg}", flush=True)
-          rows.append(dict(dtype=dname, cls=cls, kind=kind, cfg=cfg, **res))
+          print(f"{dname:4} {cls:6} {kind} {json.dumps(cfg)}{tag}", flush=True)
+          for launch in CAPTURED:  # SPLIT launches two kernels
+            name = launch["kernel"].__name__
+            try:
+              res = compile_launch(launch)
+              msg = (f"{res['regs']:3d} regs  local {res['local']:4d} B  smem {res['smem']:6d} B  "
+                     f"{res['programs_per_sm']:2d} programs/SM  occupancy "
+                     f"{100 * res['occupancy']:5.1f}% ({res['limit']})  grid {launch['grid']}")
+            except Exception as e:  # pylint: disable=broad-except
+              res = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+              msg = f"FAILED {res['error']}"
+            print(f"     {name}: {msg}", flush=True)
+            rows.append(dict(dtype=dname, cls=cls, kind=kind, cfg=cfg, kernel=name, **res))
   kt.CONFIG_OVERRIDES.clear()
   if a.out:
     with open(a.out, "w") as fh:

@@ -37,8 +37,13 @@ from kasmina_jax.kernels import triton as kt  # noqa: E402
 CLASSES = {"small": (4096, 64), "medium": (8192, 64), "wide": (4096, 16), "node": (4096, 4096)}
 
 
-def _c(br, t, w, s, prec=None, bn=None, spp=None, acc2d=None, joint=None):
+def _c(br, t, w, s, prec=None, bn=None, spp=None, acc2d=None, joint=None, split=None,
+       dormant_warps=None):
   cfg = dict(BR=br, TILES=t, num_warps=w, num_stages=s)
+  if split:
+    cfg["SPLIT"] = split
+  if dormant_warps:
+    cfg["DORMANT_WARPS"] = dormant_warps
   if acc2d:
     cfg["ACC2D"] = acc2d
   if joint:
@@ -58,7 +63,10 @@ def _c(br, t, w, s, prec=None, bn=None, spp=None, acc2d=None, joint=None):
 SWEEP = {
     ("fwd", "small"): [_c(64, 16, 2, 3), _c(64, 16, 2, 3, joint=1), _c(32, 16, 4, 3, joint=1),
                        _c(64, 16, 4, 2, joint=1), _c(16, 32, 4, 2, acc2d=1),
-                       _c(32, 16, 2, 2, acc2d=1), _c(16, 32, 2, 2, acc2d=1)],
+                       _c(32, 16, 2, 2, acc2d=1), _c(16, 32, 2, 2, acc2d=1),
+                       # the dormant seeds in a kernel of their own (time with --active < 1)
+                       _c(32, 16, 2, 2, acc2d=1, split=1),
+                       _c(32, 16, 2, 2, acc2d=1, split=1, dormant_warps=4)],
     ("fwd", "medium"): [_c(16, 16, 4, 2), _c(32, 16, 2, 2), _c(32, 16, 4, 2), _c(64, 8, 2, 3)],
     ("fwd", "wide"): [_c(32, 16, 4, 2), _c(32, 16, 4, 2, joint=1), _c(32, 16, 2, 2, joint=1),
                       _c(16, 32, 4, 2, acc2d=1)],
@@ -72,14 +80,19 @@ SWEEP = {
 }
 
 
-def problem(rows, dim, k, dtype):
+def problem(rows, dim, k, dtype, active=1.0):
+  """Every seed GRAFTING (its child blends), or with `active` < 1 the first round(k * active)
+  of them and the rest DORMANT."""
   rng = np.random.default_rng(0)
   bp = bp_lib.Blueprint("residual_mlp", hidden=16, activation="relu")
   spec = layer_lib.KasminaSpec(dim=dim, num_seeds=k, blueprints=(bp,), corr_rows=0)
   params = jax.tree.map(lambda p: jnp.asarray(0.1 * rng.standard_normal(p.shape), jnp.float32),
                         layer_lib.init_children(spec))
+  n_live = int(round(k * active))
+  stage = jnp.where(jnp.arange(k) < n_live, int(lifecycle.Stage.GRAFTING),
+                    int(lifecycle.Stage.DORMANT)).astype(jnp.int32)
   seeds = lifecycle.init_seed_state(k).replace(
-      stage=jnp.full((k,), int(lifecycle.Stage.GRAFTING), jnp.int32),
+      stage=stage,
       blueprint=jnp.zeros((k,), jnp.int32), alpha=jnp.full((k,), 0.5, jnp.float32))
   seed_in = common.seed_inputs(spec, seeds)
   x = jnp.asarray(rng.standard_normal((rows, dim)), dtype)
@@ -115,6 +128,8 @@ def main():
   p.add_argument("--dtypes", default="f32,bf16")
   p.add_argument("--classes", default="small,wide,node,medium")
   p.add_argument("--kinds", default="fwd,bwd")
+  p.add_argument("--active", type=float, default=1.0,
+                 help="fraction of seeds blending; the rest dormant (SPLIT's case)")
   p.add_argument("--out", default=os.environ.get("OUT") or "")
   p.add_argument("--configs", default="",
                  help="a JSON list of configurations to run instead of the sweep's")
@@ -128,7 +143,7 @@ def main():
     dtype = {"f32": jnp.float32, "bf16": jnp.bfloat16}[dname]
     for cls in a.classes.split(","):
       dim, k = CLASSES[cls]
-      spec, params, seed_in, x, ct, shift = problem(a.rows, dim, k, dtype)
+      spec, params, seed_in, x, ct, shift = problem(a.rows, dim, k, dtype, a.active)
       assert kt.shape_class(spec) == cls, (cls, kt.shape_class(spec))
       nbytes = x.size * x.dtype.itemsize
       for kind in a.kinds.split(","):

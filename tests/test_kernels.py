@@ -527,13 +527,14 @@ def test_triton_kernels_match_reference_interpreted(triton_interpreted, name):
     assert {kw["PREC"] for _, kw in triton_interpreted.launches} <= {"tf32x3", "ieee"}
 
 
-@pytest.mark.parametrize("joint", [0, 1])
+@pytest.mark.parametrize("switches", [{}, {"JOINT": 1}, {"SPLIT": 1}], ids=str)
 def test_triton_default_precision_and_eval_pass_interpreted(triton_interpreted, monkeypatch,
-                                                            joint):
+                                                            switches):
   """JAX's default precision reaches the coarse kernels as TF32; an evaluation pass
   (`eval_alpha`, no telemetry) and a non-finite child match the reference. JOINT: the
-  forward's per-tile sums in one multi-operand reduction."""
-  monkeypatch.setitem(ktriton.CONFIG_OVERRIDES, ("fwd", "small"), dict(JOINT=joint))
+  forward's per-tile sums in one multi-operand reduction; SPLIT: the dormant seeds in a
+  kernel of their own, writing into the live kernel's (aliased) outputs."""
+  monkeypatch.setitem(ktriton.CONFIG_OVERRIDES, ("fwd", "small"), dict(switches))
   spec, params, seeds, x, u, tel = make_layer("even", jax.random.PRNGKey(2), stages=[
       Stage.GRAFTING, Stage.FINE_TUNING, Stage.TRAINING, Stage.STABILIZATION])
   params = params.replace(b2=params.b2.at[1, 0].set(jnp.inf))
@@ -542,13 +543,20 @@ def test_triton_default_precision_and_eval_pass_interpreted(triton_interpreted, 
   check_against_reference(spec, params, seeds, x, u, tel, tol=1e-5, forward=triton_forward,
                           eval_alpha=0.6, precision=None)
   assert {kw["PREC"] for _, kw in triton_interpreted.launches} == {"tf32"}
-  assert {kw["JOINT"] for n, kw in triton_interpreted.launches if n == "fwd_coarse"} == {
-      bool(joint)}
+  fwd = [(n, kw) for n, kw in triton_interpreted.launches if n.startswith("fwd_coarse")]
+  assert {kw["JOINT"] for _, kw in fwd} == {bool(switches.get("JOINT"))}
+  if switches.get("SPLIT"):
+    assert [n for n, _ in fwd] == ["fwd_coarse", "fwd_coarse_dormant"] * 2
+    assert {kw["PART"] for n, kw in fwd if n == "fwd_coarse"} == {1}
+  else:
+    assert [n for n, _ in fwd] == ["fwd_coarse"] * 2
+    assert {kw["PART"] for _, kw in fwd} == {0}
 
 
-@pytest.mark.parametrize("lowp,acc2d,joint", [(False, 0, 0), (True, 0, 0), (False, 1, 0),
-                                              (False, 0, 1)])
-def test_triton_even_tiles_interpreted(triton_interpreted, monkeypatch, lowp, acc2d, joint):
+@pytest.mark.parametrize("lowp,acc2d,joint,split", [
+    (False, 0, 0, 0), (True, 0, 0, 0), (False, 1, 0, 0), (False, 0, 1, 0), (False, 1, 0, 1)])
+def test_triton_even_tiles_interpreted(triton_interpreted, monkeypatch, lowp, acc2d, joint,
+                                       split):
   """Even chunks (a power of two wide) and whole strips take the unmasked loads, and two
   seeds share a forward program. LOWP: the dots on bfloat16 operands (what bfloat16
   activations run at JAX's default precision), forced here on float32 activations: Triton
@@ -559,15 +567,16 @@ def test_triton_even_tiles_interpreted(triton_interpreted, monkeypatch, lowp, ac
   element, reduced once per strip; JOINT: in one multi-operand reduction per tile."""
   for kind in ("fwd", "bwd"):
     monkeypatch.setitem(ktriton.CONFIG_OVERRIDES, (kind, "small"),
-                        dict(BR=16, TILES=2, SPP=2, ACC2D=acc2d, JOINT=joint, num_warps=2,
-                             num_stages=2))
+                        dict(BR=16, TILES=2, SPP=2, ACC2D=acc2d, JOINT=joint, SPLIT=split,
+                             num_warps=2, num_stages=2))
   if lowp:
     monkeypatch.setattr(ktriton, "low_precision_dots", lambda dtype, precision: True)
   spec, params, seeds, x, u, tel = make_layer("even_wide", jax.random.PRNGKey(4), lead=(64,))
   check_against_reference(spec, params, seeds, x, u, tel, tol=3e-2 if lowp else 1e-5,
                           forward=triton_forward, precision=None if lowp else "highest")
   launches = triton_interpreted.launches
-  assert {n for n, _ in launches} == {"fwd_coarse", "bwd_coarse"}
+  assert {n for n, _ in launches} == {"fwd_coarse", "bwd_coarse"} | (
+      {"fwd_coarse_dormant"} if split else set())
   assert all(kw["MASKED"] is False and kw["EVEN_C"] is True for _, kw in launches), launches
   assert all(kw["LOWP"] is lowp for _, kw in launches)
   assert [(kw["SPP"], kw["ACC2D"], kw["JOINT"]) for n, kw in launches

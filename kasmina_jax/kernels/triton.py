@@ -82,8 +82,8 @@ def available() -> bool:
 def _kernels():
   """The `@triton.jit` kernels, imported on first use (triton is needed only then)."""
   from kasmina_jax.kernels import _triton_kernels as tk  # pylint: disable=g-import-not-at-top
-  return dict(fwd_coarse=tk.fwd_coarse, bwd_coarse=tk.bwd_coarse, fwd_node=tk.fwd_node,
-              bwd_node=tk.bwd_node)
+  return dict(fwd_coarse=tk.fwd_coarse, fwd_coarse_dormant=tk.fwd_coarse_dormant,
+              bwd_coarse=tk.bwd_coarse, fwd_node=tk.fwd_node, bwd_node=tk.bwd_node)
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -110,7 +110,11 @@ def shape_class(spec) -> str:
 # small and per-node forward on an H200 on 2026-12-06: the sums kept per element (ACC2D) at
 # 2 warps won in f32 and bf16, the one multi-operand reduction (JOINT) lost in f32, 0.51 ms
 # against 0.23; see benchmarks/RESULTS.md). Keys
-# (kind, class) or (kind, class, dtype name); the latter wins. "PREC" is the exact path's
+# (kind, class) or (kind, class, dtype name); the latter wins. Besides the tiling (BR rows a
+# tile, TILES tiles a strip, BN nodes a block, warps, stages), forward switches: ACC2D (column
+# sums kept per element, reduced once a strip), JOINT (one multi-operand reduction a tile), SPP
+# (seeds a program), SPLIT (dormant seeds in a second kernel without the child, at
+# DORMANT_WARPS and DORMANT_ACC2D; not yet timed on a GPU, so off). "PREC" is the exact path's
 # `tl.dot` input precision (precision="highest"): "tf32x3" unless given ("ieee" where the sweep
 # found it faster); JAX's default precision always runs "tf32".
 _DEFAULT_CONFIGS = {
@@ -254,13 +258,25 @@ def _forward_impl(spec, telemetry: bool, x2d, params, seed_in, pre_u, shift, pre
   else:
     q, r = divmod(d, k)
     spp = _seeds_per_program(cfg, k)
+    split = bool(cfg.get("SPLIT", 0))
+    coarse_kw = dict(K=k, Q=q, R=r, C=c, CP=max(16, _pow2(c)), SPP=spp,
+                     PREC=input_precision(cfg, precision),
+                     LOWP=low_precision_dots(x2d.dtype, precision),
+                     **_geometry(spec, n, rows_per_strip), **common_kw)
     outs = jt.triton_call(*args, kernel=kern["fwd_coarse"], out_shape=out_shape,
                           grid=(strips, k // spp), num_warps=cfg["num_warps"],
-                          num_stages=cfg["num_stages"], K=k, Q=q, R=r, C=c,
-                          CP=max(16, _pow2(c)), SPP=spp, PREC=input_precision(cfg, precision),
-                          LOWP=low_precision_dots(x2d.dtype, precision),
-                          ACC2D=bool(cfg.get("ACC2D", 0)),
-                          **_geometry(spec, n, rows_per_strip), **common_kw)
+                          num_stages=cfg["num_stages"], ACC2D=bool(cfg.get("ACC2D", 0)),
+                          PART=1 if split else 0, **coarse_kw)
+    if split:
+      # SPLIT: the dormant seeds in a second launch of a kernel without the child, writing
+      # into the first launch's outputs (aliased), at its own warps and column sums.
+      outs = jt.triton_call(*args, *outs, kernel=kern["fwd_coarse_dormant"],
+                            out_shape=out_shape,
+                            input_output_aliases={len(args) + i: i for i in range(len(outs))},
+                            grid=(strips, k // spp),
+                            num_warps=cfg.get("DORMANT_WARPS", cfg["num_warps"]),
+                            num_stages=cfg["num_stages"],
+                            ACC2D=bool(cfg.get("DORMANT_ACC2D", 0)), **coarse_kw)
   out, tsum, tsq, tdead, r2, x2, bad = outs
   ok = jnp.sum(bad, axis=0) == 0
   out = common.apply_guard(spec, x2d, out, ok)
