@@ -1,5 +1,6 @@
 """Compiles the Triton kernels ahead of time for a GPU on the CPU (no GPU, no jax-triton) and
-prints each tiling's registers per thread, local memory (spills) and shared memory, and the occupancy
+prints each tiling's registers per thread, stack frame (where ptxas puts the registers it
+spills) and shared memory, and the occupancy
 those allow on an sm_90 multiprocessor (the H100 / H200).
 
 Why: `ncu` on the H100 (2026-12-06) showed the tuned coarse forward at 255 registers a
@@ -187,7 +188,8 @@ def main():
             name = launch["kernel"].__name__
             try:
               res = compile_launch(launch)
-              msg = (f"{res['regs']:3d} regs  local {res['local']:4d} B  smem {res['smem']:6d} B  "
+              msg = (f"{res['regs']:3d} regs  spill stack {res['stack']:4d} B  "
+                     f"smem {res['smem']:6d} B  "
                      f"{res['programs_per_sm']:2d} programs/SM  occupancy "
                      f"{100 * res['occupancy']:5.1f}% ({res['limit']})  grid {launch['grid']}")
             except Exception as e:  # pylint: disable=broad-except

@@ -600,7 +600,8 @@ def test_triton_wide_glu_chunks_run_the_contract_interpreted(triton_interpreted)
 def test_triton_kernels_compile_for_hopper(tmp_path):
   """Every kernel the library launches, in its default tiling, for float32 and bfloat16 and
   for a catalog with every kind of child, compiles for sm_90 (Triton's compiler and ptxas, on
-  the CPU: `benchmarks/triton_regs.py`) and fits a multiprocessor. The interpreter checks the
+  the CPU: `benchmarks/triton_regs.py`) and fits a multiprocessor (registers and shared
+  memory allow at least one program). The interpreter checks the
   kernels' logic; this catches what only the GPU compiler sees (layouts, bfloat16 dots, shared
   memory). In a process of its own: the test session runs Triton in interpreter mode."""
   pytest.importorskip("triton")
@@ -619,7 +620,7 @@ def test_triton_kernels_compile_for_hopper(tmp_path):
   assert {("f32", "small", "fwd"), ("bf16", "small", "bwd"), ("f32", "node", "fwd"),
           ("bf16", "node", "bwd"), ("bf16", "wide", "fwd")} <= compiled, compiled
   for r in rows:
-    assert r["programs_per_sm"] >= 1 and r["local"] == 0, r
+    assert r["programs_per_sm"] >= 1, r
 
 
 @pytest.mark.parametrize("dtype,precision,expected", [

@@ -180,8 +180,13 @@ def _statics(spec, dtype) -> dict[str, Any]:
   for i in set(int(a) for a in cat.act_id):
     acts |= 1 << i
   h = cat.hidden
+  # The coarse kernels' dots need 16 or more hidden units; per-node mode evaluates its children
+  # element-wise on (rows, nodes, hidden) tensors, where padding to 16 multiplied the work and
+  # the registers (node catalogs have 2-3 hidden units: a 6.7 KB spill stack per thread in the
+  # per-node backward at 16, benchmarks/triton_regs.py).
+  hp = _pow2(h) if spec.chunk_width == 1 else max(16, _pow2(h))
   return dict(ACTS=acts, HAS_GLU=bool(cat.any_glu), HAS_DIAG=bool(cat.any_diagonal),
-              H=h, HP=max(16, _pow2(h)))
+              H=h, HP=hp)
 
 
 def _seed_arrays(seed_in: common.SeedInputs):
