@@ -170,8 +170,7 @@ def main():
             c for c in tt.SWEEP.get((kind, cls), []) if c != default and not a.defaults_only]
         for cfg in configs:
           kt.CONFIG_OVERRIDES.clear()
-          # a sweep's configuration replaces the default's switches, not only its tiling
-          kt.CONFIG_OVERRIDES[(kind, cls)] = {"ACC2D": 0, "JOINT": 0, "SPP": 1, **cfg}
+          kt.CONFIG_OVERRIDES[(kind, cls)] = tt.full_config(cfg)
           del CAPTURED[:]
           xs = jax.ShapeDtypeStruct((a.rows, dim), dtype)
           if kind == "fwd":

@@ -80,6 +80,12 @@ SWEEP = {
 }
 
 
+def full_config(cfg):
+  """A sweep's configuration as an override: it replaces the default's switches (ACC2D,
+  JOINT, SPP), not only its tiling."""
+  return {"ACC2D": 0, "JOINT": 0, "SPP": 1, **cfg}
+
+
 def problem(rows, dim, k, dtype, active=1.0):
   """Every seed GRAFTING (its child blends), or with `active` < 1 the first round(k * active)
   of them and the rest DORMANT."""
@@ -150,8 +156,7 @@ def main():
         best = None
         for cfg in (json.loads(a.configs) if a.configs else SWEEP[(kind, cls)]):
           kt.CONFIG_OVERRIDES.clear()
-          # a sweep's configuration replaces the default's switches, not only its tiling
-          kt.CONFIG_OVERRIDES[(kind, cls)] = {"ACC2D": 0, "JOINT": 0, "SPP": 1, **cfg}
+          kt.CONFIG_OVERRIDES[(kind, cls)] = full_config(cfg)
           try:
             if kind == "fwd":
               fn = jax.jit(lambda x_, p_: kt._forward_impl(spec, True, x_, p_, seed_in, None, shift))  # pylint: disable=protected-access

@@ -127,20 +127,28 @@ def _zero_grads(CP: tl.constexpr, HP: tl.constexpr):
 
 
 @triton.jit
+def _telemetry_terms(x, shift, m2, MASKED: tl.constexpr, DEAD_EPS: tl.constexpr):
+  """A tile's telemetry terms per element: x - shift, its square and the dead indicator
+  (float), masked elements 0."""
+  dlt = x - shift[None, :]
+  dead = tl.abs(x) <= DEAD_EPS
+  if MASKED:
+    dlt = tl.where(m2, dlt, 0.0)
+    dead = dead & m2
+  return dlt, dlt * dlt, dead.to(tl.float32)
+
+
+@triton.jit
 def _telemetry_tile(x, shift, m2, acc_s, acc_q, acc_d, acc_x2, TELEMETRY: tl.constexpr,
                     MASKED: tl.constexpr, DEAD_EPS: tl.constexpr, ACC2D: tl.constexpr):
   """Adds a tile's column sums to the strip's accumulators (`_acc`): with TELEMETRY the
   shifted sum, shifted sum of squares and dead count, else the sum of squares of x. Masked
   elements are 0 in x."""
   if TELEMETRY:
-    dlt = x - shift[None, :]
-    dead = tl.abs(x) <= DEAD_EPS
-    if MASKED:
-      dlt = tl.where(m2, dlt, 0.0)
-      dead = dead & m2
+    dlt, dlt2, dead = _telemetry_terms(x, shift, m2, MASKED, DEAD_EPS)
     acc_s = _acc(acc_s, dlt, ACC2D)
-    acc_q = _acc(acc_q, dlt * dlt, ACC2D)
-    acc_d = _acc(acc_d, dead.to(tl.float32), ACC2D)
+    acc_q = _acc(acc_q, dlt2, ACC2D)
+    acc_d = _acc(acc_d, dead, ACC2D)
   else:
     # With telemetry the wrapper derives sum(x^2) from the shifted sums (one reduction less).
     acc_x2 = _acc(acc_x2, x * x, ACC2D)
@@ -172,12 +180,8 @@ def _live_tile_sums(x, shift, m2, rr, acc_s, acc_q, acc_d, acc_x2, acc_r2,
   one each."""
   if JOINT and not ACC2D:
     if TELEMETRY:
-      dlt = x - shift[None, :]
-      dead = tl.abs(x) <= DEAD_EPS
-      if MASKED:
-        dlt = tl.where(m2, dlt, 0.0)
-        dead = dead & m2
-      s_, q_, d_, r_ = tl.reduce((dlt, dlt * dlt, dead.to(tl.float32), rr), 0, _add4)
+      dlt, dlt2, dead = _telemetry_terms(x, shift, m2, MASKED, DEAD_EPS)
+      s_, q_, d_, r_ = tl.reduce((dlt, dlt2, dead, rr), 0, _add4)
       acc_s += s_
       acc_q += q_
       acc_d += d_
@@ -199,12 +203,8 @@ def _dormant_tile_sums(x, shift, m2, acc_s, acc_q, acc_d, acc_x2, TELEMETRY: tl.
                        JOINT: tl.constexpr):
   """`_live_tile_sums` without a child: the telemetry sums (or x^2) alone."""
   if JOINT and TELEMETRY and not ACC2D:
-    dlt = x - shift[None, :]
-    dead = tl.abs(x) <= DEAD_EPS
-    if MASKED:
-      dlt = tl.where(m2, dlt, 0.0)
-      dead = dead & m2
-    s_, q_, d_ = tl.reduce((dlt, dlt * dlt, dead.to(tl.float32)), 0, _add3)
+    dlt, dlt2, dead = _telemetry_terms(x, shift, m2, MASKED, DEAD_EPS)
+    s_, q_, d_ = tl.reduce((dlt, dlt2, dead), 0, _add3)
     acc_s += s_
     acc_q += q_
     acc_d += d_
