@@ -99,8 +99,11 @@ def compile_launch(launch: dict) -> dict:
   m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage)
   regs, stack, static_smem, local = (int(v) for v in m.groups())
   smem = static_smem + int(compiled.metadata.shared)
-  return dict(regs=regs, stack=stack, local=local, smem=smem,
-              **occupancy(regs, launch["num_warps"], smem))
+  # Static counts in the PTX: warp shuffles and barriers are the exchanges between threads
+  # and warps a reduction costs (a loop's count is its body's).
+  ptx = compiled.asm["ptx"]
+  return dict(regs=regs, stack=stack, local=local, smem=smem, shfl=ptx.count("shfl.sync"),
+              bar=ptx.count("bar.sync"), **occupancy(regs, launch["num_warps"], smem))
 
 
 def full_catalog_problem(spec, rows: int, kt):
@@ -188,7 +191,7 @@ def main():
             try:
               res = compile_launch(launch)
               msg = (f"{res['regs']:3d} regs  spill stack {res['stack']:4d} B  "
-                     f"smem {res['smem']:6d} B  "
+                     f"smem {res['smem']:6d} B  shfl {res['shfl']:3d} bar {res['bar']:3d}  "
                      f"{res['programs_per_sm']:2d} programs/SM  occupancy "
                      f"{100 * res['occupancy']:5.1f}% ({res['limit']})  grid {launch['grid']}")
             except Exception as e:  # pylint: disable=broad-except

@@ -38,12 +38,14 @@ CLASSES = {"small": (4096, 64), "medium": (8192, 64), "wide": (4096, 16), "node"
 
 
 def _c(br, t, w, s, prec=None, bn=None, spp=None, acc2d=None, joint=None, split=None,
-       dormant_warps=None):
+       dormant_warps=None, dormant_acc2d=None):
   cfg = dict(BR=br, TILES=t, num_warps=w, num_stages=s)
   if split:
     cfg["SPLIT"] = split
   if dormant_warps:
     cfg["DORMANT_WARPS"] = dormant_warps
+  if dormant_acc2d:
+    cfg["DORMANT_ACC2D"] = dormant_acc2d
   if acc2d:
     cfg["ACC2D"] = acc2d
   if joint:
@@ -61,18 +63,25 @@ def _c(br, t, w, s, prec=None, bn=None, spp=None, acc2d=None, joint=None, split=
 # between warps); ACC2D: kept per element, reduced once per strip. The H100 sweep of
 # 2026-12-06 (separate sums) ran the small forward at 2 warps in 0.25 ms and at 4 in 0.38.
 SWEEP = {
-    ("fwd", "small"): [_c(64, 16, 2, 3), _c(64, 16, 2, 3, joint=1), _c(32, 16, 4, 3, joint=1),
-                       _c(64, 16, 4, 2, joint=1), _c(16, 32, 4, 2, acc2d=1),
-                       _c(32, 16, 2, 2, acc2d=1), _c(16, 32, 2, 2, acc2d=1),
+    # ACC2D n > 1: the sums folded to n rows inside each thread (sm_90 compile, 2026-12-06:
+    # 255 registers at ACC2D=1 and 2 warps, 153-168 at 4-8 rows in f32, 136 in bf16).
+    ("fwd", "small"): [_c(32, 16, 2, 2, acc2d=1), _c(32, 16, 2, 2, acc2d=4),
+                       _c(32, 16, 2, 2, acc2d=8), _c(32, 16, 4, 2, acc2d=8),
+                       _c(32, 16, 4, 2, acc2d=16), _c(64, 8, 4, 2, acc2d=8),
+                       _c(16, 32, 2, 2, acc2d=8), _c(32, 8, 2, 2, acc2d=8),
+                       _c(32, 32, 2, 2, acc2d=8), _c(32, 16, 2, 3, acc2d=8),
                        # the dormant seeds in a kernel of their own (time with --active < 1)
-                       _c(32, 16, 2, 2, acc2d=1, split=1),
-                       _c(32, 16, 2, 2, acc2d=1, split=1, dormant_warps=4)],
+                       _c(32, 16, 2, 2, acc2d=8, split=1, dormant_acc2d=8, dormant_warps=4)],
     ("fwd", "medium"): [_c(16, 16, 4, 2), _c(32, 16, 2, 2), _c(32, 16, 4, 2), _c(64, 8, 2, 3)],
-    ("fwd", "wide"): [_c(32, 16, 4, 2), _c(32, 16, 4, 2, joint=1), _c(32, 16, 2, 2, joint=1),
-                      _c(16, 32, 4, 2, acc2d=1)],
+    ("fwd", "wide"): [_c(32, 16, 4, 2), _c(16, 32, 4, 2, acc2d=1), _c(16, 32, 4, 2, acc2d=2),
+                      _c(16, 32, 4, 2, acc2d=8), _c(16, 16, 4, 2, acc2d=2),
+                      _c(16, 16, 4, 2, acc2d=8), _c(32, 16, 8, 2, acc2d=8)],
     ("fwd", "node"): [_c(4, 64, 4, 2, bn=64), _c(4, 64, 4, 2, bn=64, joint=1),
                       _c(8, 32, 2, 2, bn=32), _c(4, 64, 2, 2, bn=32)],
-    ("bwd", "small"): [_c(32, 32, 2, 2), _c(64, 16, 2, 2), _c(32, 16, 4, 2)],
+    # sm_90 spill stack in f32: 208 B at (32, 32, 2 warps), 152 B at (16, 64, 2), none at
+    # (16, 64, 4).
+    ("bwd", "small"): [_c(32, 32, 2, 2), _c(64, 16, 2, 2), _c(32, 16, 4, 2), _c(16, 64, 4, 2),
+                       _c(16, 64, 2, 2), _c(16, 32, 4, 2)],
     ("bwd", "medium"): [_c(16, 32, 4, 2), _c(16, 32, 2, 2), _c(32, 16, 2, 2)],
     ("bwd", "wide"): [_c(br, t, w, 2) for br, t in ((16, 32), (32, 16)) for w in (2, 4)],
     ("bwd", "node"): [_c(8, 32, 4, 2, bn=32), _c(4, 64, 4, 2, bn=64), _c(8, 16, 4, 2, bn=64),

@@ -527,7 +527,7 @@ def test_triton_kernels_match_reference_interpreted(triton_interpreted, name):
     assert {kw["PREC"] for _, kw in triton_interpreted.launches} <= {"tf32x3", "ieee"}
 
 
-@pytest.mark.parametrize("switches", [{}, {"JOINT": 1}, {"SPLIT": 1}], ids=str)
+@pytest.mark.parametrize("switches", [{}, {"JOINT": 1}, {"SPLIT": 1}, {"ACC2D": 4}], ids=str)
 def test_triton_default_precision_and_eval_pass_interpreted(triton_interpreted, monkeypatch,
                                                             switches):
   """JAX's default precision reaches the coarse kernels as TF32; an evaluation pass
@@ -554,7 +554,8 @@ def test_triton_default_precision_and_eval_pass_interpreted(triton_interpreted, 
 
 
 @pytest.mark.parametrize("lowp,acc2d,joint,split", [
-    (False, 0, 0, 0), (True, 0, 0, 0), (False, 1, 0, 0), (False, 0, 1, 0), (False, 1, 0, 1)])
+    (False, 0, 0, 0), (True, 0, 0, 0), (False, 1, 0, 0), (False, 0, 1, 0), (False, 1, 0, 1),
+    (False, 4, 0, 0), (True, 8, 0, 1)])
 def test_triton_even_tiles_interpreted(triton_interpreted, monkeypatch, lowp, acc2d, joint,
                                        split):
   """Even chunks (a power of two wide) and whole strips take the unmasked loads, and two
@@ -564,7 +565,8 @@ def test_triton_even_tiles_interpreted(triton_interpreted, monkeypatch, lowp, ac
   attribute get_bf16", and unmasked runs read NaN in 2-3 of 15 runs and left later tests of
   the process failing), so bfloat16 arrays are checked on the GPU (`check_triton.py`,
   `bench_layer.py`), the bfloat16 dot logic here. ACC2D: the forward's sums kept per tile
-  element, reduced once per strip; JOINT: in one multi-operand reduction per tile."""
+  element (1) or folded to ACC2D rows (> 1), reduced once per strip; JOINT: in one
+  multi-operand reduction per tile."""
   for kind in ("fwd", "bwd"):
     monkeypatch.setitem(ktriton.CONFIG_OVERRIDES, (kind, "small"),
                         dict(BR=16, TILES=2, SPP=2, ACC2D=acc2d, JOINT=joint, SPLIT=split,
@@ -580,7 +582,7 @@ def test_triton_even_tiles_interpreted(triton_interpreted, monkeypatch, lowp, ac
   assert all(kw["MASKED"] is False and kw["EVEN_C"] is True for _, kw in launches), launches
   assert all(kw["LOWP"] is lowp for _, kw in launches)
   assert [(kw["SPP"], kw["ACC2D"], kw["JOINT"]) for n, kw in launches
-          if n == "fwd_coarse"] == [(2, bool(acc2d), bool(joint))]
+          if n == "fwd_coarse"] == [(2, acc2d, bool(joint))]
 
 
 def test_triton_wide_glu_chunks_run_the_contract_interpreted(triton_interpreted):

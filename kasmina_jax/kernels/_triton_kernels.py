@@ -89,31 +89,40 @@ def _dot_operand(w, LOWP: tl.constexpr):
 
 @triton.jit
 def _acc(acc, v, ACC2D: tl.constexpr):
-  """acc + v's column sums: with ACC2D, `acc` has v's (rows, columns) shape and the rows are
-  summed once per strip (`_colsum`), no reduction across warps per tile; else per tile."""
-  if ACC2D:
+  """acc + v's column sums. ACC2D 0: `acc` is (columns,) and v's rows are summed every tile
+  (across threads and warps); 1: `acc` has v's (rows, columns) shape, and the rows are summed
+  once per strip (`_colsum`), no exchange per tile but a register per element; n > 1: `acc`
+  is (n, columns) and v's row r is added to acc's row r % n. With n the rows one pass of
+  the program's threads covers (the layout repeats every n rows), that folding stays inside
+  each thread: no exchange per tile, and a fraction of 1's registers."""
+  if ACC2D == 0:
+    r = acc + tl.sum(v, 0)
+  elif ACC2D == 1:
     r = acc + v
   else:
-    r = acc + tl.sum(v, 0)
+    r = acc + tl.sum(tl.reshape(v, (v.shape[0] // ACC2D, ACC2D, v.shape[1])), 0)
   return r
 
 
 @triton.jit
 def _colsum(acc, ACC2D: tl.constexpr):
-  if ACC2D:
-    r = tl.sum(acc, 0)
-  else:
+  if ACC2D == 0:
     r = acc
+  else:
+    r = tl.sum(acc, 0)
   return r
 
 
 @triton.jit
 def _zero_sums(R: tl.constexpr, C: tl.constexpr, ACC2D: tl.constexpr):
-  """A forward program's five per-strip sums at 0 (see `_acc`): (R, C) with ACC2D, else (C,)."""
-  if ACC2D:
+  """A forward program's five per-strip sums at 0 (see `_acc`): (C,) with ACC2D 0, (R, C)
+  with 1, (ACC2D, C) above."""
+  if ACC2D == 0:
+    z = tl.zeros([C], tl.float32)
+  elif ACC2D == 1:
     z = tl.zeros([R, C], tl.float32)
   else:
-    z = tl.zeros([C], tl.float32)
+    z = tl.zeros([ACC2D, C], tl.float32)
   return z, z, z, z, z
 
 

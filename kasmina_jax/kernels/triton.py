@@ -132,6 +132,16 @@ _DEFAULT_CONFIGS = {
 }
 
 
+def _acc_rows(cfg: dict[str, Any], key: str) -> int:
+  """The forward's ACC2D switch as the kernel takes it: 0 (column sums every tile), 1 (kept
+  per element of a tile), or n > 1 rows (folded; see `_acc`), n at most BR and a power of
+  two."""
+  n = int(cfg.get(key, 0))
+  if n > 1 and (n & (n - 1) or n > cfg["BR"]):
+    raise ValueError(f"{key}={n}: folded column sums need a power of two <= BR={cfg['BR']}")
+  return 1 if n == cfg["BR"] else n
+
+
 def _config(kind: str, spec, dtype) -> dict[str, Any]:
   cls = shape_class(spec)
   cfg = dict(_DEFAULT_CONFIGS[(kind, cls)])
@@ -270,7 +280,7 @@ def _forward_impl(spec, telemetry: bool, x2d, params, seed_in, pre_u, shift, pre
                      **_geometry(spec, n, rows_per_strip), **common_kw)
     outs = jt.triton_call(*args, kernel=kern["fwd_coarse"], out_shape=out_shape,
                           grid=(strips, k // spp), num_warps=cfg["num_warps"],
-                          num_stages=cfg["num_stages"], ACC2D=bool(cfg.get("ACC2D", 0)),
+                          num_stages=cfg["num_stages"], ACC2D=_acc_rows(cfg, "ACC2D"),
                           PART=1 if split else 0, **coarse_kw)
     if split:
       # SPLIT: the dormant seeds in a second launch of a kernel without the child, writing
@@ -281,7 +291,7 @@ def _forward_impl(spec, telemetry: bool, x2d, params, seed_in, pre_u, shift, pre
                             grid=(strips, k // spp),
                             num_warps=cfg.get("DORMANT_WARPS", cfg["num_warps"]),
                             num_stages=cfg["num_stages"],
-                            ACC2D=bool(cfg.get("DORMANT_ACC2D", 0)), **coarse_kw)
+                            ACC2D=_acc_rows(cfg, "DORMANT_ACC2D"), **coarse_kw)
   out, tsum, tsq, tdead, r2, x2, bad = outs
   ok = jnp.sum(bad, axis=0) == 0
   out = common.apply_guard(spec, x2d, out, ok)
