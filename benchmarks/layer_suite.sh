@@ -1,7 +1,7 @@
 #!/bin/bash
 # The fused layer's GPU suite in one device call (see benchmarks/RESULTS.md, issue 18):
 #   1. tune_triton.py: the forward tilings (small, per-node) with every seed blending and
-#      with a tenth blending (SPLIT's case);
+#      with a tenth blending (training's usual case);
 #   2. bench_layer.py with the winners (--triton-configs), 64 seeds with torch.compile and
 #      the probe kernel, then 512, 16 and per-node;
 #   3. ncu of the forward at the tuned f32 tiling (f32 and bf16 activations), memory

@@ -186,7 +186,7 @@ def main():
                                                                 ok, c_, r2), xs, xs, pre_u)
           tag = " (default)" if cfg == default and not a.configs else ""
           print(f"{dname:4} {cls:6} {kind} {json.dumps(cfg)}{tag}", flush=True)
-          for launch in CAPTURED:  # SPLIT launches two kernels
+          for launch in CAPTURED:
             name = launch["kernel"].__name__
             try:
               res = compile_launch(launch)

@@ -37,15 +37,8 @@ from kasmina_jax.kernels import triton as kt  # noqa: E402
 CLASSES = {"small": (4096, 64), "medium": (8192, 64), "wide": (4096, 16), "node": (4096, 4096)}
 
 
-def _c(br, t, w, s, prec=None, bn=None, spp=None, acc2d=None, joint=None, split=None,
-       dormant_warps=None, dormant_acc2d=None):
+def _c(br, t, w, s, prec=None, bn=None, spp=None, acc2d=None, joint=None):
   cfg = dict(BR=br, TILES=t, num_warps=w, num_stages=s)
-  if split:
-    cfg["SPLIT"] = split
-  if dormant_warps:
-    cfg["DORMANT_WARPS"] = dormant_warps
-  if dormant_acc2d:
-    cfg["DORMANT_ACC2D"] = dormant_acc2d
   if acc2d:
     cfg["ACC2D"] = acc2d
   if joint:
@@ -60,30 +53,29 @@ def _c(br, t, w, s, prec=None, bn=None, spp=None, acc2d=None, joint=None, split=
 
 
 # JOINT: the forward's per-tile column sums in one multi-operand reduction (one exchange
-# between warps); ACC2D: kept per element, reduced once per strip. The H100 sweep of
-# 2026-12-06 (separate sums) ran the small forward at 2 warps in 0.25 ms and at 4 in 0.38.
+# between warps); ACC2D: 1 kept per element, n > 1 folded to n rows, "fold" to the rows one
+# pass of the threads covers (`triton.fold_rows`), reduced once per strip. The H100 sweep of
+# 2026-12-06 with the folded sums: at 2 warps, f32 0.213 -> 0.205 ms all blending, bf16
+# 0.215 -> 0.203 and, a tenth blending, 0.127 -> 0.108; bf16 folded to fewer rows than a pass
+# (4 at 2 warps, 8 at 4) ran 2-4x slower. SPLIT (the dormant seeds in a kernel of their own)
+# lost at every blending fraction in both dtypes and is gone.
 SWEEP = {
-    # ACC2D n > 1: the sums folded to n rows inside each thread (sm_90 compile, 2026-12-06:
-    # 255 registers at ACC2D=1 and 2 warps, 153-168 at 4-8 rows in f32, 136 in bf16).
-    ("fwd", "small"): [_c(32, 16, 2, 2, acc2d=1), _c(32, 16, 2, 2, acc2d=4),
-                       _c(32, 16, 2, 2, acc2d=8), _c(32, 16, 4, 2, acc2d=8),
-                       _c(32, 16, 4, 2, acc2d=16), _c(64, 8, 4, 2, acc2d=8),
-                       _c(16, 32, 2, 2, acc2d=8), _c(32, 8, 2, 2, acc2d=8),
-                       _c(32, 32, 2, 2, acc2d=8), _c(32, 16, 2, 3, acc2d=8),
-                       # the dormant seeds in a kernel of their own (time with --active < 1)
-                       _c(32, 16, 2, 2, acc2d=8, split=1, dormant_acc2d=8, dormant_warps=4)],
+    ("fwd", "small"): [_c(32, 16, 2, 2, acc2d=1), _c(32, 16, 2, 2, acc2d="fold"),
+                       _c(32, 16, 2, 3, acc2d="fold"), _c(16, 32, 2, 2, acc2d="fold"),
+                       _c(32, 8, 2, 2, acc2d="fold"), _c(32, 16, 4, 2, acc2d="fold"),
+                       _c(64, 16, 2, 3, joint=1)],
     ("fwd", "medium"): [_c(16, 16, 4, 2), _c(32, 16, 2, 2), _c(32, 16, 4, 2), _c(64, 8, 2, 3)],
-    ("fwd", "wide"): [_c(32, 16, 4, 2), _c(16, 32, 4, 2, acc2d=1), _c(16, 32, 4, 2, acc2d=2),
-                      _c(16, 32, 4, 2, acc2d=8), _c(16, 16, 4, 2, acc2d=2),
-                      _c(16, 16, 4, 2, acc2d=8), _c(32, 16, 8, 2, acc2d=8)],
+    ("fwd", "wide"): [_c(32, 16, 4, 2), _c(16, 32, 4, 2, acc2d=1), _c(16, 32, 4, 2, acc2d="fold"),
+                      _c(16, 32, 4, 2, acc2d=8), _c(16, 16, 4, 2, acc2d="fold")],
     ("fwd", "node"): [_c(4, 64, 4, 2, bn=64), _c(4, 64, 4, 2, bn=64, joint=1),
                       _c(8, 32, 2, 2, bn=32), _c(4, 64, 2, 2, bn=32)],
     # sm_90 spill stack in f32: 208 B at (32, 32, 2 warps), 152 B at (16, 64, 2), none at
-    # (16, 64, 4).
+    # (16, 64, 4); on the H100 (2026-12-06) the spill-free tilings ran 2.8x slower (0.86 ms
+    # against 0.31): the 4-warp programs hold the same gradient accumulators at half the
+    # programs per multiprocessor.
     ("bwd", "small"): [_c(32, 32, 2, 2), _c(64, 16, 2, 2), _c(32, 16, 4, 2), _c(16, 64, 4, 2),
                        _c(16, 64, 2, 2), _c(16, 32, 4, 2)],
     ("bwd", "medium"): [_c(16, 32, 4, 2), _c(16, 32, 2, 2), _c(32, 16, 2, 2)],
-    ("bwd", "wide"): [_c(br, t, w, 2) for br, t in ((16, 32), (32, 16)) for w in (2, 4)],
     ("bwd", "node"): [_c(8, 32, 4, 2, bn=32), _c(4, 64, 4, 2, bn=64), _c(8, 16, 4, 2, bn=64),
                       _c(4, 64, 2, 2, bn=32)],
 }
@@ -144,7 +136,7 @@ def main():
   p.add_argument("--classes", default="small,wide,node,medium")
   p.add_argument("--kinds", default="fwd,bwd")
   p.add_argument("--active", type=float, default=1.0,
-                 help="fraction of seeds blending; the rest dormant (SPLIT's case)")
+                 help="fraction of seeds blending; the rest dormant")
   p.add_argument("--out", default=os.environ.get("OUT") or "")
   p.add_argument("--configs", default="",
                  help="a JSON list of configurations to run instead of the sweep's")
@@ -163,6 +155,9 @@ def main():
       nbytes = x.size * x.dtype.itemsize
       for kind in a.kinds.split(","):
         best = None
+        if not a.configs and (kind, cls) not in SWEEP:
+          print(f"{dname} {cls} {kind}: no sweep (no Triton kernel: the jnp contract runs)")
+          continue
         for cfg in (json.loads(a.configs) if a.configs else SWEEP[(kind, cls)]):
           kt.CONFIG_OVERRIDES.clear()
           kt.CONFIG_OVERRIDES[(kind, cls)] = full_config(cfg)
@@ -185,6 +180,9 @@ def main():
             # The backward's input gradient aliases the cotangent, a live argument here, so
             # XLA copies it first: `kernel_ms` (the Triton kernel alone) is the figure to rank.
             ms, spread, kernel_ms = measure(fn, args)
+            if not kernel_ms:
+              raise RuntimeError("no Triton kernel ran: this class takes the jnp contract "
+                                 "under XLA (triton.MAX_INLINE_CHUNK_BACKWARD)")
             gbps = passes * nbytes / kernel_ms / 1e6
             msg = (f"{ms:.4f} ms ({spread[0]:.4f}..{spread[1]:.4f}), kernel {kernel_ms:.4f} ms "
                    f"{gbps:.0f} GB/s")

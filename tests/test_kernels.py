@@ -527,13 +527,14 @@ def test_triton_kernels_match_reference_interpreted(triton_interpreted, name):
     assert {kw["PREC"] for _, kw in triton_interpreted.launches} <= {"tf32x3", "ieee"}
 
 
-@pytest.mark.parametrize("switches", [{}, {"JOINT": 1}, {"SPLIT": 1}, {"ACC2D": 4}], ids=str)
+@pytest.mark.parametrize("switches", [{}, {"JOINT": 1, "ACC2D": 0}, {"ACC2D": 1}, {"ACC2D": 0}],
+                         ids=str)
 def test_triton_default_precision_and_eval_pass_interpreted(triton_interpreted, monkeypatch,
                                                             switches):
   """JAX's default precision reaches the coarse kernels as TF32; an evaluation pass
-  (`eval_alpha`, no telemetry) and a non-finite child match the reference. JOINT: the
-  forward's per-tile sums in one multi-operand reduction; SPLIT: the dormant seeds in a
-  kernel of their own, writing into the live kernel's (aliased) outputs."""
+  (`eval_alpha`, no telemetry) and a non-finite child match the reference, with the
+  forward's column sums folded (the default), kept per element (ACC2D 1), summed every tile
+  (0), or summed every tile in one multi-operand reduction (JOINT)."""
   monkeypatch.setitem(ktriton.CONFIG_OVERRIDES, ("fwd", "small"), dict(switches))
   spec, params, seeds, x, u, tel = make_layer("even", jax.random.PRNGKey(2), stages=[
       Stage.GRAFTING, Stage.FINE_TUNING, Stage.TRAINING, Stage.STABILIZATION])
@@ -543,21 +544,36 @@ def test_triton_default_precision_and_eval_pass_interpreted(triton_interpreted, 
   check_against_reference(spec, params, seeds, x, u, tel, tol=1e-5, forward=triton_forward,
                           eval_alpha=0.6, precision=None)
   assert {kw["PREC"] for _, kw in triton_interpreted.launches} == {"tf32"}
-  fwd = [(n, kw) for n, kw in triton_interpreted.launches if n.startswith("fwd_coarse")]
-  assert {kw["JOINT"] for _, kw in fwd} == {bool(switches.get("JOINT"))}
-  if switches.get("SPLIT"):
-    assert [n for n, _ in fwd] == ["fwd_coarse", "fwd_coarse_dormant"] * 2
-    assert {kw["PART"] for n, kw in fwd if n == "fwd_coarse"} == {1}
-  else:
-    assert [n for n, _ in fwd] == ["fwd_coarse"] * 2
-    assert {kw["PART"] for _, kw in fwd} == {0}
+  fwd = [kw for n, kw in triton_interpreted.launches if n == "fwd_coarse"]
+  assert len(fwd) == 2
+  assert {kw["JOINT"] for kw in fwd} == {bool(switches.get("JOINT"))}
+  assert {kw["ACC2D"] for kw in fwd} == ({switches["ACC2D"]} if "ACC2D" in switches else {
+      ktriton.fold_rows(ktriton._config("fwd", spec, jnp.float32), fwd[0]["CP"], 4)})
 
 
-@pytest.mark.parametrize("lowp,acc2d,joint,split", [
-    (False, 0, 0, 0), (True, 0, 0, 0), (False, 1, 0, 0), (False, 0, 1, 0), (False, 1, 0, 1),
-    (False, 4, 0, 0), (True, 8, 0, 1)])
-def test_triton_even_tiles_interpreted(triton_interpreted, monkeypatch, lowp, acc2d, joint,
-                                       split):
+def test_fold_rows_follow_the_load_layout():
+  """The folded sums' row count is the rows one pass of the program's threads covers: 16-byte
+  vectors, the warp across the columns first. The tilings measured on an H100 (2026-12-06):
+  at 2 warps and 64 columns, 4 rows (f32) and 8 (bf16) ran fastest and bf16 folded to 4 ran
+  2x slower; at 4 warps bf16 needs 16 (8 ran 4x slower); 256-column chunks at 4 warps, 4 (2
+  ran 1.2x slower in f32, 2.4x in bf16)."""
+  fold = ktriton.fold_rows
+  assert fold(dict(BR=32, num_warps=2), 64, 4) == 4
+  assert fold(dict(BR=32, num_warps=2), 64, 2) == 8
+  assert fold(dict(BR=32, num_warps=4), 64, 2) == 16
+  assert fold(dict(BR=16, num_warps=4), 256, 4) == 4
+  assert fold(dict(BR=16, num_warps=4), 256, 2) == 4
+  assert fold(dict(BR=32, num_warps=2), 16, 4) == 16  # 512 seeds of 8 nodes (padded to 16)
+  assert fold(dict(BR=8, num_warps=2), 16, 2) == 8    # at most the tile
+  assert ktriton.acc_rows(dict(BR=32, num_warps=2, ACC2D="fold"), 16, 2) == 1  # the whole tile
+  with pytest.raises(ValueError, match="ACC2D=6"):
+    ktriton.acc_rows(dict(BR=32, num_warps=2, ACC2D=6), 64, 4)
+
+
+@pytest.mark.parametrize("lowp,acc2d,joint", [
+    (False, 0, 0), (True, 0, 0), (False, 1, 0), (False, 0, 1), (False, 4, 0), (True, "fold", 0),
+    (False, "fold", 0)])
+def test_triton_even_tiles_interpreted(triton_interpreted, monkeypatch, lowp, acc2d, joint):
   """Even chunks (a power of two wide) and whole strips take the unmasked loads, and two
   seeds share a forward program. LOWP: the dots on bfloat16 operands (what bfloat16
   activations run at JAX's default precision), forced here on float32 activations: Triton
@@ -565,24 +581,24 @@ def test_triton_even_tiles_interpreted(triton_interpreted, monkeypatch, lowp, ac
   attribute get_bf16", and unmasked runs read NaN in 2-3 of 15 runs and left later tests of
   the process failing), so bfloat16 arrays are checked on the GPU (`check_triton.py`,
   `bench_layer.py`), the bfloat16 dot logic here. ACC2D: the forward's sums kept per tile
-  element (1) or folded to ACC2D rows (> 1), reduced once per strip; JOINT: in one
-  multi-operand reduction per tile."""
+  element (1) or folded to ACC2D rows (4, or "fold": `fold_rows`), reduced once per strip;
+  JOINT: in one multi-operand reduction per tile."""
   for kind in ("fwd", "bwd"):
     monkeypatch.setitem(ktriton.CONFIG_OVERRIDES, (kind, "small"),
-                        dict(BR=16, TILES=2, SPP=2, ACC2D=acc2d, JOINT=joint, SPLIT=split,
-                             num_warps=2, num_stages=2))
+                        dict(BR=16, TILES=2, SPP=2, ACC2D=acc2d, JOINT=joint, num_warps=2,
+                             num_stages=2))
   if lowp:
     monkeypatch.setattr(ktriton, "low_precision_dots", lambda dtype, precision: True)
   spec, params, seeds, x, u, tel = make_layer("even_wide", jax.random.PRNGKey(4), lead=(64,))
   check_against_reference(spec, params, seeds, x, u, tel, tol=3e-2 if lowp else 1e-5,
                           forward=triton_forward, precision=None if lowp else "highest")
   launches = triton_interpreted.launches
-  assert {n for n, _ in launches} == {"fwd_coarse", "bwd_coarse"} | (
-      {"fwd_coarse_dormant"} if split else set())
+  assert {n for n, _ in launches} == {"fwd_coarse", "bwd_coarse"}
   assert all(kw["MASKED"] is False and kw["EVEN_C"] is True for _, kw in launches), launches
   assert all(kw["LOWP"] is lowp for _, kw in launches)
-  assert [(kw["SPP"], kw["ACC2D"], kw["JOINT"]) for n, kw in launches
-          if n == "fwd_coarse"] == [(2, acc2d, bool(joint))]
+  (fwd,) = [kw for n, kw in launches if n == "fwd_coarse"]
+  rows = ktriton.fold_rows(dict(BR=16, num_warps=2), fwd["CP"], 4) if acc2d == "fold" else acc2d
+  assert (fwd["SPP"], fwd["ACC2D"], fwd["JOINT"]) == (2, 1 if rows == 16 else rows, bool(joint))
 
 
 def test_triton_wide_glu_chunks_run_the_contract_interpreted(triton_interpreted):

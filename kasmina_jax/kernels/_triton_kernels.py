@@ -257,10 +257,8 @@ def _fwd_coarse_seed(strip, k, x_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2
                      ACTS: tl.constexpr, HAS_GLU: tl.constexpr, HAS_DIAG: tl.constexpr,
                      HAS_PREU: tl.constexpr, TELEMETRY: tl.constexpr, PREC: tl.constexpr,
                      LOWP: tl.constexpr, EVEN_C: tl.constexpr, MASKED: tl.constexpr,
-                     DEAD_EPS: tl.constexpr, ACC2D: tl.constexpr, JOINT: tl.constexpr,
-                     PART: tl.constexpr):
-  """One seed's chunk over one strip of rows (see `fwd_coarse`). PART: 0 every seed, 1 the
-  live seeds only, 2 the dormant ones only (the others are left to the other launch)."""
+                     DEAD_EPS: tl.constexpr, ACC2D: tl.constexpr, JOINT: tl.constexpr):
+  """One seed's chunk over one strip of rows (see `fwd_coarse`)."""
   ck, off = _chunk_extent(k, Q, R)
   cols = tl.arange(0, CP)
   colm = cols < ck
@@ -273,75 +271,73 @@ def _fwd_coarse_seed(strip, k, x_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2
   # Two loops, not a branch inside one: a dormant seed's chunk costs its read and its write,
   # and the live loop stays free of control flow (Triton pipelines its loads).
   if live:
-    if PART != 2:
-      hs = tl.arange(0, HP)
-      hm = hs < H
-      blend = tl.load(blend_ptr + k)
-      res = tl.load(res_ptr + k) > 0.0
-      wm = colm[:, None] & hm[None, :]
-      w1 = tl.load(w1_ptr + k * C * H + cols[:, None] * H + hs[None, :], mask=wm, other=0.0)
-      w2 = tl.load(w2_ptr + k * H * C + hs[:, None] * C + cols[None, :],
-                   mask=hm[:, None] & colm[None, :], other=0.0)
-      b1 = tl.load(b1_ptr + k * H + hs, mask=hm, other=0.0)
-      b2 = tl.load(b2_ptr + k * C + cols, mask=colm, other=0.0)
-      w2 = w2 * tl.load(hmask_ptr + k * H + hs, mask=hm, other=0.0)[:, None]
-      a0 = tl.load(act_ptr + k * 4 + 0)
-      a1 = tl.load(act_ptr + k * 4 + 1)
-      a2 = tl.load(act_ptr + k * 4 + 2)
-      a3 = tl.load(act_ptr + k * 4 + 3)
+    hs = tl.arange(0, HP)
+    hm = hs < H
+    blend = tl.load(blend_ptr + k)
+    res = tl.load(res_ptr + k) > 0.0
+    wm = colm[:, None] & hm[None, :]
+    w1 = tl.load(w1_ptr + k * C * H + cols[:, None] * H + hs[None, :], mask=wm, other=0.0)
+    w2 = tl.load(w2_ptr + k * H * C + hs[:, None] * C + cols[None, :],
+                 mask=hm[:, None] & colm[None, :], other=0.0)
+    b1 = tl.load(b1_ptr + k * H + hs, mask=hm, other=0.0)
+    b2 = tl.load(b2_ptr + k * C + cols, mask=colm, other=0.0)
+    w2 = w2 * tl.load(hmask_ptr + k * H + hs, mask=hm, other=0.0)[:, None]
+    a0 = tl.load(act_ptr + k * 4 + 0)
+    a1 = tl.load(act_ptr + k * 4 + 1)
+    a2 = tl.load(act_ptr + k * 4 + 2)
+    a3 = tl.load(act_ptr + k * 4 + 3)
+    if HAS_GLU:
+      glu = tl.load(glu_ptr + k)
+      wg = tl.load(wg_ptr + k * C * H + cols[:, None] * H + hs[None, :], mask=wm, other=0.0)
+      bg = tl.load(bg_ptr + k * H + hs, mask=hm, other=0.0)
+    if HAS_DIAG:
+      sd = tl.load(s_ptr + k * C + cols, mask=colm, other=0.0) * tl.load(diag_ptr + k)
+    w1 = _dot_operand(w1, LOWP)
+    w2 = _dot_operand(w2, LOWP)
+    if HAS_GLU:
+      wg = _dot_operand(wg, LOWP)
+    for t in range(TILES):
+      rows = (strip * TILES + t) * BR + tl.arange(0, BR)
+      rm = rows < N
+      m2 = rm[:, None] & colm[None, :]
+      xo = rows[:, None] * D + off + cols[None, :]
+      xr = _load(x_ptr + xo, m2, MASKED)
+      x = xr.to(tl.float32)
+      pre = _dot(xr, w1, PREC, LOWP) + b1[None, :]
+      if HAS_PREU:
+        pre += tl.load(preu_ptr + rows[:, None] * (K * H) + k * H + hs[None, :],
+                       mask=rm[:, None] & hm[None, :], other=0.0)
+      a = _act(pre, a0, a1, a2, a3, ACTS)
       if HAS_GLU:
-        glu = tl.load(glu_ptr + k)
-        wg = tl.load(wg_ptr + k * C * H + cols[:, None] * H + hs[None, :], mask=wm, other=0.0)
-        bg = tl.load(bg_ptr + k * H + hs, mask=hm, other=0.0)
+        gate = tl.sigmoid(_dot(xr, wg, PREC, LOWP) + bg[None, :])
+        a = a * tl.where(glu > 0.0, gate, 1.0)
+      f = _dot(a, w2, PREC, LOWP) + b2[None, :]
       if HAS_DIAG:
-        sd = tl.load(s_ptr + k * C + cols, mask=colm, other=0.0) * tl.load(diag_ptr + k)
-      w1 = _dot_operand(w1, LOWP)
-      w2 = _dot_operand(w2, LOWP)
-      if HAS_GLU:
-        wg = _dot_operand(wg, LOWP)
-      for t in range(TILES):
-        rows = (strip * TILES + t) * BR + tl.arange(0, BR)
-        rm = rows < N
-        m2 = rm[:, None] & colm[None, :]
-        xo = rows[:, None] * D + off + cols[None, :]
-        xr = _load(x_ptr + xo, m2, MASKED)
-        x = xr.to(tl.float32)
-        pre = _dot(xr, w1, PREC, LOWP) + b1[None, :]
-        if HAS_PREU:
-          pre += tl.load(preu_ptr + rows[:, None] * (K * H) + k * H + hs[None, :],
-                         mask=rm[:, None] & hm[None, :], other=0.0)
-        a = _act(pre, a0, a1, a2, a3, ACTS)
-        if HAS_GLU:
-          gate = tl.sigmoid(_dot(xr, wg, PREC, LOWP) + bg[None, :])
-          a = a * tl.where(glu > 0.0, gate, 1.0)
-        f = _dot(a, w2, PREC, LOWP) + b2[None, :]
-        if HAS_DIAG:
-          f += sd[None, :] * x
-        finite = tl.abs(f) < 3.0e38
-        r = tl.where(res, f, f - x)
-        if MASKED:
-          finite = finite | ~m2
-          r = tl.where(m2, r, 0.0)
-        acc_s, acc_q, acc_d, acc_x2, acc_r2 = _live_tile_sums(
-            x, shift, m2, _squares_or_nan(f, r, finite), acc_s, acc_q, acc_d, acc_x2, acc_r2,
-            TELEMETRY, MASKED, DEAD_EPS, ACC2D, JOINT)
-        out = x + blend * r
-        _store(out_ptr + xo, out.to(out_ptr.dtype.element_ty), m2, MASKED)
-      _store_seed_sums(strip, k, cols, acc_s, acc_q, acc_d, acc_x2, acc_r2, tsum_ptr, tsq_ptr,
-                       tdead_ptr, r2_ptr, x2_ptr, bad_ptr, K, C, TELEMETRY, ACC2D)
+        f += sd[None, :] * x
+      finite = tl.abs(f) < 3.0e38
+      r = tl.where(res, f, f - x)
+      if MASKED:
+        finite = finite | ~m2
+        r = tl.where(m2, r, 0.0)
+      acc_s, acc_q, acc_d, acc_x2, acc_r2 = _live_tile_sums(
+          x, shift, m2, _squares_or_nan(f, r, finite), acc_s, acc_q, acc_d, acc_x2, acc_r2,
+          TELEMETRY, MASKED, DEAD_EPS, ACC2D, JOINT)
+      out = x + blend * r
+      _store(out_ptr + xo, out.to(out_ptr.dtype.element_ty), m2, MASKED)
+    _store_seed_sums(strip, k, cols, acc_s, acc_q, acc_d, acc_x2, acc_r2, tsum_ptr, tsq_ptr,
+                     tdead_ptr, r2_ptr, x2_ptr, bad_ptr, K, C, TELEMETRY, ACC2D)
   else:
-    if PART != 1:
-      for t in range(TILES):
-        rows = (strip * TILES + t) * BR + tl.arange(0, BR)
-        m2 = (rows < N)[:, None] & colm[None, :]
-        xo = rows[:, None] * D + off + cols[None, :]
-        xr = _load(x_ptr + xo, m2, MASKED)
-        acc_s, acc_q, acc_d, acc_x2 = _dormant_tile_sums(xr.to(tl.float32), shift, m2, acc_s,
-                                                         acc_q, acc_d, acc_x2, TELEMETRY, MASKED,
-                                                         DEAD_EPS, ACC2D, JOINT)
-        _store(out_ptr + xo, xr, m2, MASKED)
-      _store_seed_sums(strip, k, cols, acc_s, acc_q, acc_d, acc_x2, acc_r2, tsum_ptr, tsq_ptr,
-                       tdead_ptr, r2_ptr, x2_ptr, bad_ptr, K, C, TELEMETRY, ACC2D)
+    for t in range(TILES):
+      rows = (strip * TILES + t) * BR + tl.arange(0, BR)
+      m2 = (rows < N)[:, None] & colm[None, :]
+      xo = rows[:, None] * D + off + cols[None, :]
+      xr = _load(x_ptr + xo, m2, MASKED)
+      acc_s, acc_q, acc_d, acc_x2 = _dormant_tile_sums(xr.to(tl.float32), shift, m2, acc_s,
+                                                       acc_q, acc_d, acc_x2, TELEMETRY, MASKED,
+                                                       DEAD_EPS, ACC2D, JOINT)
+      _store(out_ptr + xo, xr, m2, MASKED)
+    _store_seed_sums(strip, k, cols, acc_s, acc_q, acc_d, acc_x2, acc_r2, tsum_ptr, tsq_ptr,
+                     tdead_ptr, r2_ptr, x2_ptr, bad_ptr, K, C, TELEMETRY, ACC2D)
 
 
 @triton.jit
@@ -372,11 +368,9 @@ def fwd_coarse(x_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2_ptr, s_ptr, pre
                ACTS: tl.constexpr, HAS_GLU: tl.constexpr, HAS_DIAG: tl.constexpr,
                HAS_PREU: tl.constexpr, TELEMETRY: tl.constexpr, PREC: tl.constexpr,
                LOWP: tl.constexpr, EVEN_C: tl.constexpr, MASKED: tl.constexpr,
-               DEAD_EPS: tl.constexpr, ACC2D: tl.constexpr, JOINT: tl.constexpr,
-               PART: tl.constexpr):
+               DEAD_EPS: tl.constexpr, ACC2D: tl.constexpr, JOINT: tl.constexpr):
   """Program (strip, g): rows [strip * TILES * BR, + TILES * BR) of seeds g * SPP .. + SPP
-  (SPP divides K), one `BR`-row tile at a time; telemetry sums per strip. PART 1: the live
-  seeds only (`fwd_coarse_dormant` then writes the rest)."""
+  (SPP divides K), one `BR`-row tile at a time; telemetry sums per strip."""
   strip = tl.program_id(0)
   for j in tl.static_range(SPP):
     _fwd_coarse_seed(strip, tl.program_id(1) * SPP + j, x_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr,
@@ -384,33 +378,8 @@ def fwd_coarse(x_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2_ptr, s_ptr, pre
                      glu_ptr, diag_ptr, res_ptr, hmask_ptr, out_ptr, tsum_ptr, tsq_ptr,
                      tdead_ptr, r2_ptr, x2_ptr, bad_ptr, N, D, K, Q, R, C, H, CP, HP, BR, TILES,
                      ACTS, HAS_GLU, HAS_DIAG, HAS_PREU, TELEMETRY, PREC, LOWP, EVEN_C, MASKED,
-                     DEAD_EPS, ACC2D, JOINT, PART)
+                     DEAD_EPS, ACC2D, JOINT)
 
-
-@triton.jit
-def fwd_coarse_dormant(x_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2_ptr, s_ptr, preu_ptr,
-                       shift_ptr, live_ptr, blend_ptr, act_ptr, glu_ptr, diag_ptr, res_ptr,
-                       hmask_ptr, in_out_ptr, in_tsum_ptr, in_tsq_ptr, in_tdead_ptr, in_r2_ptr,
-                       in_x2_ptr, in_bad_ptr, out_ptr, tsum_ptr, tsq_ptr, tdead_ptr, r2_ptr,
-                       x2_ptr, bad_ptr, N: tl.constexpr, D: tl.constexpr, K: tl.constexpr,
-                       Q: tl.constexpr, R: tl.constexpr, C: tl.constexpr, H: tl.constexpr,
-                       CP: tl.constexpr, HP: tl.constexpr, BR: tl.constexpr,
-                       TILES: tl.constexpr, SPP: tl.constexpr, ACTS: tl.constexpr,
-                       HAS_GLU: tl.constexpr, HAS_DIAG: tl.constexpr, HAS_PREU: tl.constexpr,
-                       TELEMETRY: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr,
-                       EVEN_C: tl.constexpr, MASKED: tl.constexpr, DEAD_EPS: tl.constexpr,
-                       ACC2D: tl.constexpr, JOINT: tl.constexpr):
-  """The dormant seeds of a `fwd_coarse(PART=1)` launch, into its outputs (`in_*`, aliased to
-  the outputs: they are not read). A kernel of its own holds no child: it needs a fraction of
-  the live loop's registers, so its programs are not held to the live kernel's occupancy."""
-  strip = tl.program_id(0)
-  for j in tl.static_range(SPP):
-    _fwd_coarse_seed(strip, tl.program_id(1) * SPP + j, x_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr,
-                     w2_ptr, b2_ptr, s_ptr, preu_ptr, shift_ptr, live_ptr, blend_ptr, act_ptr,
-                     glu_ptr, diag_ptr, res_ptr, hmask_ptr, out_ptr, tsum_ptr, tsq_ptr,
-                     tdead_ptr, r2_ptr, x2_ptr, bad_ptr, N, D, K, Q, R, C, H, CP, HP, BR, TILES,
-                     ACTS, HAS_GLU, HAS_DIAG, HAS_PREU, TELEMETRY, PREC, LOWP, EVEN_C, MASKED,
-                     DEAD_EPS, ACC2D, JOINT, 2)
 
 # -------------------------------------------------------------- coarse backward
 @triton.jit

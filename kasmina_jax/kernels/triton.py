@@ -82,7 +82,7 @@ def available() -> bool:
 def _kernels():
   """The `@triton.jit` kernels, imported on first use (triton is needed only then)."""
   from kasmina_jax.kernels import _triton_kernels as tk  # pylint: disable=g-import-not-at-top
-  return dict(fwd_coarse=tk.fwd_coarse, fwd_coarse_dormant=tk.fwd_coarse_dormant,
+  return dict(fwd_coarse=tk.fwd_coarse,
               bwd_coarse=tk.bwd_coarse, fwd_node=tk.fwd_node, bwd_node=tk.bwd_node)
 
 
@@ -106,39 +106,52 @@ def shape_class(spec) -> str:
 
 
 # Measured on an H100 (benchmarks/tune_triton.py, 2026-11-25; the small and wide forward and
-# the small backward re-swept on an H100 on 2026-12-06 after the unmasked-tile rewrite; the
-# small and per-node forward on an H200 on 2026-12-06: the sums kept per element (ACC2D) at
-# 2 warps won in f32 and bf16, the one multi-operand reduction (JOINT) lost in f32, 0.51 ms
-# against 0.23; see benchmarks/RESULTS.md). Keys
-# (kind, class) or (kind, class, dtype name); the latter wins. Besides the tiling (BR rows a
-# tile, TILES tiles a strip, BN nodes a block, warps, stages), forward switches: ACC2D (column
-# sums kept per element, reduced once a strip), JOINT (one multi-operand reduction a tile), SPP
-# (seeds a program), SPLIT (dormant seeds in a second kernel without the child, at
-# DORMANT_WARPS and DORMANT_ACC2D; not yet timed on a GPU, so off). "PREC" is the exact path's
+# the small backward re-swept on an H100 on 2026-12-06 after the unmasked-tile rewrite, and
+# again with the folded column sums; see benchmarks/RESULTS.md). Keys (kind, class) or (kind,
+# class, dtype name); the latter wins. Besides the tiling (BR rows a tile, TILES tiles a
+# strip, BN nodes a block, warps, stages), forward switches: ACC2D (column sums per tile (0),
+# kept per element (1), folded to n rows or to `fold_rows` ("fold"); see `acc_rows`), JOINT
+# (one multi-operand reduction a tile), SPP (seeds a program). "PREC" is the exact path's
 # `tl.dot` input precision (precision="highest"): "tf32x3" unless given ("ieee" where the sweep
 # found it faster); JAX's default precision always runs "tf32".
 _DEFAULT_CONFIGS = {
     ("fwd", "node"): dict(BR=4, BN=32, TILES=64, num_warps=2, num_stages=2),
     ("fwd", "node", "float32"): dict(BR=8, BN=32, TILES=32, num_warps=2, num_stages=2),
-    ("fwd", "small"): dict(BR=32, TILES=16, num_warps=2, num_stages=2, ACC2D=1),
+    ("fwd", "small"): dict(BR=32, TILES=16, num_warps=2, num_stages=2, ACC2D="fold"),
     ("fwd", "medium"): dict(BR=16, TILES=32, num_warps=4, num_stages=2),
     ("fwd", "medium", "float32"): dict(BR=16, TILES=32, num_warps=4, num_stages=2, PREC="ieee"),
-    ("fwd", "wide"): dict(BR=32, TILES=16, num_warps=4, num_stages=2),
+    ("fwd", "wide"): dict(BR=16, TILES=32, num_warps=4, num_stages=2, ACC2D="fold"),
     ("bwd", "node"): dict(BR=8, BN=32, TILES=32, num_warps=4, num_stages=2),
     ("bwd", "node", "float32"): dict(BR=4, BN=64, TILES=64, num_warps=4, num_stages=2),
     ("bwd", "small"): dict(BR=32, TILES=32, num_warps=2, num_stages=2),
+    ("bwd", "small", "bfloat16"): dict(BR=64, TILES=16, num_warps=2, num_stages=2),
     ("bwd", "medium"): dict(BR=16, TILES=32, num_warps=2, num_stages=2),
     ("bwd", "medium", "float32"): dict(BR=16, TILES=32, num_warps=4, num_stages=2, PREC="ieee"),
 }
 
 
-def _acc_rows(cfg: dict[str, Any], key: str) -> int:
-  """The forward's ACC2D switch as the kernel takes it: 0 (column sums every tile), 1 (kept
-  per element of a tile), or n > 1 rows (folded; see `_acc`), n at most BR and a power of
-  two."""
-  n = int(cfg.get(key, 0))
+def fold_rows(cfg: dict[str, Any], cp: int, itemsize: int) -> int:
+  """The rows one pass of a coarse forward program's threads covers in a (BR, cp) tile, as
+  Triton 3.6 lays out a row-major load: 16-byte vectors along the columns, a warp's 32
+  threads across the columns first (up to cp / vector of them), the warps down the rows.
+  Every thread's elements of a tile repeat every that many rows, so column sums folded to a
+  multiple of it stay inside each thread (`_acc`); folded to fewer, they cross threads every
+  tile (measured 2-5x slower on an H100)."""
+  vec = min(cp, 16 // itemsize)
+  return min(cfg["BR"], cfg["num_warps"] * max(1, 32 * vec // cp))
+
+
+def acc_rows(cfg: dict[str, Any], cp: int, itemsize: int) -> int:
+  """The forward's ACC2D switch as the kernel takes it (see `_acc`): 0 (column sums every
+  tile), 1 (kept per element of a tile), n > 1 (folded to n rows). "fold" (the default of
+  the coarse forward): folded to `fold_rows`, the fewest registers that need no exchange
+  between threads. A given n must be a power of two <= BR."""
+  n = cfg.get("ACC2D", 0)
+  if n == "fold":
+    n = fold_rows(cfg, cp, itemsize)
+  n = int(n)
   if n > 1 and (n & (n - 1) or n > cfg["BR"]):
-    raise ValueError(f"{key}={n}: folded column sums need a power of two <= BR={cfg['BR']}")
+    raise ValueError(f"ACC2D={n}: folded column sums need a power of two <= BR={cfg['BR']}")
   return 1 if n == cfg["BR"] else n
 
 
@@ -273,25 +286,15 @@ def _forward_impl(spec, telemetry: bool, x2d, params, seed_in, pre_u, shift, pre
   else:
     q, r = divmod(d, k)
     spp = _seeds_per_program(cfg, k)
-    split = bool(cfg.get("SPLIT", 0))
-    coarse_kw = dict(K=k, Q=q, R=r, C=c, CP=max(16, _pow2(c)), SPP=spp,
+    cp = max(16, _pow2(c))
+    coarse_kw = dict(K=k, Q=q, R=r, C=c, CP=cp, SPP=spp,
                      PREC=input_precision(cfg, precision),
                      LOWP=low_precision_dots(x2d.dtype, precision),
                      **_geometry(spec, n, rows_per_strip), **common_kw)
     outs = jt.triton_call(*args, kernel=kern["fwd_coarse"], out_shape=out_shape,
                           grid=(strips, k // spp), num_warps=cfg["num_warps"],
-                          num_stages=cfg["num_stages"], ACC2D=_acc_rows(cfg, "ACC2D"),
-                          PART=1 if split else 0, **coarse_kw)
-    if split:
-      # SPLIT: the dormant seeds in a second launch of a kernel without the child, writing
-      # into the first launch's outputs (aliased), at its own warps and column sums.
-      outs = jt.triton_call(*args, *outs, kernel=kern["fwd_coarse_dormant"],
-                            out_shape=out_shape,
-                            input_output_aliases={len(args) + i: i for i in range(len(outs))},
-                            grid=(strips, k // spp),
-                            num_warps=cfg.get("DORMANT_WARPS", cfg["num_warps"]),
-                            num_stages=cfg["num_stages"],
-                            ACC2D=_acc_rows(cfg, "DORMANT_ACC2D"), **coarse_kw)
+                          num_stages=cfg["num_stages"],
+                          ACC2D=acc_rows(cfg, cp, x2d.dtype.itemsize), **coarse_kw)
   out, tsum, tsq, tdead, r2, x2, bad = outs
   ok = jnp.sum(bad, axis=0) == 0
   out = common.apply_guard(spec, x2d, out, ok)
