@@ -549,6 +549,7 @@ def test_triton_default_precision_and_eval_pass_interpreted(triton_interpreted, 
   assert {kw["JOINT"] for kw in fwd} == {bool(switches.get("JOINT"))}
   assert {kw["ACC2D"] for kw in fwd} == ({switches["ACC2D"]} if "ACC2D" in switches else {
       ktriton.fold_rows(ktriton._config("fwd", spec, jnp.float32), fwd[0]["CP"], 4)})
+  assert {kw["R2ROWS"] for kw in fwd} == {True}  # 32 rows at 2 warps: 16 rows a warp
 
 
 def test_fold_rows_follow_the_load_layout():
@@ -599,6 +600,9 @@ def test_triton_even_tiles_interpreted(triton_interpreted, monkeypatch, lowp, ac
   (fwd,) = [kw for n, kw in launches if n == "fwd_coarse"]
   rows = ktriton.fold_rows(dict(BR=16, num_warps=2), fwd["CP"], 4) if acc2d == "fold" else acc2d
   assert (fwd["SPP"], fwd["ACC2D"], fwd["JOINT"]) == (2, 1 if rows == 16 else rows, bool(joint))
+  # 16 rows at 2 warps: the MMA layout's warps split the columns, so the residual's squares
+  # are kept per element rather than summed per row (`_zero_sums`).
+  assert fwd["R2ROWS"] is False
 
 
 def test_triton_wide_glu_chunks_run_the_contract_interpreted(triton_interpreted):

@@ -114,11 +114,16 @@ def _colsum(acc, ACC2D: tl.constexpr):
 
 
 @triton.jit
-def _zero_sums(R: tl.constexpr, C: tl.constexpr, ACC2D: tl.constexpr):
+def _zero_sums(R: tl.constexpr, C: tl.constexpr, ACC2D: tl.constexpr, R2ROWS: tl.constexpr):
   """A forward program's five per-strip sums at 0 (see `_acc`): (C,) with ACC2D 0, (R, C)
-  with 1, (ACC2D, C) above, except the residual's squares (the last), (R, C) there: they
-  come from the child's dot, in the MMA layout, whose warps split the rows, so folded they
-  would cross warps every tile (measured 1.8x slower on 512 seeds of 8 nodes)."""
+  with 1, (ACC2D, C) above, except the residual's squares (the last). Those come from the
+  child's dot, in the MMA layout, whose warps split the rows where the tile has 16 rows a
+  warp, else the columns: folded like the telemetry sums they crossed warps every tile (512
+  seeds of 8 nodes ran 1.8x slower on an H100). With R2ROWS (the warps split the rows only)
+  they are summed over the columns every tile, within a warp, (R,); else kept per element,
+  (R, C). H100, 2026-12-06: bf16 with a tenth of 64 seeds blending 0.109 ms against 0.127
+  per element; 16 seeds of 256 nodes (BR=16 at 4 warps, the warps across the columns) 0.44
+  ms summed per row against 0.40 per element."""
   if ACC2D == 0:
     z = tl.zeros([C], tl.float32)
     zr = z
@@ -127,7 +132,10 @@ def _zero_sums(R: tl.constexpr, C: tl.constexpr, ACC2D: tl.constexpr):
     zr = z
   else:
     z = tl.zeros([ACC2D, C], tl.float32)
-    zr = tl.zeros([R, C], tl.float32)
+    if R2ROWS:
+      zr = tl.zeros([R], tl.float32)
+    else:
+      zr = tl.zeros([R, C], tl.float32)
   return z, z, z, z, zr
 
 
@@ -187,7 +195,7 @@ def _add4(a0, a1, a2, a3, b0, b1, b2, b3):
 @triton.jit
 def _live_tile_sums(x, shift, m2, rr, acc_s, acc_q, acc_d, acc_x2, acc_r2,
                     TELEMETRY: tl.constexpr, MASKED: tl.constexpr, DEAD_EPS: tl.constexpr,
-                    ACC2D: tl.constexpr, JOINT: tl.constexpr):
+                    ACC2D: tl.constexpr, JOINT: tl.constexpr, R2ROWS: tl.constexpr):
   """A live tile's column sums: the telemetry sums (or x^2) and the residual's squares `rr`.
   With JOINT (and not ACC2D) they are reduced over the rows in one multi-operand reduction:
   one exchange between warps through shared memory, one barrier, where separate sums take
@@ -207,7 +215,10 @@ def _live_tile_sums(x, shift, m2, rr, acc_s, acc_q, acc_d, acc_x2, acc_r2,
   else:
     acc_s, acc_q, acc_d, acc_x2 = _telemetry_tile(x, shift, m2, acc_s, acc_q, acc_d, acc_x2,
                                                   TELEMETRY, MASKED, DEAD_EPS, ACC2D)
-    acc_r2 = _acc(acc_r2, rr, 1 if ACC2D > 1 else ACC2D)  # see `_zero_sums`
+    if ACC2D > 1 and R2ROWS:  # see `_zero_sums`
+      acc_r2 += tl.sum(rr, 1)
+    else:
+      acc_r2 = _acc(acc_r2, rr, 1 if ACC2D > 1 else ACC2D)
   return acc_s, acc_q, acc_d, acc_x2, acc_r2
 
 
@@ -262,7 +273,8 @@ def _fwd_coarse_seed(strip, k, x_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2
                      ACTS: tl.constexpr, HAS_GLU: tl.constexpr, HAS_DIAG: tl.constexpr,
                      HAS_PREU: tl.constexpr, TELEMETRY: tl.constexpr, PREC: tl.constexpr,
                      LOWP: tl.constexpr, EVEN_C: tl.constexpr, MASKED: tl.constexpr,
-                     DEAD_EPS: tl.constexpr, ACC2D: tl.constexpr, JOINT: tl.constexpr):
+                     DEAD_EPS: tl.constexpr, ACC2D: tl.constexpr, JOINT: tl.constexpr,
+                     R2ROWS: tl.constexpr):
   """One seed's chunk over one strip of rows (see `fwd_coarse`)."""
   ck, off = _chunk_extent(k, Q, R)
   cols = tl.arange(0, CP)
@@ -272,7 +284,7 @@ def _fwd_coarse_seed(strip, k, x_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2
     shift = tl.load(shift_ptr + k * C + cols, mask=cols < C, other=0.0)
   else:
     shift = tl.zeros([CP], tl.float32)
-  acc_s, acc_q, acc_d, acc_x2, acc_r2 = _zero_sums(BR, CP, ACC2D)
+  acc_s, acc_q, acc_d, acc_x2, acc_r2 = _zero_sums(BR, CP, ACC2D, R2ROWS)
   # Two loops, not a branch inside one: a dormant seed's chunk costs its read and its write,
   # and the live loop stays free of control flow (Triton pipelines its loads).
   if live:
@@ -326,7 +338,7 @@ def _fwd_coarse_seed(strip, k, x_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2
         r = tl.where(m2, r, 0.0)
       acc_s, acc_q, acc_d, acc_x2, acc_r2 = _live_tile_sums(
           x, shift, m2, _squares_or_nan(f, r, finite), acc_s, acc_q, acc_d, acc_x2, acc_r2,
-          TELEMETRY, MASKED, DEAD_EPS, ACC2D, JOINT)
+          TELEMETRY, MASKED, DEAD_EPS, ACC2D, JOINT, R2ROWS)
       out = x + blend * r
       _store(out_ptr + xo, out.to(out_ptr.dtype.element_ty), m2, MASKED)
     _store_seed_sums(strip, k, cols, acc_s, acc_q, acc_d, acc_x2, acc_r2, tsum_ptr, tsq_ptr,
@@ -357,7 +369,10 @@ def _store_seed_sums(strip, k, cols, acc_s, acc_q, acc_d, acc_x2, acc_r2, tsum_p
     tl.store(tsum_ptr + po, _colsum(acc_s, ACC2D), mask=pc)
     tl.store(tsq_ptr + po, _colsum(acc_q, ACC2D), mask=pc)
     tl.store(tdead_ptr + po, _colsum(acc_d, ACC2D), mask=pc)
-  r2 = tl.sum(_colsum(acc_r2, ACC2D), 0)
+  if len(acc_r2.shape) == 1:  # summed per row (R2ROWS) or per tile: see `_zero_sums`
+    r2 = tl.sum(acc_r2, 0)
+  else:
+    r2 = tl.sum(tl.sum(acc_r2, 0), 0)
   tl.store(r2_ptr + strip * K + k, r2)
   tl.store(x2_ptr + strip * K + k, tl.sum(_colsum(acc_x2, ACC2D), 0))
   tl.store(bad_ptr + strip * K + k, tl.where(r2 == r2, 0.0, 1.0))
@@ -373,7 +388,8 @@ def fwd_coarse(x_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2_ptr, s_ptr, pre
                ACTS: tl.constexpr, HAS_GLU: tl.constexpr, HAS_DIAG: tl.constexpr,
                HAS_PREU: tl.constexpr, TELEMETRY: tl.constexpr, PREC: tl.constexpr,
                LOWP: tl.constexpr, EVEN_C: tl.constexpr, MASKED: tl.constexpr,
-               DEAD_EPS: tl.constexpr, ACC2D: tl.constexpr, JOINT: tl.constexpr):
+               DEAD_EPS: tl.constexpr, ACC2D: tl.constexpr, JOINT: tl.constexpr,
+               R2ROWS: tl.constexpr):
   """Program (strip, g): rows [strip * TILES * BR, + TILES * BR) of seeds g * SPP .. + SPP
   (SPP divides K), one `BR`-row tile at a time; telemetry sums per strip."""
   strip = tl.program_id(0)
@@ -383,7 +399,7 @@ def fwd_coarse(x_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2_ptr, s_ptr, pre
                      glu_ptr, diag_ptr, res_ptr, hmask_ptr, out_ptr, tsum_ptr, tsq_ptr,
                      tdead_ptr, r2_ptr, x2_ptr, bad_ptr, N, D, K, Q, R, C, H, CP, HP, BR, TILES,
                      ACTS, HAS_GLU, HAS_DIAG, HAS_PREU, TELEMETRY, PREC, LOWP, EVEN_C, MASKED,
-                     DEAD_EPS, ACC2D, JOINT)
+                     DEAD_EPS, ACC2D, JOINT, R2ROWS)
 
 
 # -------------------------------------------------------------- coarse backward
@@ -573,7 +589,7 @@ def fwd_node(x_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2_ptr, s_ptr, preu_
     shift = tl.load(shift_ptr + nodes, mask=nm, other=0.0)
   else:
     shift = tl.zeros([BN], tl.float32)
-  acc_s, acc_q, acc_d, acc_x2, acc_r2 = _zero_sums(1, BN, False)
+  acc_s, acc_q, acc_d, acc_x2, acc_r2 = _zero_sums(1, BN, False, False)
   if any_live:
     blend = tl.load(blend_ptr + nodes, mask=nm, other=0.0)
     res = tl.load(res_ptr + nodes, mask=nm, other=1.0) > 0.0
@@ -617,7 +633,7 @@ def fwd_node(x_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2_ptr, s_ptr, preu_
       r = tl.where(lm, tl.where(res[None, :], f, f - x), 0.0)
       acc_s, acc_q, acc_d, acc_x2, acc_r2 = _live_tile_sums(
           x, shift, m2, _squares_or_nan(f, r, (tl.abs(f) < 3.0e38) | ~lm), acc_s, acc_q, acc_d,
-          acc_x2, acc_r2, TELEMETRY, MASKED, DEAD_EPS, False, JOINT)
+          acc_x2, acc_r2, TELEMETRY, MASKED, DEAD_EPS, False, JOINT, False)
       out = x + blend[None, :] * r
       _store(out_ptr + xo, out.to(out_ptr.dtype.element_ty), m2, MASKED)
   else:

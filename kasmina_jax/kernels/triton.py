@@ -294,7 +294,8 @@ def _forward_impl(spec, telemetry: bool, x2d, params, seed_in, pre_u, shift, pre
     outs = jt.triton_call(*args, kernel=kern["fwd_coarse"], out_shape=out_shape,
                           grid=(strips, k // spp), num_warps=cfg["num_warps"],
                           num_stages=cfg["num_stages"],
-                          ACC2D=acc_rows(cfg, cp, x2d.dtype.itemsize), **coarse_kw)
+                          ACC2D=acc_rows(cfg, cp, x2d.dtype.itemsize),
+                          R2ROWS=cfg["BR"] >= 16 * cfg["num_warps"], **coarse_kw)
   out, tsum, tsq, tdead, r2, x2, bad = outs
   ok = jnp.sum(bad, axis=0) == 0
   out = common.apply_guard(spec, x2d, out, ok)
