@@ -103,7 +103,24 @@ def compile_launch(launch: dict) -> dict:
   # and warps a reduction costs (a loop's count is its body's).
   ptx = compiled.asm["ptx"]
   return dict(regs=regs, stack=stack, local=local, smem=smem, shfl=ptx.count("shfl.sync"),
-              bar=ptx.count("bar.sync"), **occupancy(regs, launch["num_warps"], smem))
+              bar=ptx.count("bar.sync"), ptx_sha256=ptx_digest(ptx),
+              **occupancy(regs, launch["num_warps"], smem))
+
+
+def ptx_digest(ptx: str) -> str:
+  """A digest of the PTX's instructions, without its source-line records (`.loc`, `.file`,
+  debug sections): equal digests before and after a change to the kernels' source mean the
+  change left the generated code as it was (a refactor checked without a GPU)."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  keep = []
+  for line in ptx.splitlines():
+    t = line.strip()
+    if t.startswith(".section"):  # the debug sections, to the end
+      break
+    if t.startswith((".loc", ".file", "//")) or not t:
+      continue
+    keep.append(t)
+  return hashlib.sha256("\n".join(keep).encode()).hexdigest()[:16]
 
 
 def full_catalog_problem(spec, rows: int, kt):

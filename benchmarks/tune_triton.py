@@ -75,7 +75,10 @@ SWEEP = {
     # sm_90 spill stack in f32: 208 B at (32, 32, 2 warps), 152 B at (16, 64, 2), none at
     # (16, 64, 4); on the H100 (2026-12-06) the spill-free tilings ran 2.8x slower (0.86 ms
     # against 0.31): the 4-warp programs hold the same gradient accumulators at half the
-    # programs per multiprocessor.
+    # programs per multiprocessor. bf16 at (64, 16, 2) ran 0.163 ms against 0.188 with the
+    # residual MLP children timed here, but with a catalog of every kind of child
+    # (`triton_regs.py --catalog full`) ptxas spills 4984 B a thread there (672 B at
+    # (32, 32, 2)), so the default stays (32, 32, 2).
     ("bwd", "small"): [_c(32, 32, 2, 2), _c(64, 16, 2, 2), _c(32, 16, 4, 2), _c(16, 64, 4, 2),
                        _c(16, 64, 2, 2), _c(16, 32, 4, 2)],
     ("bwd", "medium"): [_c(16, 32, 4, 2), _c(16, 32, 2, 2), _c(32, 16, 2, 2)],

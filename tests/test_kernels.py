@@ -623,7 +623,10 @@ def test_triton_kernels_compile_for_hopper(tmp_path):
   """Every kernel the library launches, in its default tiling, for float32 and bfloat16 and
   for a catalog with every kind of child, compiles for sm_90 (Triton's compiler and ptxas, on
   the CPU: `benchmarks/triton_regs.py`) and fits a multiprocessor (registers and shared
-  memory allow at least one program). The interpreter checks the
+  memory allow at least one program). Spills (ptxas's stack frame, with triton pinned to
+  3.6): the coarse forward spills nothing (its folded column sums), and no kernel spills more
+  than 4 KiB a thread (a bfloat16 backward tiling of 64 rows, fastest with residual MLP
+  children, spilled 4984 B with this catalog). The interpreter checks the
   kernels' logic; this catches what only the GPU compiler sees (layouts, bfloat16 dots, shared
   memory). In a process of its own: the test session runs Triton in interpreter mode."""
   pytest.importorskip("triton")
@@ -643,6 +646,9 @@ def test_triton_kernels_compile_for_hopper(tmp_path):
           ("bf16", "node", "bwd"), ("bf16", "wide", "fwd")} <= compiled, compiled
   for r in rows:
     assert r["programs_per_sm"] >= 1, r
+    assert r["stack"] <= 4096, r
+    if r["kernel"] == "fwd_coarse":
+      assert r["stack"] == 0, r
 
 
 @pytest.mark.parametrize("dtype,precision,expected", [

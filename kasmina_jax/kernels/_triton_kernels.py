@@ -262,6 +262,42 @@ def _chunk_extent(k, Q: tl.constexpr, R: tl.constexpr):
   return ck, off
 
 
+@triton.jit
+def _load_child(k, cols, colm, hs, hm, hmask, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2_ptr,
+                s_ptr, act_ptr, glu_ptr, diag_ptr, C: tl.constexpr, H: tl.constexpr,
+                HAS_GLU: tl.constexpr, HAS_DIAG: tl.constexpr, LOWP: tl.constexpr):
+  """Seed k's child as a coarse program holds it across its tiles (forward and backward):
+  the weight tiles as `_dot` takes them (w2's rows scaled by the hidden-unit mask `hmask`),
+  the biases, the activation mix, and the GLU gate and diagonal scale where the catalog has
+  them (else placeholders the compiler drops: wg, bg = w1, b1; sd = b2; glu False; diag 0)."""
+  wm = colm[:, None] & hm[None, :]
+  w1 = tl.load(w1_ptr + k * C * H + cols[:, None] * H + hs[None, :], mask=wm, other=0.0)
+  w2 = tl.load(w2_ptr + k * H * C + hs[:, None] * C + cols[None, :],
+               mask=hm[:, None] & colm[None, :], other=0.0) * hmask[:, None]
+  b1 = tl.load(b1_ptr + k * H + hs, mask=hm, other=0.0)
+  b2 = tl.load(b2_ptr + k * C + cols, mask=colm, other=0.0)
+  a0 = tl.load(act_ptr + k * 4 + 0)
+  a1 = tl.load(act_ptr + k * 4 + 1)
+  a2 = tl.load(act_ptr + k * 4 + 2)
+  a3 = tl.load(act_ptr + k * 4 + 3)
+  if HAS_GLU:
+    glu = tl.load(glu_ptr + k) > 0.0
+    wg = tl.load(wg_ptr + k * C * H + cols[:, None] * H + hs[None, :], mask=wm, other=0.0)
+    bg = tl.load(bg_ptr + k * H + hs, mask=hm, other=0.0)
+  else:
+    glu = False
+    wg = w1
+    bg = b1
+  if HAS_DIAG:
+    diag = tl.load(diag_ptr + k)
+    sd = tl.load(s_ptr + k * C + cols, mask=colm, other=0.0) * diag
+  else:
+    diag = 0.0
+    sd = b2
+  return (_dot_operand(w1, LOWP), b1, _dot_operand(wg, LOWP), bg, _dot_operand(w2, LOWP), b2,
+          sd, diag, glu, a0, a1, a2, a3)
+
+
 # -------------------------------------------------------------- coarse forward
 @triton.jit
 def _fwd_coarse_seed(strip, k, x_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2_ptr, s_ptr,
@@ -292,27 +328,10 @@ def _fwd_coarse_seed(strip, k, x_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2
     hm = hs < H
     blend = tl.load(blend_ptr + k)
     res = tl.load(res_ptr + k) > 0.0
-    wm = colm[:, None] & hm[None, :]
-    w1 = tl.load(w1_ptr + k * C * H + cols[:, None] * H + hs[None, :], mask=wm, other=0.0)
-    w2 = tl.load(w2_ptr + k * H * C + hs[:, None] * C + cols[None, :],
-                 mask=hm[:, None] & colm[None, :], other=0.0)
-    b1 = tl.load(b1_ptr + k * H + hs, mask=hm, other=0.0)
-    b2 = tl.load(b2_ptr + k * C + cols, mask=colm, other=0.0)
-    w2 = w2 * tl.load(hmask_ptr + k * H + hs, mask=hm, other=0.0)[:, None]
-    a0 = tl.load(act_ptr + k * 4 + 0)
-    a1 = tl.load(act_ptr + k * 4 + 1)
-    a2 = tl.load(act_ptr + k * 4 + 2)
-    a3 = tl.load(act_ptr + k * 4 + 3)
-    if HAS_GLU:
-      glu = tl.load(glu_ptr + k)
-      wg = tl.load(wg_ptr + k * C * H + cols[:, None] * H + hs[None, :], mask=wm, other=0.0)
-      bg = tl.load(bg_ptr + k * H + hs, mask=hm, other=0.0)
-    if HAS_DIAG:
-      sd = tl.load(s_ptr + k * C + cols, mask=colm, other=0.0) * tl.load(diag_ptr + k)
-    w1 = _dot_operand(w1, LOWP)
-    w2 = _dot_operand(w2, LOWP)
-    if HAS_GLU:
-      wg = _dot_operand(wg, LOWP)
+    hmask = tl.load(hmask_ptr + k * H + hs, mask=hm, other=0.0)
+    w1, b1, wg, bg, w2, b2, sd, diag, glu, a0, a1, a2, a3 = _load_child(
+        k, cols, colm, hs, hm, hmask, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2_ptr, s_ptr,
+        act_ptr, glu_ptr, diag_ptr, C, H, HAS_GLU, HAS_DIAG, LOWP)
     for t in range(TILES):
       rows = (strip * TILES + t) * BR + tl.arange(0, BR)
       rm = rows < N
@@ -327,7 +346,7 @@ def _fwd_coarse_seed(strip, k, x_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2
       a = _act(pre, a0, a1, a2, a3, ACTS)
       if HAS_GLU:
         gate = tl.sigmoid(_dot(xr, wg, PREC, LOWP) + bg[None, :])
-        a = a * tl.where(glu > 0.0, gate, 1.0)
+        a = a * tl.where(glu, gate, 1.0)
       f = _dot(a, w2, PREC, LOWP) + b2[None, :]
       if HAS_DIAG:
         f += sd[None, :] * x
@@ -503,33 +522,9 @@ def bwd_coarse(x_ptr, ct_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2_ptr, s_
     ctr2 = tl.load(ctr2_ptr + k)
     res = tl.load(res_ptr + k) > 0.0
     repl = tl.where(res, 0.0, 1.0)
-    wm = colm[:, None] & hm[None, :]
-    w1 = tl.load(w1_ptr + k * C * H + cols[:, None] * H + hs[None, :], mask=wm, other=0.0)
-    w2 = tl.load(w2_ptr + k * H * C + hs[:, None] * C + cols[None, :],
-                 mask=hm[:, None] & colm[None, :], other=0.0) * hmask[:, None]
-    b1 = tl.load(b1_ptr + k * H + hs, mask=hm, other=0.0)
-    b2 = tl.load(b2_ptr + k * C + cols, mask=colm, other=0.0)
-    a0 = tl.load(act_ptr + k * 4 + 0)
-    a1 = tl.load(act_ptr + k * 4 + 1)
-    a2 = tl.load(act_ptr + k * 4 + 2)
-    a3 = tl.load(act_ptr + k * 4 + 3)
-    if HAS_GLU:
-      glu = tl.load(glu_ptr + k) > 0.0
-      wg = tl.load(wg_ptr + k * C * H + cols[:, None] * H + hs[None, :], mask=wm, other=0.0)
-      bg = tl.load(bg_ptr + k * H + hs, mask=hm, other=0.0)
-    else:
-      glu = False
-      wg = w1
-      bg = b1
-    if HAS_DIAG:
-      diag = tl.load(diag_ptr + k)
-      sd = tl.load(s_ptr + k * C + cols, mask=colm, other=0.0) * diag
-    else:
-      diag = 0.0
-      sd = b2
-    w1 = _dot_operand(w1, LOWP)
-    w2 = _dot_operand(w2, LOWP)
-    wg = _dot_operand(wg, LOWP)
+    w1, b1, wg, bg, w2, b2, sd, diag, glu, a0, a1, a2, a3 = _load_child(
+        k, cols, colm, hs, hm, hmask, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2_ptr, s_ptr,
+        act_ptr, glu_ptr, diag_ptr, C, H, HAS_GLU, HAS_DIAG, LOWP)
     # Two loops rather than a branch per tile: only a seed in the gradient path writes dx.
     if hg > 0.0:
       acc_w1, acc_b1, acc_w2, acc_b2, acc_wg, acc_bg, acc_s = _bwd_coarse_loop(

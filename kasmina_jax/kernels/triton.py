@@ -124,7 +124,6 @@ _DEFAULT_CONFIGS = {
     ("bwd", "node"): dict(BR=8, BN=32, TILES=32, num_warps=4, num_stages=2),
     ("bwd", "node", "float32"): dict(BR=4, BN=64, TILES=64, num_warps=4, num_stages=2),
     ("bwd", "small"): dict(BR=32, TILES=32, num_warps=2, num_stages=2),
-    ("bwd", "small", "bfloat16"): dict(BR=64, TILES=16, num_warps=2, num_stages=2),
     ("bwd", "medium"): dict(BR=16, TILES=32, num_warps=2, num_stages=2),
     ("bwd", "medium", "float32"): dict(BR=16, TILES=32, num_warps=4, num_stages=2, PREC="ieee"),
 }
