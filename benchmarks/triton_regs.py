@@ -109,15 +109,16 @@ def compile_launch(launch: dict) -> dict:
 
 def ptx_digest(ptx: str) -> str:
   """A digest of the PTX's instructions, without its source-line records (`.loc`, `.file`,
-  debug sections): equal digests before and after a change to the kernels' source mean the
-  change left the generated code as it was (a refactor checked without a GPU)."""
+  the `$L__tmp` labels that mark inlined functions, debug sections): equal digests before and
+  after a change to the kernels' source mean the change left the generated code as it was (a
+  refactor checked without a GPU)."""
   import hashlib  # pylint: disable=g-import-not-at-top
   keep = []
   for line in ptx.splitlines():
     t = line.strip()
     if t.startswith(".section"):  # the debug sections, to the end
       break
-    if t.startswith((".loc", ".file", "//")) or not t:
+    if t.startswith((".loc", ".file", "//", "$L__tmp")) or not t:
       continue
     keep.append(t)
   return hashlib.sha256("\n".join(keep).encode()).hexdigest()[:16]

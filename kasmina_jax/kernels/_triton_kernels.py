@@ -298,6 +298,42 @@ def _load_child(k, cols, colm, hs, hm, hmask, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2
           sd, diag, glu, a0, a1, a2, a3)
 
 
+@triton.jit
+def _tile_rows(strip, t, off, cols, colm, N: tl.constexpr, D: tl.constexpr, BR: tl.constexpr,
+               TILES: tl.constexpr):
+  """Tile t of a strip: its rows, their mask, the (rows, chunk) mask and the offsets of the
+  chunk's elements in a (N, D) array."""
+  rows = (strip * TILES + t) * BR + tl.arange(0, BR)
+  rm = rows < N
+  return rows, rm, rm[:, None] & colm[None, :], rows[:, None] * D + off + cols[None, :]
+
+
+@triton.jit
+def _child_tile(xr, x, rows, rm, k, hs, hm, preu_ptr, w1, b1, wg, bg, w2, b2, sd, glu, a0, a1,
+                a2, a3, K: tl.constexpr, H: tl.constexpr, ACTS: tl.constexpr,
+                HAS_GLU: tl.constexpr, HAS_DIAG: tl.constexpr, HAS_PREU: tl.constexpr,
+                PREC: tl.constexpr, LOWP: tl.constexpr):
+  """The child on one tile (`xr` as loaded, `x` in float32), as the forward and the
+  backward's recomputation run it: the hidden pre-activation, its activation, the GLU gate
+  (1 where the seed has none; `av` itself, unused, without a GLU in the catalog), the gated
+  activation and the output f."""
+  pre = _dot(xr, w1, PREC, LOWP) + b1[None, :]
+  if HAS_PREU:
+    pre += tl.load(preu_ptr + rows[:, None] * (K * H) + k * H + hs[None, :],
+                   mask=rm[:, None] & hm[None, :], other=0.0)
+  av = _act(pre, a0, a1, a2, a3, ACTS)
+  a = av
+  gate = av
+  if HAS_GLU:
+    gate = tl.sigmoid(_dot(xr, wg, PREC, LOWP) + bg[None, :])
+    gate = tl.where(glu, gate, 1.0)
+    a = av * gate
+  f = _dot(a, w2, PREC, LOWP) + b2[None, :]
+  if HAS_DIAG:
+    f += sd[None, :] * x
+  return pre, av, gate, a, f
+
+
 # -------------------------------------------------------------- coarse forward
 @triton.jit
 def _fwd_coarse_seed(strip, k, x_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2_ptr, s_ptr,
@@ -333,23 +369,12 @@ def _fwd_coarse_seed(strip, k, x_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2
         k, cols, colm, hs, hm, hmask, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2_ptr, s_ptr,
         act_ptr, glu_ptr, diag_ptr, C, H, HAS_GLU, HAS_DIAG, LOWP)
     for t in range(TILES):
-      rows = (strip * TILES + t) * BR + tl.arange(0, BR)
-      rm = rows < N
-      m2 = rm[:, None] & colm[None, :]
-      xo = rows[:, None] * D + off + cols[None, :]
+      rows, rm, m2, xo = _tile_rows(strip, t, off, cols, colm, N, D, BR, TILES)
       xr = _load(x_ptr + xo, m2, MASKED)
       x = xr.to(tl.float32)
-      pre = _dot(xr, w1, PREC, LOWP) + b1[None, :]
-      if HAS_PREU:
-        pre += tl.load(preu_ptr + rows[:, None] * (K * H) + k * H + hs[None, :],
-                       mask=rm[:, None] & hm[None, :], other=0.0)
-      a = _act(pre, a0, a1, a2, a3, ACTS)
-      if HAS_GLU:
-        gate = tl.sigmoid(_dot(xr, wg, PREC, LOWP) + bg[None, :])
-        a = a * tl.where(glu, gate, 1.0)
-      f = _dot(a, w2, PREC, LOWP) + b2[None, :]
-      if HAS_DIAG:
-        f += sd[None, :] * x
+      _, _, _, _, f = _child_tile(xr, x, rows, rm, k, hs, hm, preu_ptr, w1, b1, wg, bg, w2, b2,
+                                  sd, glu, a0, a1, a2, a3, K, H, ACTS, HAS_GLU, HAS_DIAG,
+                                  HAS_PREU, PREC, LOWP)
       finite = tl.abs(f) < 3.0e38
       r = tl.where(res, f, f - x)
       if MASKED:
@@ -364,9 +389,7 @@ def _fwd_coarse_seed(strip, k, x_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2
                      tdead_ptr, r2_ptr, x2_ptr, bad_ptr, K, C, TELEMETRY, ACC2D)
   else:
     for t in range(TILES):
-      rows = (strip * TILES + t) * BR + tl.arange(0, BR)
-      m2 = (rows < N)[:, None] & colm[None, :]
-      xo = rows[:, None] * D + off + cols[None, :]
+      _, _, m2, xo = _tile_rows(strip, t, off, cols, colm, N, D, BR, TILES)
       xr = _load(x_ptr + xo, m2, MASKED)
       acc_s, acc_q, acc_d, acc_x2 = _dormant_tile_sums(xr.to(tl.float32), shift, m2, acc_s,
                                                        acc_q, acc_d, acc_x2, TELEMETRY, MASKED,
@@ -436,26 +459,13 @@ def _bwd_coarse_loop(strip, k, off, cols, colm, hs, hm, x_ptr, ct_ptr, preu_ptr,
   gradient."""
   acc_w1, acc_b1, acc_w2, acc_b2, acc_wg, acc_bg, acc_s = _zero_grads(CP, HP)
   for t in range(TILES):
-    rows = (strip * TILES + t) * BR + tl.arange(0, BR)
-    rm = rows < N
-    m2 = rm[:, None] & colm[None, :]
-    xo = rows[:, None] * D + off + cols[None, :]
+    rows, rm, m2, xo = _tile_rows(strip, t, off, cols, colm, N, D, BR, TILES)
     xr = _load(x_ptr + xo, m2, MASKED)
     x = xr.to(tl.float32)
     ct = _load(ct_ptr + xo, m2, MASKED).to(tl.float32)
-    pre = _dot(xr, w1, PREC, LOWP) + b1[None, :]
-    if HAS_PREU:
-      pre += tl.load(preu_ptr + rows[:, None] * (K * H) + k * H + hs[None, :],
-                     mask=rm[:, None] & hm[None, :], other=0.0)
-    av = _act(pre, a0, a1, a2, a3, ACTS)
-    a = av
-    if HAS_GLU:
-      gate = tl.sigmoid(_dot(xr, wg, PREC, LOWP) + bg[None, :])
-      gate = tl.where(glu, gate, 1.0)
-      a = av * gate
-    f = _dot(a, w2, PREC, LOWP) + b2[None, :]
-    if HAS_DIAG:
-      f += sd[None, :] * x
+    pre, av, gate, a, f = _child_tile(xr, x, rows, rm, k, hs, hm, preu_ptr, w1, b1, wg, bg, w2,
+                                      b2, sd, glu, a0, a1, a2, a3, K, H, ACTS, HAS_GLU,
+                                      HAS_DIAG, HAS_PREU, PREC, LOWP)
     r = tl.where(res, f, f - x)
     ctf = gb * ct + 2.0 * ctr2 * r
     if MASKED:

@@ -10,7 +10,9 @@ Kernels (one program = one strip of rows x one seed, or a block of nodes in per-
 * coarse (`chunk_width >= 2`, chunk padded to a power of two `CP >= 16` in registers): a
   program owns one strip of `TILES` x `BR` rows of `SPP` seeds (one after the other), loads a
   seed's child once, runs it with `tl.dot` and blends, writing the output once and keeping
-  the telemetry sums of the strip in registers (XLA adds the strips). Dots: float32
+  the telemetry sums of the strip in registers (XLA adds the strips), folded inside each
+  thread to the rows one pass of its threads covers (`fold_rows`: no exchange between
+  threads per tile, a fraction of a register per element). Dots: float32
   operands at the caller's `precision` (`tf32` for HIGH; for HIGHEST, the exact path,
   `tf32x3` or `ieee`, whichever the tuning sweep found faster), and at JAX's DEFAULT
   precision `tf32` for float32 activations and bfloat16 operands for bfloat16 ones (as XLA's
@@ -21,7 +23,8 @@ Kernels (one program = one strip of rows x one seed, or a block of nodes in per-
 * per-node (`chunk_width == 1`): a program owns `BR` rows x `BN` nodes (one node = one seed)
   and evaluates every node's child element-wise on `(BR, BN, H)` tensors, the weights
   loaded once per program.
-* backward: the same tiling; it recomputes the child (no residual but `x`), accumulates the
+* backward: the same tiling; it loads the child as the forward does (`_load_child`) and
+  recomputes it (no residual but `x`), accumulates the
   parameter gradients per strip, and writes the input gradient only for chunks whose child
   is in the gradient path (STABILIZATION on), in a loop of its own: the input gradient is
   aliased to the output cotangent, which *is* the input gradient of every other chunk (no
