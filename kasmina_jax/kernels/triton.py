@@ -138,7 +138,7 @@ def fold_rows(cfg: dict[str, Any], cp: int, itemsize: int) -> int:
   threads across the columns first (up to cp / vector of them), the warps down the rows.
   Every thread's elements of a tile repeat every that many rows, so column sums folded to a
   multiple of it stay inside each thread (`_acc`); folded to fewer, they cross threads every
-  tile (measured 2-5x slower on an H100)."""
+  tile (measured 2-4x slower on an H100)."""
   vec = min(cp, 16 // itemsize)
   return min(cfg["BR"], cfg["num_warps"] * max(1, 32 * vec // cp))
 
@@ -297,6 +297,8 @@ def _forward_impl(spec, telemetry: bool, x2d, params, seed_in, pre_u, shift, pre
                           grid=(strips, k // spp), num_warps=cfg["num_warps"],
                           num_stages=cfg["num_stages"],
                           ACC2D=acc_rows(cfg, cp, x2d.dtype.itemsize),
+                          # the MMA layout's warps split only the rows (16 a warp): see
+                          # `_zero_sums` for where the residual's squares are summed
                           R2ROWS=cfg["BR"] >= 16 * cfg["num_warps"], **coarse_kw)
   out, tsum, tsq, tdead, r2, x2, bad = outs
   ok = jnp.sum(bad, axis=0) == 0
