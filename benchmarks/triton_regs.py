@@ -13,6 +13,10 @@ sweep on the device (`tune_triton.py`) times the promising tilings.
   python benchmarks/triton_regs.py --classes small --kinds fwd --configs '[{"BR":32,...}]'
   python benchmarks/triton_regs.py --defaults-only    # what CI runs: every kernel compiles
 
+It also reports a digest of the PTX without its line records (a refactor that leaves it
+unchanged left the generated code as it was) and, for the coarse forward, how many folded
+column sums cross threads in the compiler's actual layouts (`fold_exchanges`, 0 by design).
+
 A stand-in `jax_triton.triton_call` captures each launch (kernel, pointer dtypes, constexprs,
 warps, stages) inside `jax.eval_shape`, compiles it with `triton.compile` for
 `GPUTarget("cuda", 90, 32)` (the pointers marked 16-byte aligned, as jax-triton does) and reads
@@ -104,7 +108,50 @@ def compile_launch(launch: dict) -> dict:
   ptx = compiled.asm["ptx"]
   return dict(regs=regs, stack=stack, local=local, smem=smem, shfl=ptx.count("shfl.sync"),
               bar=ptx.count("bar.sync"), ptx_sha256=ptx_digest(ptx),
+              # the folded column sums exist in the coarse forward only (the per-node kernels
+              # reduce (rows, nodes, hidden) tensors over their rows, not a fold)
+              fold_exchanges=(fold_exchanges(compiled.asm["ttgir"])
+                              if launch["kernel"].__name__ == "fwd_coarse" else 0),
               **occupancy(regs, launch["num_warps"], smem))
+
+
+_LAYOUT_DEF = re.compile(r"^(#[\w.]+) = #ttg\.(blocked|linear)<\{(.*)\}>", re.M)
+_REDUCE_TYPE = re.compile(r"^\s*\}\) : \(tensor<(\d+)x\d+x\d+x\w+, (#[\w.]+)>\)")
+
+
+def fold_exchanges(ttgir: str) -> int:
+  """How many of the kernel's folded column sums (`_acc` with ACC2D > 1: a (n, rows/n,
+  columns) view of a tile reduced over its first axis) cross threads: the reduced axis of
+  the view's layout has lanes or warps along it (a blocked layout with threadsPerWarp[0] or
+  warpsPerCTA[0] above 1, a linear layout with a lane or warp basis vector along axis 0).
+  `triton.fold_rows` picks the fold so that this is 0 with Triton 3.6's layouts; the count
+  checks the pick against the compiler's actual layouts."""
+  layouts = {}
+  for name, kind, body in _LAYOUT_DEF.findall(ttgir):
+    if kind == "blocked":
+      tpw = [int(v) for v in re.search(r"threadsPerWarp = \[([\d, ]+)\]", body)[1].split(",")]
+      wpc = [int(v) for v in re.search(r"warpsPerCTA = \[([\d, ]+)\]", body)[1].split(",")]
+      layouts[name] = tpw[0] > 1 or wpc[0] > 1
+    else:
+      crossing = False
+      for key in ("lane", "warp"):
+        m = re.search(key + r" = \[(.*?)\]\]", body)
+        if m:
+          vectors = re.findall(r"\[([\d, ]+)\]", m[1] + "]")
+          crossing |= any(int(v.split(",")[0]) != 0 for v in vectors)
+      layouts[name] = crossing
+  count = 0
+  lines = ttgir.splitlines()
+  for i, line in enumerate(lines):
+    if '"tt.reduce"(' in line and "axis = 0 " in line:
+      for follow in lines[i + 1:i + 12]:
+        m = _REDUCE_TYPE.match(follow)
+        if m:
+          count += bool(layouts.get(m[2], True))
+          break
+        if follow.lstrip().startswith("})"):
+          break
+  return count
 
 
 def ptx_digest(ptx: str) -> str:
@@ -188,10 +235,11 @@ def main():
           continue
         default = kt._config(kind, spec, dtype)  # pylint: disable=protected-access
         configs = json.loads(a.configs) if a.configs else [default] + [
-            c for c in tt.SWEEP.get((kind, cls), []) if c != default and not a.defaults_only]
+            c for c in tt.SWEEP.get((kind, tt.SHAPE_CLASS.get(cls, cls)), [])
+            if c != default and not a.defaults_only]
         for cfg in configs:
           kt.CONFIG_OVERRIDES.clear()
-          kt.CONFIG_OVERRIDES[(kind, cls)] = tt.full_config(cfg)
+          kt.CONFIG_OVERRIDES[(kind, tt.SHAPE_CLASS.get(cls, cls))] = tt.full_config(cfg)
           del CAPTURED[:]
           xs = jax.ShapeDtypeStruct((a.rows, dim), dtype)
           if kind == "fwd":
@@ -210,6 +258,7 @@ def main():
               res = compile_launch(launch)
               msg = (f"{res['regs']:3d} regs  spill stack {res['stack']:4d} B  "
                      f"smem {res['smem']:6d} B  shfl {res['shfl']:3d} bar {res['bar']:3d}  "
+                     f"fold exchanges {res['fold_exchanges']}  "
                      f"{res['programs_per_sm']:2d} programs/SM  occupancy "
                      f"{100 * res['occupancy']:5.1f}% ({res['limit']})  grid {launch['grid']}")
             except Exception as e:  # pylint: disable=broad-except

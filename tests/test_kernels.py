@@ -636,19 +636,43 @@ def test_triton_kernels_compile_for_hopper(tmp_path):
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   proc = subprocess.run(
       [sys.executable, os.path.join(root, "benchmarks", "triton_regs.py"), "--defaults-only",
-       "--catalog", "full", "--classes", "small,medium,wide,node", "--kinds", "fwd,bwd",
+       "--catalog", "full", "--classes", "small,narrow,medium,wide,node", "--kinds", "fwd,bwd",
        "--rows", "4096", "--out", str(out)],
       env=env, capture_output=True, text=True, timeout=900, check=False)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   rows = json.loads(out.read_text())
   compiled = {(r["dtype"], r["cls"], r["kind"]) for r in rows}
   assert {("f32", "small", "fwd"), ("bf16", "small", "bwd"), ("f32", "node", "fwd"),
-          ("bf16", "node", "bwd"), ("bf16", "wide", "fwd")} <= compiled, compiled
+          ("bf16", "node", "bwd"), ("bf16", "wide", "fwd"), ("bf16", "narrow", "fwd")} <= compiled, compiled
   for r in rows:
     assert r["programs_per_sm"] >= 1, r
     assert r["stack"] <= 4096, r
     if r["kernel"] == "fwd_coarse":
       assert r["stack"] == 0, r
+      # `fold_rows` against the compiler's layouts: no folded column sum crosses threads.
+      assert r["fold_exchanges"] == 0, r
+
+
+_TTGIR_FOLD = """
+#blocked = #ttg.blocked<{sizePerThread = [1, 1, 4], threadsPerWarp = [1, 8, 4], warpsPerCTA = [1, 2, 1], order = [2, 1, 0]}>
+#blocked1 = #ttg.blocked<{sizePerThread = [1, 1, 4], threadsPerWarp = [2, 4, 4], warpsPerCTA = [1, 2, 1], order = [2, 1, 0]}>
+#linear = #ttg.linear<{register = [[0, 0, 1], [0, 8, 0]], lane = [[0, 0, 2], [0, 1, 0]], warp = [[1, 0, 0]], block = []}>
+#linear1 = #ttg.linear<{register = [[1, 0, 0], [0, 8, 0]], lane = [[0, 0, 2], [0, 1, 0]], warp = [[0, 2, 0]], block = []}>
+  %a = "tt.reduce"(%x) <{axis = 0 : i32}> ({
+    tt.reduce.return %s : f32
+  }) : (tensor<2x16x16xf32, LAYOUT>) -> tensor<16x16xf32, #ttg.slice<{dim = 0, parent = LAYOUT}>>
+"""
+
+
+@pytest.mark.parametrize("layout,crossing", [("#blocked", 0), ("#blocked1", 1), ("#linear", 1),
+                                             ("#linear1", 0)])
+def test_fold_exchanges_reads_the_reduced_axis_layout(layout, crossing):
+  """`triton_regs.fold_exchanges` (the CI check above) counts a folded column sum as
+  crossing threads exactly when lanes or warps lie along its reduced axis."""
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                  "benchmarks"))
+  import triton_regs  # pylint: disable=g-import-not-at-top
+  assert triton_regs.fold_exchanges(_TTGIR_FOLD.replace("LAYOUT", layout)) == crossing
 
 
 @pytest.mark.parametrize("dtype,precision,expected", [
