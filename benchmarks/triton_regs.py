@@ -26,6 +26,7 @@ the cubin's resource usage with the `cuobjdump` bundled with Triton.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -159,7 +160,6 @@ def ptx_digest(ptx: str) -> str:
   the `$L__tmp` labels that mark inlined functions, debug sections): equal digests before and
   after a change to the kernels' source mean the change left the generated code as it was (a
   refactor checked without a GPU)."""
-  import hashlib  # pylint: disable=g-import-not-at-top
   keep = []
   for line in ptx.splitlines():
     t = line.strip()
@@ -223,6 +223,7 @@ def main():
     dtype = {"f32": jnp.float32, "bf16": jnp.bfloat16}[dname]
     for cls in a.classes.split(","):
       dim, k = tt.CLASSES[cls]
+      shape_cls = tt.SHAPE_CLASS.get(cls, cls)
       # the problem's parameters and stages; x itself is only a shape here
       spec, params, seed_in, _, _, shift = tt.problem(256, dim, k, dtype)
       pre_u = None
@@ -235,11 +236,11 @@ def main():
           continue
         default = kt._config(kind, spec, dtype)  # pylint: disable=protected-access
         configs = json.loads(a.configs) if a.configs else [default] + [
-            c for c in tt.SWEEP.get((kind, tt.SHAPE_CLASS.get(cls, cls)), [])
+            c for c in tt.SWEEP.get((kind, shape_cls), [])
             if c != default and not a.defaults_only]
         for cfg in configs:
           kt.CONFIG_OVERRIDES.clear()
-          kt.CONFIG_OVERRIDES[(kind, tt.SHAPE_CLASS.get(cls, cls))] = tt.full_config(cfg)
+          kt.CONFIG_OVERRIDES[(kind, shape_cls)] = tt.full_config(cfg)
           del CAPTURED[:]
           xs = jax.ShapeDtypeStruct((a.rows, dim), dtype)
           if kind == "fwd":

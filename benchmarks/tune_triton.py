@@ -157,16 +157,17 @@ def main():
     for cls in a.classes.split(","):
       dim, k = CLASSES[cls]
       spec, params, seed_in, x, ct, shift = problem(a.rows, dim, k, dtype, a.active)
-      assert kt.shape_class(spec) == SHAPE_CLASS.get(cls, cls), (cls, kt.shape_class(spec))
+      shape_cls = SHAPE_CLASS.get(cls, cls)  # the class whose tiling (and sweep) it takes
+      assert kt.shape_class(spec) == shape_cls, (cls, kt.shape_class(spec))
       nbytes = x.size * x.dtype.itemsize
       for kind in a.kinds.split(","):
         best = None
-        if not a.configs and (kind, SHAPE_CLASS.get(cls, cls)) not in SWEEP:
+        if not a.configs and (kind, shape_cls) not in SWEEP:
           print(f"{dname} {cls} {kind}: no sweep (no Triton kernel: the jnp contract runs)")
           continue
-        for cfg in (json.loads(a.configs) if a.configs else SWEEP[(kind, SHAPE_CLASS.get(cls, cls))]):
+        for cfg in (json.loads(a.configs) if a.configs else SWEEP[(kind, shape_cls)]):
           kt.CONFIG_OVERRIDES.clear()
-          kt.CONFIG_OVERRIDES[(kind, SHAPE_CLASS.get(cls, cls))] = full_config(cfg)
+          kt.CONFIG_OVERRIDES[(kind, shape_cls)] = full_config(cfg)
           try:
             if kind == "fwd":
               fn = jax.jit(lambda x_, p_: kt._forward_impl(spec, True, x_, p_, seed_in, None, shift))  # pylint: disable=protected-access

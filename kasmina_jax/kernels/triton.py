@@ -85,8 +85,8 @@ def available() -> bool:
 def _kernels():
   """The `@triton.jit` kernels, imported on first use (triton is needed only then)."""
   from kasmina_jax.kernels import _triton_kernels as tk  # pylint: disable=g-import-not-at-top
-  return dict(fwd_coarse=tk.fwd_coarse,
-              bwd_coarse=tk.bwd_coarse, fwd_node=tk.fwd_node, bwd_node=tk.bwd_node)
+  return dict(fwd_coarse=tk.fwd_coarse, bwd_coarse=tk.bwd_coarse, fwd_node=tk.fwd_node,
+              bwd_node=tk.bwd_node)
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -96,11 +96,17 @@ def _pow2(n: int) -> int:
   return 1 << max(0, int(n) - 1).bit_length()
 
 
+def _dot_dim(n: int) -> int:
+  """n padded for a `tl.dot` operand: a power of two, at least 16 (a coarse program's chunk
+  width `CP` and hidden width `HP`)."""
+  return max(16, _pow2(n))
+
+
 def shape_class(spec) -> str:
   c = spec.chunk_width
   if c == 1:
     return "node"
-  cp = max(16, _pow2(c))
+  cp = _dot_dim(c)
   if cp <= 64:
     return "small"
   if cp <= 128:
@@ -178,7 +184,7 @@ def _geometry(spec, n: int, rows_per_strip: int) -> dict[str, Any]:
   """EVEN_C: every chunk is `chunk_width` wide, a power of two (no column mask, aligned
   offsets); MASKED: some tile needs a mask (uneven chunks, or a partial last strip)."""
   k, c = spec.num_seeds, spec.chunk_width
-  even_c = spec.dim % k == 0 and c == max(16, _pow2(c))
+  even_c = spec.dim % k == 0 and c == _dot_dim(c)
   return dict(EVEN_C=even_c, MASKED=not (even_c and n % rows_per_strip == 0))
 
 
@@ -209,7 +215,7 @@ def _statics(spec, dtype) -> dict[str, Any]:
   # element-wise on (rows, nodes, hidden) tensors, where padding to 16 multiplied the work and
   # the registers (node catalogs have 2-3 hidden units: a 6.7 KB spill stack per thread in the
   # per-node backward at 16, benchmarks/triton_regs.py).
-  hp = _pow2(h) if spec.chunk_width == 1 else max(16, _pow2(h))
+  hp = _pow2(h) if spec.chunk_width == 1 else _dot_dim(h)
   return dict(ACTS=acts, HAS_GLU=bool(cat.any_glu), HAS_DIAG=bool(cat.any_diagonal),
               H=h, HP=hp)
 
@@ -244,14 +250,15 @@ def weight_smem_bytes(spec, lowp: bool = False) -> int:
   """Shared memory a coarse program's weight tiles take (see MAX_WEIGHT_SMEM_BYTES)."""
   st = _statics(spec, None)
   matrices = 3 if st["HAS_GLU"] else 2
-  return matrices * max(16, _pow2(spec.chunk_width)) * st["HP"] * (2 if lowp else 4)
+  return matrices * _dot_dim(spec.chunk_width) * st["HP"] * (2 if lowp else 4)
 
 
 # ----------------------------------------------------------------------------- forward
 
 
 def _forward_impl(spec, telemetry: bool, x2d, params, seed_in, pre_u, shift, precision=None):
-  if not _inline(spec, "fwd", low_precision_dots(x2d.dtype, precision)):
+  lowp = low_precision_dots(x2d.dtype, precision)
+  if not _inline(spec, "fwd", lowp):
     return common.fused_blend_reference(spec, telemetry, x2d, params, seed_in, pre_u, shift,
                                         precision)
   import jax_triton as jt  # pylint: disable=g-import-not-at-top
@@ -288,10 +295,9 @@ def _forward_impl(spec, telemetry: bool, x2d, params, seed_in, pre_u, shift, pre
   else:
     q, r = divmod(d, k)
     spp = _seeds_per_program(cfg, k)
-    cp = max(16, _pow2(c))
+    cp = _dot_dim(c)
     coarse_kw = dict(K=k, Q=q, R=r, C=c, CP=cp, SPP=spp,
-                     PREC=input_precision(cfg, precision),
-                     LOWP=low_precision_dots(x2d.dtype, precision),
+                     PREC=input_precision(cfg, precision), LOWP=lowp,
                      **_geometry(spec, n, rows_per_strip), **common_kw)
     outs = jt.triton_call(*args, kernel=kern["fwd_coarse"], out_shape=out_shape,
                           grid=(strips, k // spp), num_warps=cfg["num_warps"],
@@ -339,7 +345,8 @@ def _partials(spec, x2d, shift, s1, s2, dead) -> tel_lib.TelemetryPartials:
 
 
 def _backward_impl(spec, x2d, params, seed_in, pre_u, ok, ct_out, ct_sum_r2, precision=None):
-  if not _inline(spec, "bwd", low_precision_dots(x2d.dtype, precision)):
+  lowp = low_precision_dots(x2d.dtype, precision)
+  if not _inline(spec, "bwd", lowp):
     return common.fused_blend_backward_reference(spec, x2d, params, seed_in, pre_u, ok, ct_out,
                                                  ct_sum_r2, precision)
   import jax_triton as jt  # pylint: disable=g-import-not-at-top
@@ -393,9 +400,8 @@ def _backward_impl(spec, x2d, params, seed_in, pre_u, ok, ct_out, ct_sum_r2, pre
     outs = jt.triton_call(*args, kernel=kern["bwd_coarse"], out_shape=out_shape,
                           grid=(strips, k), num_warps=cfg["num_warps"],
                           num_stages=cfg["num_stages"], input_output_aliases=aliases,
-                          K=k, Q=q, R=r, C=c, CP=max(16, _pow2(c)),
-                          PREC=input_precision(cfg, precision),
-                          LOWP=low_precision_dots(x2d.dtype, precision),
+                          K=k, Q=q, R=r, C=c, CP=_dot_dim(c),
+                          PREC=input_precision(cfg, precision), LOWP=lowp,
                           **_geometry(spec, n, cfg["BR"] * cfg["TILES"]), **common_kw)
   dx, dw1, db1, dwg, dbg, dw2, db2, ds, dpreu = outs
   if node:
