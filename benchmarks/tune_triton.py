@@ -70,8 +70,12 @@ SWEEP = {
     ("fwd", "medium"): [_c(16, 16, 4, 2), _c(32, 16, 2, 2), _c(32, 16, 4, 2), _c(64, 8, 2, 3)],
     ("fwd", "wide"): [_c(32, 16, 4, 2), _c(16, 32, 4, 2, acc2d=1), _c(16, 32, 4, 2, acc2d="fold"),
                       _c(16, 32, 4, 2, acc2d=8), _c(16, 16, 4, 2, acc2d="fold")],
-    ("fwd", "node"): [_c(4, 64, 4, 2, bn=64), _c(4, 64, 4, 2, bn=64, joint=1),
-                      _c(8, 32, 2, 2, bn=32), _c(4, 64, 2, 2, bn=32)],
+    # per node, 2-D tiles and one hidden unit at a time (sm_90 registers, f32 / bf16: 80 / 80
+    # at (8, 32) nodes and 2 warps, 128 / 174 at (32, 32), ~250 at 64 nodes and 4 warps)
+    ("fwd", "node"): [_c(32, 8, 2, 2, bn=32, acc2d="fold"), _c(32, 16, 2, 2, bn=32, acc2d="fold"),
+                      _c(64, 4, 4, 2, bn=64, acc2d="fold"), _c(32, 8, 4, 2, bn=64, acc2d="fold"),
+                      _c(64, 8, 2, 2, bn=32, acc2d="fold"), _c(16, 16, 2, 2, bn=32, acc2d="fold"),
+                      _c(32, 8, 2, 2, bn=32)],
     # sm_90 spill stack in f32: 208 B at (32, 32, 2 warps), 152 B at (16, 64, 2), none at
     # (16, 64, 4); on the H100 (2026-12-06) the spill-free tilings ran 2.8x slower (0.86 ms
     # against 0.31): the 4-warp programs hold the same gradient accumulators at half the

@@ -58,6 +58,9 @@ CONFIGS = {
     "uneven_node_tail": (6, 4, bp.default_blueprints(), None, 0),
     "even_wide": (64, 4, bp.default_blueprints(), None, 5),
     "wide_glu": (512, 2, bp.default_blueprints(), None, 0),
+    # 256-node chunks without a GLU gate: the forward kernel, the backward under XLA
+    "wide_mlp": (512, 2, (bp.Blueprint("residual_mlp", hidden=0.0625, activation="relu"),
+                          bp.Blueprint("chunk_scale", hidden=0, diagonal=True)), None, 0),
 }
 
 
@@ -213,9 +216,10 @@ CUDA = functools.partial(select.DeviceInfo, "cuda")
     (CUDA("9.0", "NVIDIA H100 80GB HBM3"), "chunk", True, True, "triton"),
     (CUDA("10.0", "a future GPU"), "chunk", True, True, "triton"),
     (CUDA("9.0"), "chunk", False, True, "reference"),  # jax-triton not installed
-    # wider chunks: the reference (Triton's forward + the contract's backward lost dormant)
-    (CUDA("9.0", "NVIDIA H200"), "wide_chunk", True, False, "reference"),
-    (CUDA("9.0"), "wide_chunk", True, True, "reference"),
+    # wider chunks: Triton's forward + the contract's backward (skipped while all dormant)
+    (CUDA("9.0", "NVIDIA H200"), "wide_chunk", True, False, "triton"),
+    (CUDA("9.0"), "wide_chunk", True, True, "triton"),
+    (CUDA("9.0"), "wide_chunk", False, False, "reference"),  # jax-triton not installed
     # per node: Triton at either precision
     (CUDA("9.0", "NVIDIA H200"), "per_node", True, False, "triton"),
     (CUDA("12.0"), "per_node", True, True, "triton"),
@@ -618,6 +622,44 @@ def test_triton_wide_glu_chunks_run_the_contract_interpreted(triton_interpreted)
   assert triton_interpreted.launches == []
 
 
+@pytest.mark.parametrize("activation,per_node", [("identity", False), ("relu", False),
+                                                 ("gelu", False), ("tanh", False),
+                                                 ("relu", True), ("gelu", True)])
+def test_triton_one_activation_catalogs_interpreted(triton_interpreted, monkeypatch,
+                                                    activation, per_node):
+  """A catalog whose children share one activation: the kernels apply it without the
+  per-seed one-hot weighting (`_act`'s single-activation path), forward and backward, with a
+  GLU child and a diagonal one in the catalog too."""
+  hidden = (2, 1) if per_node else (0.25, 0.125)
+  catalog = (bp.Blueprint("mlp", hidden=hidden[0], activation=activation),
+             bp.Blueprint("glu", hidden=hidden[1], activation=activation, glu=True),
+             bp.Blueprint("scale", hidden=0, activation=activation, diagonal=True))
+  monkeypatch.setitem(CONFIGS, "one_act", (8, 8, catalog, None, 4) if per_node
+                      else (32, 2, catalog, None, 4))
+  stages = ([Stage.GRAFTING, Stage.TRAINING, Stage.STABILIZATION, Stage.FINE_TUNING] * 2)
+  spec, params, seeds, x, u, tel = make_layer("one_act", jax.random.PRNGKey(11),
+                                              stages=stages[:CONFIGS["one_act"][1]])
+  assert len(set(int(a) for a in spec.catalog.act_id)) == 1
+  check_against_reference(spec, params, seeds, x, u, tel, tol=1e-5, forward=triton_forward,
+                          precision="highest")
+  names = {n for n, _ in triton_interpreted.launches}
+  assert names == ({"fwd_node", "bwd_node"} if per_node else {"fwd_coarse", "bwd_coarse"})
+
+
+@pytest.mark.parametrize("stages", [(Stage.DORMANT, Stage.CULLED),
+                                    (Stage.GERMINATED, Stage.STABILIZATION)], ids=("dormant", "live"))
+def test_triton_wide_chunks_backward_under_xla_interpreted(triton_interpreted, stages):
+  """256-node chunks: the forward is a kernel, the backward (`FUSED_BACKWARD_MAX_CHUNK`) the
+  `jnp` contract under XLA behind a device-side branch that, with no seed live, returns the
+  output cotangent as the input gradient without recomputing any child. Both branches match
+  the reference, gradients included."""
+  spec, params, seeds, x, u, tel = make_layer("wide_mlp", jax.random.PRNGKey(8), stages=stages)
+  assert spec.chunk_width > select.FUSED_BACKWARD_MAX_CHUNK
+  check_against_reference(spec, params, seeds, x, u, tel, tol=1e-5, forward=triton_forward,
+                          precision="highest")
+  assert {n for n, _ in triton_interpreted.launches} == {"fwd_coarse"}
+
+
 @pytest.mark.slow
 def test_triton_kernels_compile_for_hopper(tmp_path):
   """Every kernel the library launches, in its default tiling, for float32 and bfloat16 and
@@ -684,12 +726,15 @@ def test_triton_low_precision_dots(dtype, precision, expected):
     assert ktriton.low_precision_dots(dtype, None) is False
 
 
-@pytest.mark.parametrize("joint", [0, 1])
-def test_triton_per_node_even_tiles_interpreted(triton_interpreted, monkeypatch, joint):
+@pytest.mark.parametrize("switches", [{"ACC2D": 0, "JOINT": 1}, {"ACC2D": 0}, {"ACC2D": 1},
+                                      {"ACC2D": 2}, {"ACC2D": "fold"}], ids=str)
+def test_triton_per_node_even_tiles_interpreted(triton_interpreted, monkeypatch, switches):
   """Per-node mode on whole blocks of nodes and whole strips: unmasked loads; one node's
-  child non-finite (its sum of squares turns NaN: the kernel's non-finite check)."""
+  child non-finite (its sum of squares turns NaN: the kernel's non-finite check); the per-node
+  sums reduced every tile (ACC2D 0, in one reduction with JOINT), kept per element (1) or
+  folded (2, or `fold_rows`)."""
   monkeypatch.setitem(ktriton.CONFIG_OVERRIDES, ("fwd", "node"),
-                      dict(BR=8, BN=8, TILES=2, JOINT=joint, num_warps=2, num_stages=2))
+                      dict(BR=8, BN=8, TILES=2, num_warps=2, num_stages=2, **switches))
   monkeypatch.setitem(ktriton.CONFIG_OVERRIDES, ("bwd", "node"),
                       dict(BR=4, BN=8, TILES=4, num_warps=2, num_stages=2))
   stages = [Stage.GRAFTING, Stage.DORMANT, Stage.TRAINING, Stage.GRAFTING, Stage.FINE_TUNING,
@@ -701,3 +746,5 @@ def test_triton_per_node_even_tiles_interpreted(triton_interpreted, monkeypatch,
                           precision="highest")
   fwd = [kw for n, kw in triton_interpreted.launches if n == "fwd_node"]
   assert fwd and all(kw["MASKED"] is False for kw in fwd)
+  want = ktriton.acc_rows(dict(BR=8, BN=8, num_warps=2, **switches), 8, 4)
+  assert all(kw["ACC2D"] == want for kw in fwd), (want, fwd)

@@ -13,35 +13,65 @@ def _tanh(v):
   return 2.0 * tl.sigmoid(2.0 * v) - 1.0
 
 @triton.jit
+def _gelu(v):
+  return 0.5 * v * (1.0 + _tanh(0.7978845608028654 * (v + 0.044715 * v * v * v)))
+
+@triton.jit
 def _act(pre, a0, a1, a2, a3, ACTS: tl.constexpr):
   """sum_i a_i * act_i(pre): the seed's one-hot over ACTIVATIONS (identity, relu, gelu,
-  tanh); only the activations present in the catalog (bit mask ACTS) are computed."""
-  y = pre * 0.0
-  if ACTS & 1:
-    y += a0 * pre
-  if ACTS & 2:
-    y += a1 * tl.maximum(pre, 0.0)
-  if ACTS & 4:
-    t = _tanh(0.7978845608028654 * (pre + 0.044715 * pre * pre * pre))
-    y += a2 * (0.5 * pre * (1.0 + t))
-  if ACTS & 8:
-    y += a3 * _tanh(pre)
+  tanh); only the activations present in the catalog (bit mask ACTS) are computed. With one
+  activation in the catalog every seed's one-hot is 1 there: that activation alone, without
+  the weighting (two instructions an element and hidden unit fewer: per-node mode evaluates
+  its hidden units element-wise)."""
+  if ACTS == 1:
+    y = pre
+  elif ACTS == 2:
+    y = tl.maximum(pre, 0.0)
+  elif ACTS == 4:
+    y = _gelu(pre)
+  elif ACTS == 8:
+    y = _tanh(pre)
+  else:
+    y = pre * 0.0
+    if ACTS & 1:
+      y += a0 * pre
+    if ACTS & 2:
+      y += a1 * tl.maximum(pre, 0.0)
+    if ACTS & 4:
+      y += a2 * _gelu(pre)
+    if ACTS & 8:
+      y += a3 * _tanh(pre)
   return y
 
 @triton.jit
+def _gelu_grad(v):
+  k0 = 0.7978845608028654
+  t = _tanh(k0 * (v + 0.044715 * v * v * v))
+  return 0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * k0 * (1.0 + 3 * 0.044715 * v * v)
+
+@triton.jit
 def _act_grad(pre, a0, a1, a2, a3, ACTS: tl.constexpr):
-  g = pre * 0.0
-  if ACTS & 1:
-    g += a0
-  if ACTS & 2:
-    g += a1 * tl.where(pre > 0.0, 1.0, 0.0)
-  if ACTS & 4:
-    k0 = 0.7978845608028654
-    t = _tanh(k0 * (pre + 0.044715 * pre * pre * pre))
-    g += a2 * (0.5 * (1.0 + t) + 0.5 * pre * (1.0 - t * t) * k0 * (1.0 + 3 * 0.044715 * pre * pre))
-  if ACTS & 8:
+  """d `_act` / d pre (one activation in the catalog: its derivative alone)."""
+  if ACTS == 1:
+    g = pre * 0.0 + 1.0
+  elif ACTS == 2:
+    g = tl.where(pre > 0.0, 1.0, 0.0)
+  elif ACTS == 4:
+    g = _gelu_grad(pre)
+  elif ACTS == 8:
     th = _tanh(pre)
-    g += a3 * (1.0 - th * th)
+    g = 1.0 - th * th
+  else:
+    g = pre * 0.0
+    if ACTS & 1:
+      g += a0
+    if ACTS & 2:
+      g += a1 * tl.where(pre > 0.0, 1.0, 0.0)
+    if ACTS & 4:
+      g += a2 * _gelu_grad(pre)
+    if ACTS & 8:
+      th = _tanh(pre)
+      g += a3 * (1.0 - th * th)
   return g
 
 # -------------------------------------------------------------- tiles
@@ -572,17 +602,43 @@ def bwd_coarse(x_ptr, ct_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2_ptr, s_
 
 # -------------------------------------------------------------- per-node forward
 @triton.jit
-def fwd_node(x_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2_ptr, s_ptr, preu_ptr,
+def _node_child(x, rows, rm, nodes, nm, h, w1t_ptr, b1t_ptr, wgt_ptr, bgt_ptr, w2t_ptr, preu_ptr,
+                a0, a1, a2, a3, glu, D: tl.constexpr, H: tl.constexpr, ACTS: tl.constexpr,
+                HAS_GLU: tl.constexpr, HAS_PREU: tl.constexpr, MASKED: tl.constexpr):
+  """Hidden unit h of every node's child on a (BR, BN) tile: its contribution a_h * w2_h to
+  the child's output. The weights are (H, D), transposed by the wrapper (w2 with its hidden
+  mask applied), so a unit's weights over a block of nodes are one contiguous load; they are
+  read every tile, from L1, rather than held in registers (3 H values a node)."""
+  w1h = _load(w1t_ptr + h * D + nodes, nm, MASKED)
+  b1h = _load(b1t_ptr + h * D + nodes, nm, MASKED)
+  w2h = _load(w2t_ptr + h * D + nodes, nm, MASKED)
+  pre = x * w1h[None, :] + b1h[None, :]
+  if HAS_PREU:
+    pre += tl.load(preu_ptr + rows[:, None] * (D * H) + nodes[None, :] * H + h,
+                   mask=rm[:, None] & nm[None, :], other=0.0)
+  a = _act(pre, a0, a1, a2, a3, ACTS)
+  if HAS_GLU:
+    wgh = _load(wgt_ptr + h * D + nodes, nm, MASKED)
+    bgh = _load(bgt_ptr + h * D + nodes, nm, MASKED)
+    a = a * tl.where(glu[None, :], tl.sigmoid(x * wgh[None, :] + bgh[None, :]), 1.0)
+  return a * w2h[None, :]
+
+
+@triton.jit
+def fwd_node(x_ptr, w1t_ptr, b1t_ptr, wgt_ptr, bgt_ptr, w2t_ptr, b2_ptr, s_ptr, preu_ptr,
              shift_ptr, live_ptr, blend_ptr, act_ptr, glu_ptr, diag_ptr, res_ptr, hmask_ptr,
              out_ptr, tsum_ptr, tsq_ptr, tdead_ptr, r2_ptr, x2_ptr, bad_ptr,
              N: tl.constexpr, D: tl.constexpr, H: tl.constexpr, HP: tl.constexpr,
              BR: tl.constexpr, BN: tl.constexpr, TILES: tl.constexpr, ACTS: tl.constexpr,
              HAS_GLU: tl.constexpr, HAS_DIAG: tl.constexpr, HAS_PREU: tl.constexpr,
              TELEMETRY: tl.constexpr, MASKED: tl.constexpr, DEAD_EPS: tl.constexpr,
-             JOINT: tl.constexpr):
-  """Per-node mode: (BR, BN) element tiles, every node's child evaluated element-wise on
-  (BR, BN, HP) tensors. A block of nodes none of which is live runs a loop with no child
-  work."""
+             JOINT: tl.constexpr, ACC2D: tl.constexpr):
+  """Per-node mode: a program owns (BR, BN) element tiles of one strip; every node's child
+  is evaluated element-wise, one hidden unit at a time (`_node_child`, unrolled), so every
+  tensor keeps the tile's 2-D layout and nothing is reduced across threads per tile (the
+  former (BR, BN, HP) tensors summed their hidden axis across lanes every tile). The
+  per-node sums are folded as in the coarse forward (`_acc`, ACC2D). A block of nodes none
+  of which is live runs a loop with no child work. `hmask_ptr` is unused (in w2t)."""
   strip = tl.program_id(0)
   nb = tl.program_id(1)
   nodes = nb * BN + tl.arange(0, BN)
@@ -594,51 +650,39 @@ def fwd_node(x_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2_ptr, s_ptr, preu_
     shift = tl.load(shift_ptr + nodes, mask=nm, other=0.0)
   else:
     shift = tl.zeros([BN], tl.float32)
-  acc_s, acc_q, acc_d, acc_x2, acc_r2 = _zero_sums(1, BN, False, False)
+  acc_s, acc_q, acc_d, acc_x2, _ = _zero_sums(BR, BN, ACC2D, False)
+  acc_r2 = acc_x2
   if any_live:
     blend = tl.load(blend_ptr + nodes, mask=nm, other=0.0)
     res = tl.load(res_ptr + nodes, mask=nm, other=1.0) > 0.0
     b2 = tl.load(b2_ptr + nodes, mask=nm, other=0.0)
-    a0 = tl.load(act_ptr + nodes * 4 + 0, mask=nm, other=0.0)[None, :, None]
-    a1 = tl.load(act_ptr + nodes * 4 + 1, mask=nm, other=0.0)[None, :, None]
-    a2 = tl.load(act_ptr + nodes * 4 + 2, mask=nm, other=0.0)[None, :, None]
-    a3 = tl.load(act_ptr + nodes * 4 + 3, mask=nm, other=0.0)[None, :, None]
-    # The children's weights as (BN, HP) tiles, loaded once: the tile loop evaluates every
-    # node's child on (BR, BN, HP) tensors (hidden units masked in w2).
-    hs = tl.arange(0, HP)
-    pm = nm[:, None] & (hs < H)[None, :]
-    po = nodes[:, None] * H + hs[None, :]
-    w1 = tl.load(w1_ptr + po, mask=pm, other=0.0)
-    b1 = tl.load(b1_ptr + po, mask=pm, other=0.0)
-    w2 = tl.load(w2_ptr + po, mask=pm, other=0.0) * tl.load(hmask_ptr + po, mask=pm, other=0.0)
+    a0 = tl.load(act_ptr + nodes * 4 + 0, mask=nm, other=0.0)[None, :]
+    a1 = tl.load(act_ptr + nodes * 4 + 1, mask=nm, other=0.0)[None, :]
+    a2 = tl.load(act_ptr + nodes * 4 + 2, mask=nm, other=0.0)[None, :]
+    a3 = tl.load(act_ptr + nodes * 4 + 3, mask=nm, other=0.0)[None, :]
+    glu = live
     if HAS_GLU:
       glu = tl.load(glu_ptr + nodes, mask=nm, other=0.0) > 0.0
-      wg = tl.load(wg_ptr + po, mask=pm, other=0.0)
-      bg = tl.load(bg_ptr + po, mask=pm, other=0.0)
     if HAS_DIAG:
       sd = tl.load(s_ptr + nodes, mask=nm, other=0.0) * tl.load(diag_ptr + nodes, mask=nm,
                                                                   other=0.0)
     for t in range(TILES):
       rows = (strip * TILES + t) * BR + tl.arange(0, BR)
-      m2 = (rows < N)[:, None] & nm[None, :]
+      rm = rows < N
+      m2 = rm[:, None] & nm[None, :]
       xo = rows[:, None] * D + nodes[None, :]
       x = _load(x_ptr + xo, m2, MASKED).to(tl.float32)
-      pre = x[:, :, None] * w1[None, :, :] + b1[None, :, :]
-      if HAS_PREU:
-        pre += tl.load(preu_ptr + rows[:, None, None] * (D * H) + po[None, :, :],
-                       mask=(rows < N)[:, None, None] & pm[None, :, :], other=0.0)
-      a = _act(pre, a0, a1, a2, a3, ACTS)
-      if HAS_GLU:
-        gate = tl.sigmoid(x[:, :, None] * wg[None, :, :] + bg[None, :, :])
-        a = a * tl.where(glu[None, :, None], gate, 1.0)
-      f = tl.sum(a * w2[None, :, :], 2) + b2[None, :]
+      f = tl.zeros([BR, BN], tl.float32) + b2[None, :]
+      for h in tl.static_range(H):
+        f += _node_child(x, rows, rm, nodes, nm, h, w1t_ptr, b1t_ptr, wgt_ptr, bgt_ptr, w2t_ptr,
+                         preu_ptr, a0, a1, a2, a3, glu, D, H, ACTS, HAS_GLU, HAS_PREU, MASKED)
       if HAS_DIAG:
         f += sd[None, :] * x
       lm = m2 & live[None, :]
       r = tl.where(lm, tl.where(res[None, :], f, f - x), 0.0)
-      acc_s, acc_q, acc_d, acc_x2, acc_r2 = _live_tile_sums(
-          x, shift, m2, _squares_or_nan(f, r, (tl.abs(f) < 3.0e38) | ~lm), acc_s, acc_q, acc_d,
-          acc_x2, acc_r2, TELEMETRY, MASKED, DEAD_EPS, False, JOINT, False)
+      acc_s, acc_q, acc_d, acc_x2 = _telemetry_tile(x, shift, m2, acc_s, acc_q, acc_d, acc_x2,
+                                                    TELEMETRY, MASKED, DEAD_EPS, ACC2D)
+      acc_r2 = _acc(acc_r2, _squares_or_nan(f, r, (tl.abs(f) < 3.0e38) | ~lm), ACC2D)
       out = x + blend[None, :] * r
       _store(out_ptr + xo, out.to(out_ptr.dtype.element_ty), m2, MASKED)
   else:
@@ -649,14 +693,15 @@ def fwd_node(x_ptr, w1_ptr, b1_ptr, wg_ptr, bg_ptr, w2_ptr, b2_ptr, s_ptr, preu_
       xr = _load(x_ptr + xo, m2, MASKED)
       acc_s, acc_q, acc_d, acc_x2 = _dormant_tile_sums(xr.to(tl.float32), shift, m2, acc_s,
                                                        acc_q, acc_d, acc_x2, TELEMETRY, MASKED,
-                                                       DEAD_EPS, False, JOINT)
+                                                       DEAD_EPS, ACC2D, JOINT)
       _store(out_ptr + xo, xr, m2, MASKED)
+  acc_r2 = _colsum(acc_r2, ACC2D)
   if TELEMETRY:
-    tl.store(tsum_ptr + strip * D + nodes, acc_s, mask=nm)
-    tl.store(tsq_ptr + strip * D + nodes, acc_q, mask=nm)
-    tl.store(tdead_ptr + strip * D + nodes, acc_d, mask=nm)
+    tl.store(tsum_ptr + strip * D + nodes, _colsum(acc_s, ACC2D), mask=nm)
+    tl.store(tsq_ptr + strip * D + nodes, _colsum(acc_q, ACC2D), mask=nm)
+    tl.store(tdead_ptr + strip * D + nodes, _colsum(acc_d, ACC2D), mask=nm)
+  tl.store(x2_ptr + strip * D + nodes, _colsum(acc_x2, ACC2D), mask=nm)
   tl.store(r2_ptr + strip * D + nodes, acc_r2, mask=nm)
-  tl.store(x2_ptr + strip * D + nodes, acc_x2, mask=nm)
   tl.store(bad_ptr + strip * D + nodes, tl.where(acc_r2 == acc_r2, 0.0, 1.0), mask=nm)
 
 

@@ -38,9 +38,13 @@ contract's backward under XLA (`kernels.triton`): the layer mode "wide_chunk".""
 #   reference's 3.386 / 2.537 with every seed blending, 0.222 / 0.148 against 0.823 / 0.596
 #   with all dormant: Triton (the exact path was Triton already: 1.237 ms against 2.181, H100,
 #   2026-11-25).
-# - wide chunks (16 seeds of 256): Triton's forward with the contract's backward took 1.87 ms
-#   against the reference's 2.99 with every seed blending but 1.80 against 0.82 with all
-#   dormant, the common case of a growing network: the reference.
+# - wide chunks (16 seeds of 256; Triton's forward, the contract's backward under XLA): on an
+#   H100 1.87 ms against the reference's 2.99 with every seed blending but 1.80 against 0.82
+#   with all dormant, the common case of a growing network, until that backward skipped the
+#   child's recomputation when no seed is live (one device-side branch, as the reference's).
+#   Since (H200, 2026-12-06, benchmarks/results/h200_2026-12-06_bench_layer_wide_node.json):
+#   f32 1.281 against 2.210 blending, 0.174 against 0.617 dormant; bf16 1.310 / 1.587
+#   blending, 0.131 / 0.454 dormant: Triton.
 # - per node (4096 seeds of 1 node), H200 (2026-12-01): Triton 2.88 ms against Pallas 32.0 ms
 #   (the reference's per-node program took 2.6 minutes to compile): Triton.
 # Ampere and Ada (sm_80 .. sm_89) are not measured: the kernels are the same (TF32 and
@@ -49,7 +53,7 @@ contract's backward under XLA (`kernels.triton`): the layer mode "wide_chunk".""
 # reference (the Pallas path lowers through Pallas's deprecated Triton backend and was
 # slower than Triton at every shape).
 _MEASURED_ON_HOPPER = {"chunk": "triton", "chunk/exact": "triton",
-                       "wide_chunk": "reference", "wide_chunk/exact": "reference",
+                       "wide_chunk": "triton", "wide_chunk/exact": "triton",
                        "per_node": "triton", "per_node/exact": "triton"}
 MODES = ("chunk", "wide_chunk", "per_node")
 AUTO_BY_CAPABILITY: tuple[tuple[tuple[int, int], str, dict[str, str]], ...] = (
