@@ -609,12 +609,15 @@ def test_triton_even_tiles_interpreted(triton_interpreted, monkeypatch, lowp, ac
   assert fwd["R2ROWS"] is False
 
 
-def test_triton_wide_glu_chunks_run_the_contract_interpreted(triton_interpreted):
+@pytest.mark.parametrize("stages", [(Stage.GRAFTING, Stage.TRAINING),
+                                    (Stage.DORMANT, Stage.FOSSILIZED), (Stage.DORMANT, Stage.CULLED)],
+                         ids=("live", "frozen", "dormant"))
+def test_triton_wide_glu_chunks_run_the_contract_interpreted(triton_interpreted, stages):
   """256-node chunks with a GLU child in the catalog: the weight tiles (w1, wg, w2 in float32)
   would not fit a program's shared memory on sm_90, so no kernel is launched and the layer
-  runs the `jnp` contract (and still matches the reference)."""
-  spec, params, seeds, x, u, tel = make_layer("wide_glu", jax.random.PRNGKey(6), stages=[
-      Stage.GRAFTING, Stage.TRAINING])
+  runs the `jnp` contract (and still matches the reference); its backward behind a branch
+  that, with no seed live, returns the cotangent as the input gradient without the child."""
+  spec, params, seeds, x, u, tel = make_layer("wide_glu", jax.random.PRNGKey(6), stages=stages)
   assert ktriton.weight_smem_bytes(spec) > ktriton.MAX_WEIGHT_SMEM_BYTES
   assert ktriton.weight_smem_bytes(spec, lowp=True) <= ktriton.MAX_WEIGHT_SMEM_BYTES
   check_against_reference(spec, params, seeds, x, u, tel, tol=1e-5, forward=triton_forward,
@@ -647,17 +650,20 @@ def test_triton_one_activation_catalogs_interpreted(triton_interpreted, monkeypa
 
 
 @pytest.mark.parametrize("stages", [(Stage.DORMANT, Stage.CULLED),
-                                    (Stage.GERMINATED, Stage.STABILIZATION)], ids=("dormant", "live"))
-def test_triton_wide_chunks_backward_under_xla_interpreted(triton_interpreted, stages):
-  """256-node chunks: the forward is a kernel, the backward (`FUSED_BACKWARD_MAX_CHUNK`) the
-  `jnp` contract under XLA behind a device-side branch that, with no seed live, returns the
-  output cotangent as the input gradient without recomputing any child. Both branches match
-  the reference, gradients included."""
+                                    (Stage.GERMINATED, Stage.STABILIZATION),
+                                    (Stage.TRAINING, Stage.GRAFTING)],
+                         ids=("dormant", "dx", "blending"))
+def test_triton_wide_chunks_two_part_backward_interpreted(triton_interpreted, stages):
+  """256-node chunks (wider than `FUSED_BACKWARD_MAX_CHUNK`): the backward runs in two
+  launches of `bwd_coarse`, the output side (PART 2) before the input side (PART 1), which
+  writes dx over the aliased cotangent; gradients and the input gradient match the
+  reference, with a seed in the gradient path (dx written) or not."""
   spec, params, seeds, x, u, tel = make_layer("wide_mlp", jax.random.PRNGKey(8), stages=stages)
   assert spec.chunk_width > select.FUSED_BACKWARD_MAX_CHUNK
   check_against_reference(spec, params, seeds, x, u, tel, tol=1e-5, forward=triton_forward,
                           precision="highest")
-  assert {n for n, _ in triton_interpreted.launches} == {"fwd_coarse"}
+  parts = [kw["PART"] for n, kw in triton_interpreted.launches if n == "bwd_coarse"]
+  assert parts == [2, 1], parts
 
 
 @pytest.mark.slow

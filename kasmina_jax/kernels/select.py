@@ -23,8 +23,8 @@ IMPLS = ("auto", "reference", "pallas", "triton")
 """The values of `layer.forward`'s `impl`."""
 
 FUSED_BACKWARD_MAX_CHUNK = 128
-"""Chunks up to this many nodes run the Triton backward fused; wider ones run the `jnp`
-contract's backward under XLA (`kernels.triton`): the layer mode "wide_chunk"."""
+"""Chunks up to this many nodes run the Triton backward in one launch; wider ones in two
+(`kernels.triton`): the layer mode "wide_chunk"."""
 
 # (minimum compute capability, architecture, {layer mode: backend}), newest first. Modes:
 # "chunk" (chunks of 2 .. FUSED_BACKWARD_MAX_CHUNK nodes), "wide_chunk" (wider chunks) and

@@ -30,7 +30,10 @@ Kernels (one program = one strip of rows x one seed, or a block of nodes in per-
   aliased to the output cotangent, which *is* the input gradient of every other chunk (no
   write: DESIGN.md's four-pass floor while seeds only blend).
 
-Chunks wider than `MAX_INLINE_CHUNK` nodes do not fit one program's registers; for those the
+Chunks wider than `MAX_FUSED_CHUNK_BACKWARD` nodes run the backward in two launches, each
+recomputing the child and holding half the gradient accumulators (`bwd_coarse`'s PART): in
+one, they spilled. Chunks wider than `MAX_INLINE_CHUNK` nodes do not fit one program's
+registers, and weight tiles over `MAX_WEIGHT_SMEM_BYTES` not its shared memory; for those the
 primitive falls back to the `jnp` contract under XLA (correct, not fused).
 
 `triton_call` has no batching or differentiation rules: the implementations are wrapped in
@@ -55,9 +58,9 @@ from kasmina_jax.kernels import select
 
 MAX_INLINE_CHUNK = 256
 # The backward's per-program gradient accumulators of chunks wider than this spill (2026-12-06,
-# H100: 2.5 ms for 16 seeds of 256 nodes against 0.49 ms for 64 of 64): those run the `jnp`
-# contract's backward under XLA.
-MAX_INLINE_CHUNK_BACKWARD = select.FUSED_BACKWARD_MAX_CHUNK
+# H100: 2.5 ms for 16 seeds of 256 nodes against 0.49 ms for 64 of 64): those run the
+# backward in two launches, each holding half the accumulators (`bwd_coarse`'s PART).
+MAX_FUSED_CHUNK_BACKWARD = select.FUSED_BACKWARD_MAX_CHUNK
 
 # A coarse program keeps its seed's weight tiles (w1, w2 and a GLU gate's wg, padded to powers
 # of two) in shared memory as the dots' operands. Past this the tiles and the pipelining
@@ -124,7 +127,7 @@ def shape_class(spec) -> str:
 # `tl.dot` input precision (precision="highest"): "tf32x3" unless given ("ieee" where the sweep
 # found it faster); JAX's default precision always runs "tf32".
 _DEFAULT_CONFIGS = {
-    ("fwd", "node"): dict(BR=8, BN=32, TILES=32, num_warps=2, num_stages=2, ACC2D="fold"),
+    ("fwd", "node"): dict(BR=32, BN=32, TILES=8, num_warps=2, num_stages=2, ACC2D="fold"),
     ("fwd", "small"): dict(BR=32, TILES=16, num_warps=2, num_stages=2, ACC2D="fold"),
     ("fwd", "medium"): dict(BR=16, TILES=32, num_warps=4, num_stages=2),
     ("fwd", "medium", "float32"): dict(BR=16, TILES=32, num_warps=4, num_stages=2, PREC="ieee"),
@@ -134,6 +137,7 @@ _DEFAULT_CONFIGS = {
     ("bwd", "small"): dict(BR=32, TILES=32, num_warps=2, num_stages=2),
     ("bwd", "medium"): dict(BR=16, TILES=32, num_warps=2, num_stages=2),
     ("bwd", "medium", "float32"): dict(BR=16, TILES=32, num_warps=4, num_stages=2, PREC="ieee"),
+    ("bwd", "wide"): dict(BR=16, TILES=32, num_warps=4, num_stages=2),
 }
 
 
@@ -239,8 +243,8 @@ def _param_arrays(spec, params: bp_lib.ChildParams):
 def _inline(spec, kind: str = "fwd", lowp: bool = False) -> bool:
   """Whether a kernel runs this layer (else the `jnp` contract under XLA). `lowp`: the dots
   take bfloat16 operands (`low_precision_dots`), half the weight tiles' shared memory."""
-  limit = MAX_INLINE_CHUNK if kind == "fwd" else MAX_INLINE_CHUNK_BACKWARD
-  if spec.chunk_width > limit:
+  del kind  # the same limits: the backward of wide chunks runs in two launches
+  if spec.chunk_width > MAX_INLINE_CHUNK:
     return False
   return spec.chunk_width == 1 or weight_smem_bytes(spec, lowp) <= MAX_WEIGHT_SMEM_BYTES
 
@@ -400,12 +404,19 @@ def _backward_impl(spec, x2d, params, seed_in, pre_u, ok, ct_out, ct_sum_r2, pre
                           input_output_aliases=aliases, BN=cfg["BN"], **common_kw)
   else:
     q, r = divmod(d, k)
-    outs = jt.triton_call(*args, kernel=kern["bwd_coarse"], out_shape=out_shape,
-                          grid=(strips, k), num_warps=cfg["num_warps"],
-                          num_stages=cfg["num_stages"], input_output_aliases=aliases,
-                          K=k, Q=q, R=r, C=c, CP=_dot_dim(c),
-                          PREC=input_precision(cfg, precision), LOWP=lowp,
-                          **_geometry(spec, n, cfg["BR"] * cfg["TILES"]), **common_kw)
+    launch = functools.partial(
+        jt.triton_call, kernel=kern["bwd_coarse"], out_shape=out_shape, grid=(strips, k),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], input_output_aliases=aliases,
+        K=k, Q=q, R=r, C=c, CP=_dot_dim(c), PREC=input_precision(cfg, precision), LOWP=lowp,
+        **_geometry(spec, n, cfg["BR"] * cfg["TILES"]), **common_kw)
+    if c <= MAX_FUSED_CHUNK_BACKWARD:
+      outs = launch(*args, PART=0)
+    else:
+      # Two launches (see `bwd_coarse`): the output side reads the cotangent and leaves it
+      # as it is (aliased to its dx output), the input side then overwrites it with dx.
+      out_side = launch(*args, PART=2)
+      in_side = launch(*((x2d, out_side[0]) + args[2:]), PART=1)
+      outs = in_side[:5] + out_side[5:8] + in_side[8:]
   dx, dw1, db1, dwg, dbg, dw2, db2, ds, dpreu = outs
   if node:
     dw1 = dw1.sum(0).reshape(k, 1, h)
@@ -428,7 +439,7 @@ def _backward_impl(spec, x2d, params, seed_in, pre_u, ok, ct_out, ct_sum_r2, pre
 
 
 def _backward_xla(spec, x2d, params, seed_in, pre_u, ok, ct_out, ct_sum_r2, precision):
-  """The `jnp` contract's backward under XLA (chunks too wide for the fused backward), behind
+  """The `jnp` contract's backward under XLA (layers no kernel runs: `_inline`), behind
   one device-side branch: with no seed on (live and ok), the input gradient is the output
   cotangent and every other cotangent is zero, which the contract would spend the child's
   recomputation to find. The kernels skip dormant seeds themselves; without the branch a
