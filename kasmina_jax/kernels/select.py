@@ -41,12 +41,17 @@ FUSED_BACKWARD_MAX_CHUNK = 128
 # - wide chunks (16 seeds of 256; Triton's forward, the contract's backward under XLA): on an
 #   H100 1.87 ms against the reference's 2.99 with every seed blending but 1.80 against 0.82
 #   with all dormant, the common case of a growing network, until that backward skipped the
-#   child's recomputation when no seed is live (one device-side branch, as the reference's).
-#   Since (H200, 2026-12-06, benchmarks/results/h200_2026-12-06_bench_layer_wide_node.json):
-#   f32 1.281 against 2.210 blending, 0.174 against 0.617 dormant; bf16 1.310 / 1.587
-#   blending, 0.131 / 0.454 dormant: Triton.
+#   child's recomputation when no seed is live (one device-side branch, as the reference's;
+#   H200: f32 1.281 against 2.210 blending, 0.174 against 0.617 dormant,
+#   benchmarks/results/h200_2026-12-06_bench_layer_wide_node.json), then ran as two kernels
+#   (H100, h100_2026-12-06_bench_layer_wide_two_part.json): f32 1.190 against 2.933
+#   blending, 0.235 against 0.808 dormant; bf16 0.810 / 2.079, 0.169 / 0.590. At
+#   precision="highest" (XLA backward behind the branch, H100): 2.015 / 3.116 and 0.224 /
+#   0.820: Triton at either precision.
 # - per node (4096 seeds of 1 node), H200 (2026-12-01): Triton 2.88 ms against Pallas 32.0 ms
-#   (the reference's per-node program took 2.6 minutes to compile): Triton.
+#   (the reference's per-node program took 2.6 minutes to compile); H100 (2026-12-06, after
+#   the per-node forward's rewrite): Triton 1.841 ms against the reference's 16.93 blending,
+#   0.301 against 0.302 all dormant: Triton.
 # Ampere and Ada (sm_80 .. sm_89) are not measured: the kernels are the same (TF32 and
 # bfloat16 tensor cores), so Hopper's ranking is assumed. Before Ampere there are no TF32
 # tensor cores, for which the kernels are written: the reference. Without jax-triton: the
