@@ -21,8 +21,10 @@ Kernels (one program = one strip of rows x one seed, or a block of nodes in per-
   per tile. Where every chunk is a power of two wide and the rows fill whole strips
   (`EVEN_C`, not `MASKED`), tiles load and store unmasked at aligned offsets (vectorised).
 * per-node (`chunk_width == 1`): a program owns `BR` rows x `BN` nodes (one node = one seed)
-  and evaluates every node's child element-wise on `(BR, BN, H)` tensors, the weights
-  loaded once per program.
+  and evaluates every node's child element-wise: the forward one hidden unit at a time on
+  `(BR, BN)` tiles, its weights passed hidden-major `(H, D)` and read every tile (from L1),
+  its per-node sums folded like the coarse forward's; the backward on `(BR, BN, H)` tensors,
+  the weights loaded once per program.
 * backward: the same tiling; it loads the child as the forward does (`_load_child`) and
   recomputes it (no residual but `x`), accumulates the
   parameter gradients per strip, and writes the input gradient only for chunks whose child
