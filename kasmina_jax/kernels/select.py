@@ -43,7 +43,7 @@ FUSED_BACKWARD_MAX_CHUNK = 128
 #   with all dormant, the common case of a growing network, until that backward skipped the
 #   child's recomputation when no seed is live (one device-side branch, as the reference's;
 #   H200: f32 1.281 against 2.210 blending, 0.174 against 0.617 dormant,
-#   benchmarks/results/h200_2026-12-06_bench_layer_wide_node.json), then ran as two kernels
+#   benchmarks/results/h200_2026-12-06_bench_layer_wide_branch.json), then ran as two kernels
 #   (H100, h100_2026-12-06_bench_layer_wide_two_part.json): f32 1.190 against 2.933
 #   blending, 0.235 against 0.808 dormant; bf16 0.810 / 2.079, 0.169 / 0.590. At
 #   precision="highest" (XLA backward behind the branch, H100): 2.015 / 3.116 and 0.224 /
