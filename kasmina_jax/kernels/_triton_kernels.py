@@ -671,7 +671,7 @@ def fwd_node(x_ptr, w1t_ptr, b1t_ptr, wgt_ptr, bgt_ptr, w2t_ptr, b2_ptr, s_ptr, 
     a1 = tl.load(act_ptr + nodes * 4 + 1, mask=nm, other=0.0)[None, :]
     a2 = tl.load(act_ptr + nodes * 4 + 2, mask=nm, other=0.0)[None, :]
     a3 = tl.load(act_ptr + nodes * 4 + 3, mask=nm, other=0.0)[None, :]
-    glu = live
+    glu = live  # a placeholder `_node_child` ignores without a GLU in the catalog
     if HAS_GLU:
       glu = tl.load(glu_ptr + nodes, mask=nm, other=0.0) > 0.0
     if HAS_DIAG:
