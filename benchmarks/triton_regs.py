@@ -231,7 +231,7 @@ def main():
         spec, params, seed_in, pre_u = full_catalog_problem(spec, a.rows, kt)
       for kind in a.kinds.split(","):
         kt.CONFIG_OVERRIDES.clear()
-        if not kt._inline(spec, kind, kt.low_precision_dots(dtype, None)):  # pylint: disable=protected-access
+        if not kt._inline(spec, kt.low_precision_dots(dtype, None)):  # pylint: disable=protected-access
           print(f"{dname:4} {cls:6} {kind}: no kernel (the contract's XLA fallback)")
           continue
         default = kt._config(kind, spec, dtype)  # pylint: disable=protected-access

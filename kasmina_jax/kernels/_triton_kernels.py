@@ -50,6 +50,11 @@ def _gelu_grad(v):
   return 0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * k0 * (1.0 + 3 * 0.044715 * v * v)
 
 @triton.jit
+def _tanh_grad(v):
+  th = _tanh(v)
+  return 1.0 - th * th
+
+@triton.jit
 def _act_grad(pre, a0, a1, a2, a3, ACTS: tl.constexpr):
   """d `_act` / d pre (one activation in the catalog: its derivative alone)."""
   if ACTS == 1:
@@ -59,8 +64,7 @@ def _act_grad(pre, a0, a1, a2, a3, ACTS: tl.constexpr):
   elif ACTS == 4:
     g = _gelu_grad(pre)
   elif ACTS == 8:
-    th = _tanh(pre)
-    g = 1.0 - th * th
+    g = _tanh_grad(pre)
   else:
     g = pre * 0.0
     if ACTS & 1:
@@ -70,8 +74,7 @@ def _act_grad(pre, a0, a1, a2, a3, ACTS: tl.constexpr):
     if ACTS & 4:
       g += a2 * _gelu_grad(pre)
     if ACTS & 8:
-      th = _tanh(pre)
-      g += a3 * (1.0 - th * th)
+      g += a3 * _tanh_grad(pre)
   return g
 
 # -------------------------------------------------------------- tiles
@@ -678,10 +681,7 @@ def fwd_node(x_ptr, w1t_ptr, b1t_ptr, wgt_ptr, bgt_ptr, w2t_ptr, b2_ptr, s_ptr, 
       sd = tl.load(s_ptr + nodes, mask=nm, other=0.0) * tl.load(diag_ptr + nodes, mask=nm,
                                                                   other=0.0)
     for t in range(TILES):
-      rows = (strip * TILES + t) * BR + tl.arange(0, BR)
-      rm = rows < N
-      m2 = rm[:, None] & nm[None, :]
-      xo = rows[:, None] * D + nodes[None, :]
+      rows, rm, m2, xo = _tile_rows(strip, t, 0, nodes, nm, N, D, BR, TILES)
       x = _load(x_ptr + xo, m2, MASKED).to(tl.float32)
       f = tl.zeros([BR, BN], tl.float32) + b2[None, :]
       for h in tl.static_range(H):
@@ -698,9 +698,8 @@ def fwd_node(x_ptr, w1t_ptr, b1t_ptr, wgt_ptr, bgt_ptr, w2t_ptr, b2_ptr, s_ptr, 
       _store(out_ptr + xo, out.to(out_ptr.dtype.element_ty), m2, MASKED)
   else:
     for t in range(TILES):
-      rows = (strip * TILES + t) * BR + tl.arange(0, BR)
-      m2 = (rows < N)[:, None] & nm[None, :]
-      xo = rows[:, None] * D + nodes[None, :]
+      # (not `_`: Triton types a name across the kernel, and `_` is a tile of sums above)
+      rows, rm, m2, xo = _tile_rows(strip, t, 0, nodes, nm, N, D, BR, TILES)
       xr = _load(x_ptr + xo, m2, MASKED)
       acc_s, acc_q, acc_d, acc_x2 = _dormant_tile_sums(xr.to(tl.float32), shift, m2, acc_s,
                                                        acc_q, acc_d, acc_x2, TELEMETRY, MASKED,

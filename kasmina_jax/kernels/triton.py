@@ -242,10 +242,10 @@ def _param_arrays(spec, params: bp_lib.ChildParams):
   return f32(params.w1), f32(params.b1), wg, bg, f32(params.w2), f32(params.b2), s
 
 
-def _inline(spec, kind: str = "fwd", lowp: bool = False) -> bool:
-  """Whether a kernel runs this layer (else the `jnp` contract under XLA). `lowp`: the dots
-  take bfloat16 operands (`low_precision_dots`), half the weight tiles' shared memory."""
-  del kind  # the same limits: the backward of wide chunks runs in two launches
+def _inline(spec, lowp: bool = False) -> bool:
+  """Whether kernels run this layer, forward and backward (else the `jnp` contract under
+  XLA). `lowp`: the dots take bfloat16 operands (`low_precision_dots`), half the weight
+  tiles' shared memory."""
   if spec.chunk_width > MAX_INLINE_CHUNK:
     return False
   return spec.chunk_width == 1 or weight_smem_bytes(spec, lowp) <= MAX_WEIGHT_SMEM_BYTES
@@ -263,7 +263,7 @@ def weight_smem_bytes(spec, lowp: bool = False) -> int:
 
 def _forward_impl(spec, telemetry: bool, x2d, params, seed_in, pre_u, shift, precision=None):
   lowp = low_precision_dots(x2d.dtype, precision)
-  if not _inline(spec, "fwd", lowp):
+  if not _inline(spec, lowp):
     return common.fused_blend_reference(spec, telemetry, x2d, params, seed_in, pre_u, shift,
                                         precision)
   import jax_triton as jt  # pylint: disable=g-import-not-at-top
@@ -289,14 +289,15 @@ def _forward_impl(spec, telemetry: bool, x2d, params, seed_in, pre_u, shift, pre
                    ACTS=st["ACTS"], HAS_GLU=st["HAS_GLU"], HAS_DIAG=st["HAS_DIAG"],
                    HAS_PREU=has_preu, TELEMETRY=bool(telemetry),
                    DEAD_EPS=float(spec.dead_eps), JOINT=bool(cfg.get("JOINT", 0)))
+  if node:
+    # (H, D) weights: one hidden unit's weights over a block of nodes are contiguous; w2 with
+    # its hidden mask applied
+    hidden_major = lambda a: a.reshape(k, -1).T if a.ndim > 1 else a  # (1,): absent
+    w1, b1, wg, bg = (hidden_major(a) for a in (w1, b1, wg, bg))
+    w2 = (w2.reshape(k, -1) * hmask.reshape(k, -1)).T
   args = (x2d, w1, b1, wg, bg, w2, b2, s, preu, shift_arr, seed_in.live.astype(jnp.float32),
           seed_in.blend.astype(jnp.float32), act, glu, diag, res, hmask)
   if node:
-    # (H, D) weights: one hidden unit's weights over a block of nodes are contiguous
-    hidden_major = lambda a: a.reshape(k, -1).T if a.ndim > 1 else a  # (1,): absent
-    w2m = w2.reshape(k, -1) * hmask.reshape(k, -1)
-    args = (x2d, hidden_major(w1), hidden_major(b1), hidden_major(wg), hidden_major(bg),
-            w2m.T) + args[6:]
     grid = (strips, -(-d // cfg["BN"]))
     outs = jt.triton_call(*args, kernel=kern["fwd_node"], out_shape=out_shape, grid=grid,
                           num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
@@ -356,7 +357,7 @@ def _partials(spec, x2d, shift, s1, s2, dead) -> tel_lib.TelemetryPartials:
 
 def _backward_impl(spec, x2d, params, seed_in, pre_u, ok, ct_out, ct_sum_r2, precision=None):
   lowp = low_precision_dots(x2d.dtype, precision)
-  if not _inline(spec, "bwd", lowp):
+  if not _inline(spec, lowp):
     return _backward_xla(spec, x2d, params, seed_in, pre_u, ok, ct_out, ct_sum_r2, precision)
   import jax_triton as jt  # pylint: disable=g-import-not-at-top
   kern = _kernels()
@@ -453,7 +454,7 @@ def _backward_xla(spec, x2d, params, seed_in, pre_u, ok, ct_out, ct_sum_r2, prec
   def no_child(args):
     x, p, _, u, _, ct, _ = args
     zeros = lambda t: jax.tree.map(jnp.zeros_like, t)
-    return ct.astype(ct_out.dtype), zeros(p), None if u is None else zeros(u).astype(jnp.float32)
+    return ct, zeros(p), None if u is None else zeros(u).astype(jnp.float32)
 
   on = (seed_in.live > 0) & ok
   return jax.lax.cond(jnp.any(on), child_path, no_child,
