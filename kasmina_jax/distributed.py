@@ -70,7 +70,7 @@ from kasmina_jax import kernels
 from kasmina_jax import linen as knn
 from kasmina_jax import tamiyo
 from kasmina_jax import training
-from kasmina_jax.blueprints import ChildParams
+from kasmina_jax import optim
 
 DATA_AXIS = "data"
 SEED_AXIS = "seeds"
@@ -184,7 +184,7 @@ def state_shardings(state: Any, mesh: Mesh, seed_axis: str | None = None) -> Any
     return split if (np.ndim(x) >= 1 and np.shape(x)[0] % ways == 0) else rep
 
   def node(x):
-    if isinstance(x, ChildParams):
+    if isinstance(x, optim.CHILD_TYPES):
       return jax.tree.map(by_seed, x)
     if isinstance(x, knn.KasminaVars):
       # (a tree of shardings in the state's own structure: its static `live` kept)
@@ -193,7 +193,7 @@ def state_shardings(state: Any, mesh: Mesh, seed_axis: str | None = None) -> Any
     return rep
 
   return jax.tree.map(node, state,
-                      is_leaf=lambda x: isinstance(x, (ChildParams, knn.KasminaVars)))
+                      is_leaf=lambda x: isinstance(x, optim.CHILD_TYPES + (knn.KasminaVars,)))
 
 
 def is_replicated(tree: Any) -> bool:

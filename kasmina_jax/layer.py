@@ -31,6 +31,7 @@ import numpy as np
 from kasmina_jax import _checks
 from kasmina_jax import blueprints as bp_lib
 from kasmina_jax import kernels
+from kasmina_jax import sequence as seq_lib
 from kasmina_jax import telemetry as tel_lib
 # The helpers the reference shares with the kernels live in `chunks` (below both modules);
 # they stay importable from here.
@@ -127,8 +128,47 @@ class KasminaSpec:
       raise ValueError(f"blueprint: unknown name {name!r}; known: {self.catalog.names}") from None
 
 
-def init_children(spec: KasminaSpec, dtype=jnp.float32) -> bp_lib.ChildParams:
-  """Every seed's child parameters, zero (no seed holds a child yet)."""
+@dataclasses.dataclass(frozen=True)
+class SequenceSpec(KasminaSpec):
+  """A Kasmina layer whose children keep the token axis (`sequence.SequenceBlueprint`:
+  attention heads or whole blocks; see `kasmina_jax.sequence`). `x` is `(..., T, dim)`;
+  `input_dim` is the width of `u`, the host attention's input, that head children read;
+  `context`: the sequence length the per-token FLOPs are reported at (0: attention's context
+  term left out). Telemetry, seeds, stages and every loop function are those of any layer;
+  the forward runs under XLA whatever `impl` says."""
+
+  context: int = 0
+
+  def __post_init__(self):
+    _checks.non_negative_int("context", self.context)
+    if not seq_lib.is_sequence_catalog(self.blueprints):
+      raise TypeError("blueprints: a SequenceSpec takes sequence.SequenceBlueprint children")
+    super().__post_init__()
+
+  @functools.cached_property
+  def catalog(self) -> seq_lib.SequenceCatalog:
+    return seq_lib.build_catalog(self.blueprints, self.dim, self.input_dim, self.context)
+
+
+def make_spec(dim: int, num_seeds: int, blueprints=None, **kwargs) -> KasminaSpec:
+  """The layer spec for `blueprints`: a `SequenceSpec` for sequence blueprints, otherwise a
+  `KasminaSpec` (`context` is dropped for chunk blueprints, whose cost is per row)."""
+  blueprints = bp_lib.default_blueprints() if blueprints is None else tuple(blueprints)
+  if seq_lib.is_sequence_catalog(blueprints):
+    return SequenceSpec(dim=dim, num_seeds=num_seeds, blueprints=blueprints, **kwargs)
+  kwargs.pop("context", None)
+  return KasminaSpec(dim=dim, num_seeds=num_seeds, blueprints=blueprints, **kwargs)
+
+
+def is_sequence(spec) -> bool:
+  return isinstance(spec, SequenceSpec)
+
+
+def init_children(spec: KasminaSpec, dtype=jnp.float32):
+  """Every seed's child parameters, zero (no seed holds a child yet): a
+  `blueprints.ChildParams`, or a `sequence.SequenceChildParams` for a `SequenceSpec`."""
+  if is_sequence(spec):
+    return seq_lib.zeros_like_layout(spec.catalog, spec.num_seeds, dtype)
   return bp_lib.zeros_like_layout(spec.catalog, spec.num_seeds, dtype)
 
 
@@ -141,6 +181,8 @@ def germinate_children(spec: KasminaSpec, params: bp_lib.ChildParams, mask, blue
   """Fresh, function-preserving children for the seeds in `mask`; others unchanged."""
   mask = jnp.broadcast_to(jnp.asarray(mask, bool), (spec.num_seeds,))
   blueprint = jnp.broadcast_to(jnp.asarray(blueprint, jnp.int32), (spec.num_seeds,))
+  if is_sequence(spec):
+    return seq_lib.germinate_children(spec.catalog, params, mask, blueprint, key)
   return bp_lib.germinate_children(spec.catalog, params, mask, blueprint, key,
                                    jnp.asarray(spec.node_mask))
 
@@ -210,12 +252,18 @@ def check_inputs(spec: KasminaSpec, params: bp_lib.ChildParams, seeds, x, u=None
   if jnp.shape(seeds.stage) != (spec.num_seeds,):
     raise ValueError(f"seeds.stage: expected shape ({spec.num_seeds},), got {jnp.shape(seeds.stage)}")
   expected = jax.eval_shape(lambda: init_children(spec))
-  for name in ("w1", "w1u", "b1", "wg", "bg", "w2", "b2", "s"):
+  if type(params) is not type(expected):
+    raise TypeError(f"params: expected {type(expected).__name__} for this spec, got "
+                    f"{type(params).__name__}")
+  for field in dataclasses.fields(expected):
+    name = field.name
     got = jnp.shape(getattr(params, name))
     want = getattr(expected, name).shape
     if got != want:
       raise ValueError(f"params.{name}: expected shape {want} for this spec, got {got}")
-  if spec.catalog.any_parallel:
+  if is_sequence(spec):
+    seq_lib.check_sequence_input(spec, x, u)
+  elif spec.catalog.any_parallel:
     if u is None:
       raise ValueError("u: this layer has parallel-wired blueprints; pass the wrapped host "
                        "layer's input u")
@@ -265,6 +313,9 @@ def forward(spec: KasminaSpec, params: bp_lib.ChildParams, seeds, x: jax.Array, 
   precision = canonical_precision(precision)
   if live is False:
     return _dormant_forward(spec, x, telemetry, eval_alpha)
+  if is_sequence(spec):  # no fused kernel: XLA runs these children
+    return forward_reference(spec, params, seeds, x, u=u, telemetry=telemetry,
+                             eval_alpha=eval_alpha, precision=precision, live=live)
   if impl != "reference":
     resolved = kernels.resolve_impl(impl, spec, precision)
     if resolved != "reference":
@@ -378,6 +429,9 @@ def forward_reference(spec: KasminaSpec, params: bp_lib.ChildParams, seeds, x: j
   check_live(live)
   if live is False:
     return _dormant_forward(spec, x, telemetry, eval_alpha)
+  if is_sequence(spec):
+    return _sequence_forward(spec, params, seeds, x, u, telemetry, eval_alpha,
+                             canonical_precision(precision), live)
   live_hint = live
   precision = canonical_precision(precision)
   lead = x.shape[:-1]
@@ -405,6 +459,36 @@ def forward_reference(spec: KasminaSpec, params: bp_lib.ChildParams, seeds, x: j
   aux = StepAux(child_loss=child_loss, objective=aux_objective, recon_ratio=aux_ratio,
                 nonfinite=live & ~ok, telemetry=new_tel)
   return out2d.reshape(x.shape), aux
+
+
+def _sequence_forward(spec: SequenceSpec, params, seeds, x, u, telemetry, eval_alpha,
+                      precision, live):
+  """`forward_reference` of a sequence layer (`kasmina_jax.sequence`): the same stage rules,
+  telemetry and `live` contract, children that mix tokens causally."""
+  k = spec.num_seeds
+  nan = jnp.full((k,), jnp.nan, jnp.float32)
+  live_mask = stage_masks(seeds.stage)[3]
+
+  def children(x_, u_):
+    return seq_lib.child_path(spec, params, seeds, x_, u_, eval_alpha, precision)
+
+  def dormant(x_, u_):
+    del u_
+    return x_, jnp.zeros((), jnp.float32), nan, nan, jnp.ones((k,), bool)
+
+  if live is True:
+    out, child_loss, objective, ratio, ok = children(x, u)
+  else:
+    out, child_loss, objective, ratio, ok = jax.lax.cond(
+        jnp.any(live_mask), children, dormant, x, u)
+  new_tel = None
+  if telemetry is not None and eval_alpha is None:
+    lead = x.shape[:-1]
+    x2d = x.reshape((int(np.prod(lead)), spec.dim))
+    new_tel = _measure_reference(spec, x2d, telemetry, live_mask, ok)
+  aux = StepAux(child_loss=child_loss, objective=objective, recon_ratio=ratio,
+                nonfinite=live_mask & ~ok, telemetry=new_tel)
+  return out, aux
 
 
 def _dormant_path(spec: KasminaSpec, diff, const):
@@ -518,9 +602,12 @@ def whole_objective(spec: KasminaSpec, params: bp_lib.ChildParams, grads: bp_lib
   GRAFTING at alpha 0, a non-finite child) it is not measured: NaN, which
   `grafting.update_objective` skips. Replacement children keep their reconstruction loss.
   """
-  e = _last_layer_moment(params, grads)
-  tables = seed_tables(spec.catalog, seeds.blueprint)
-  res = tables.residual > 0
+  if is_sequence(spec):
+    e = seq_lib.whole_objective(params, grads)
+    res = jnp.ones(seeds.stage.shape, bool)
+  else:
+    e = _last_layer_moment(params, grads)
+    res = seed_tables(spec.catalog, seeds.blueprint).residual > 0
   st = seeds.stage
   alpha = seeds.alpha.astype(jnp.float32)
   grafting = (st == Stage.GRAFTING) & (alpha > 0)

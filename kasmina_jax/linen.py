@@ -32,10 +32,12 @@ from kasmina_jax import grafting as graft_lib
 from kasmina_jax import layer as layer_lib
 from kasmina_jax import lifecycle
 from kasmina_jax import orchestration as orch
+from kasmina_jax import sequence as seq_lib
 from kasmina_jax import telemetry as tel_lib
 
 __all__ = [
-    "KASMINA", "KASMINA_AUX", "KASMINA_EVAL", "KasminaDense", "KasminaLayer", "KasminaVars",
+    "KASMINA", "KASMINA_AUX", "KASMINA_EVAL", "KasminaAttention", "KasminaBlocks",
+    "KasminaDense", "KasminaLayer", "KasminaVars",
     "StepSummary", "children_path", "current_eval_alpha", "eval_alpha_tree", "find_layers",
     "get_path", "init_layer_vars", "layer_slots", "map_layers", "seed_states", "set_path",
     "with_slots",
@@ -99,14 +101,15 @@ class KasminaLayer(nn.Module):
   impl: str = "auto"
   telemetry_every: int = tel_lib.DEFAULT_TELEMETRY_EVERY
   precision: Any = None  # child matmuls: None (JAX's default), "highest", a lax.Precision
+  context: int = 0  # sequence children: the context their per-token FLOPs are reported at
 
   def spec_for(self, x: jax.Array, u: jax.Array | None) -> layer_lib.KasminaSpec:
     needs_u = any(b.wiring == "parallel" for b in self.blueprints)
-    return layer_lib.KasminaSpec(
-        dim=x.shape[-1], num_seeds=self.num_seeds, blueprints=tuple(self.blueprints),
+    return layer_lib.make_spec(
+        x.shape[-1], self.num_seeds, tuple(self.blueprints),
         input_dim=(u.shape[-1] if (u is not None and needs_u) else None),
         corr_rows=self.corr_rows, dead_eps=self.dead_eps, trust_penalty=self.trust_penalty,
-        telemetry_every=self.telemetry_every)
+        telemetry_every=self.telemetry_every, context=self.context)
 
   @nn.compact
   def __call__(self, x: jax.Array, u: jax.Array | None = None, *, train: bool = True):
@@ -173,6 +176,64 @@ class KasminaDense(nn.Module):
                         trust_penalty=self.trust_penalty, impl=self.impl,
                         telemetry_every=self.telemetry_every, precision=self.precision,
                         name="kasmina")(h, u=u, train=train)
+
+
+class KasminaAttention(nn.Module):
+  """Causal multi-head self-attention (the host, `nn.MultiHeadDotProductAttention` named
+  "host") with a layer of head seeds beside it (head growth, `kasmina_jax.sequence`).
+
+  `u` `(..., T, D)` is the attention's input (normalised by the caller, as in a pre-norm
+  block); each seed can grow `sequence.SequenceBlueprint(site="heads")` children: extra causal
+  heads that read `u` and add to the host attention's output, their output projection zero
+  at germination. With no live seed the output is the host attention's.
+  """
+
+  num_heads: int
+  num_seeds: int
+  blueprints: tuple = seq_lib.head_blueprints()
+  qkv_features: int | None = None
+  grafting_strategies: tuple = graft_lib.DEFAULT_STRATEGIES
+  corr_rows: int = 256
+  trust_penalty: float = 1.0
+  telemetry_every: int = tel_lib.DEFAULT_TELEMETRY_EVERY
+  precision: Any = None
+  context: int = 0
+
+  @nn.compact
+  def __call__(self, u: jax.Array, *, train: bool = True):
+    mask = nn.make_causal_mask(jnp.ones(u.shape[:-1], jnp.int32))
+    h = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, qkv_features=self.qkv_features,
+                                        name="host")(u, u, mask=mask)
+    return KasminaLayer(num_seeds=self.num_seeds, blueprints=self.blueprints,
+                        grafting_strategies=self.grafting_strategies, corr_rows=self.corr_rows,
+                        trust_penalty=self.trust_penalty, impl="reference",
+                        telemetry_every=self.telemetry_every, precision=self.precision,
+                        context=self.context, name="kasmina")(h, u=u, train=train)
+
+
+class KasminaBlocks(nn.Module):
+  """A site on the residual stream `x` `(..., T, D)` where up to `num_seeds` whole blocks
+  may grow (depth growth, `sequence.SequenceBlueprint(site="block")`): each seed's child is a
+  pre-norm residual block, `x + Attn(LN(x)) + MLP(LN(x))`, output layers zero at
+  germination. With no live seed the site is the identity. Put one between two host blocks
+  (or after the last)."""
+
+  num_seeds: int
+  blueprints: tuple = seq_lib.block_blueprints()
+  grafting_strategies: tuple = graft_lib.DEFAULT_STRATEGIES
+  corr_rows: int = 256
+  trust_penalty: float = 1.0
+  telemetry_every: int = tel_lib.DEFAULT_TELEMETRY_EVERY
+  precision: Any = None
+  context: int = 0
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool = True):
+    return KasminaLayer(num_seeds=self.num_seeds, blueprints=self.blueprints,
+                        grafting_strategies=self.grafting_strategies, corr_rows=self.corr_rows,
+                        trust_penalty=self.trust_penalty, impl="reference",
+                        telemetry_every=self.telemetry_every, precision=self.precision,
+                        context=self.context, name="kasmina")(x, train=train)
 
 
 # ------------------------------------------------------------------------------ tree helpers

@@ -51,16 +51,23 @@ from kasmina_jax import _checks
 from kasmina_jax import layer as layer_lib
 from kasmina_jax import lifecycle
 from kasmina_jax.blueprints import ChildParams
+from kasmina_jax.sequence import SequenceChildParams
+
+# The children records of the two layer families (chunk children, sequence children).
+CHILD_TYPES = (ChildParams, SequenceChildParams)
+# A layer's children in a tree: one of `CHILD_TYPES`, or a mapping with exactly one's fields
+# (what `nnx.state` makes of the NNX layer's per-field `nnx.Param`s).
+_CHILD_FIELDS = {frozenset(f.name for f in dataclasses.fields(t)): t for t in CHILD_TYPES}
 
 
-# A layer's children in a tree: a `ChildParams`, or a mapping with exactly its fields (what
-# `nnx.state` makes of the NNX layer's per-field `nnx.Param`s).
-_CHILD_FIELDS = frozenset(f.name for f in dataclasses.fields(ChildParams))
+def child_type_of_fields(keys) -> type | None:
+  """The children record whose fields are exactly `keys` (None if none is)."""
+  return _CHILD_FIELDS.get(frozenset(keys))
 
 
 def _is_child(x) -> bool:
-  return isinstance(x, ChildParams) or (isinstance(x, Mapping) and len(x) == len(_CHILD_FIELDS)
-                                        and frozenset(x.keys()) == _CHILD_FIELDS)
+  return isinstance(x, CHILD_TYPES) or (isinstance(x, Mapping)
+                                        and child_type_of_fields(x.keys()) is not None)
 
 
 def _key_name(entry) -> Any:

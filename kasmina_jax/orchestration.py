@@ -153,15 +153,18 @@ def children_path(path: tuple) -> tuple:
 
 
 def get_children(params: Any, path: tuple) -> ChildParams:
-  """The `ChildParams` of the layer at `path` (built from a field mapping under NNX)."""
+  """The children record (`ChildParams`, or `SequenceChildParams` of a sequence layer) of the
+  layer at `path` (built from a field mapping under NNX)."""
   node = get_path(params, children_path(path))
-  return node if isinstance(node, ChildParams) else ChildParams(**dict(node))
+  if isinstance(node, optim.CHILD_TYPES):
+    return node
+  return optim.child_type_of_fields(dict(node).keys())(**dict(node))
 
 
 def set_children(params: Any, path: tuple, children: ChildParams) -> Any:
   """`params` with the layer's children replaced, in the form they were stored in."""
   cpath = children_path(path)
-  if isinstance(get_path(params, cpath), ChildParams):
+  if isinstance(get_path(params, cpath), optim.CHILD_TYPES):
     return set_path(params, cpath, children)
   return set_path(params, cpath, {k: getattr(children, k) for k in get_path(params, cpath)})
 
