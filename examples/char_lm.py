@@ -12,67 +12,31 @@ test slice of files seen by nothing before the report.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import os
 import sys
 
-import flax.linen as nn
-import jax.numpy as jnp
 import numpy as np
 
-from kasmina_jax import blueprints, datasets, experiments, grafting, lifecycle, tamiyo, training
-from kasmina_jax import linen as knn
+from kasmina_jax import datasets, experiments, grafting, lifecycle, tamiyo, training
+from kasmina_jax import transformer
 
 
-class Block(nn.Module):
-  dim: int
-  heads: int
-  num_seeds: int
-  child_width: int
-
-  @nn.compact
-  def __call__(self, x, train: bool = True):
-    t = x.shape[-2]
-    mask = nn.make_causal_mask(jnp.ones(x.shape[:-1], jnp.int32))
-    h = nn.LayerNorm(name="ln1")(x)
-    h = nn.MultiHeadDotProductAttention(num_heads=self.heads, name="attn")(h, h, mask=mask)
-    # A chunk-wired Kasmina layer after the attention output projection.
-    h = knn.KasminaLayer(self.num_seeds, blueprints=blueprints.default_blueprints(),
-                         name="attn_seeds")(h, train=train)
-    x = x + h
-    h = nn.LayerNorm(name="ln2")(x)
-    # The MLP's first Dense wrapped by Kasmina: parallel children add hidden width.
-    catalog = blueprints.default_blueprints(parallel_hidden=self.child_width)
-    h = knn.KasminaDense(4 * self.dim, self.num_seeds, blueprints=catalog,
-                         activation=nn.gelu, name="mlp_in")(h, train=train)
-    h = nn.Dense(self.dim, name="mlp_out")(h)
-    del t
-    return x + h
+def make_lm(vocab: int, dim: int, context: int, *, layers: int = 2, heads: int = 4,
+            grow: bool = True, child_width: int | None = None) -> transformer.GrowableLM:
+  """The task's model: a pre-norm GPT-style LM; with `grow`, two head seeds beside each
+  block's attention (head growth), one block seed after each block (depth growth) and four
+  MLP-width seeds in each block's MLP (parallel children of `child_width` units)."""
+  cats = transformer.default_catalogs(dim, heads, mlp_child=child_width)
+  return transformer.GrowableLM(
+      vocab, dim, context, layers=layers, heads=heads,
+      head_seeds=2 if grow else 0, block_seeds=1 if grow else 0, mlp_seeds=4 if grow else 0,
+      mlp_blueprints=cats["mlp"])
 
 
-class CharLM(nn.Module):
-  vocab: int
-  dim: int
-  context: int
-  layers: int = 2
-  heads: int = 4
-  num_seeds: int = 4
-  child_width: int = 32
-
-  @nn.compact
-  def __call__(self, tokens, train: bool = True):
-    x = nn.Embed(self.vocab, self.dim, name="embed")(tokens)
-    pos = self.param("pos", nn.initializers.normal(0.02), (self.context, self.dim))
-    x = x + pos[: tokens.shape[-1]]
-    for i in range(self.layers):
-      x = Block(self.dim, self.heads, self.num_seeds, self.child_width, name=f"block{i}")(
-          x, train=train)
-    x = nn.LayerNorm(name="ln_f")(x)
-    return nn.Dense(self.vocab, name="head")(x)
-
-
-def lm_config(controller: dict | None = None, life: dict | None = None
-              ) -> training.TrainConfig:
+def lm_config(controller: dict | None = None, life: dict | None = None, *,
+              fixed_steps: int = 30) -> training.TrainConfig:
   """Lifecycle timings scaled to a 1500-step run (100 steps an epoch); the controller's
   defaults (optionally overridden by keyword dicts)."""
   life = lifecycle.LifecycleConfig(**{
@@ -80,8 +44,8 @@ def lm_config(controller: dict | None = None, life: dict | None = None
              fine_tuning_steps=100, fine_tuning_patience=2, embargo_epochs=3),
       **(life or {})})
   ctl = tamiyo.TamiyoConfig(**(controller or {}), lifecycle=life)
-  return training.TrainConfig(grafting=grafting.GraftingConfig(fixed_steps=30), tamiyo=ctl,
-                              max_judged=8, counterfactual_batch=2)
+  return training.TrainConfig(grafting=grafting.GraftingConfig(fixed_steps=fixed_steps),
+                              tamiyo=ctl, max_judged=8, counterfactual_batch=2)
 
 
 @functools.lru_cache(maxsize=4)
@@ -99,43 +63,80 @@ def load_data(context: int, train_bytes: int, val_bytes: int, test_bytes: int):
 
 def make_task(*, steps: int = 1500, batch_size: int = 32, context: int = 64,
               train_bytes: int = 400_000, val_bytes: int = 16_448, test_bytes: int = 16_448,
-              small: int = 32, large: int = 64, child_width: int = 32,
-              controller: dict | None = None, life: dict | None = None) -> experiments.Task:
+              small: int = 32, large: int = 64, layers: int = 2,
+              large_layers: int | None = None, heads: int = 4, child_width: int | None = 16,
+              steps_per_epoch: int = 100, name: str = "char_lm",
+              controller: dict | None = None, life: dict | None = None,
+              fixed_steps: int = 30) -> experiments.Task:
   """The character-LM growth task (module level, so worker processes can build it).
 
-  An epoch is a fixed slice of 100 batches of the training windows (per RNG seed), so the
-  controller sees steady telemetry at every epoch end."""
+  fixed-small, grown and the ceiling share `make_lm(dim=small, layers)` (with its head,
+  block and MLP-width seeds); fixed-large is `make_lm(dim=large, large_layers, grow=False)`.
+  An epoch is a fixed slice of `steps_per_epoch` batches of the training windows (per RNG
+  seed), so the controller sees steady telemetry at every epoch end."""
   train, val, test, vocab = load_data(context, train_bytes, val_bytes, test_bytes)
-  steps_per_epoch = max(1, min(100, len(train["x"]) // batch_size))
-  small_lm = CharLM(len(vocab), small, context, child_width=child_width)
+  steps_per_epoch = max(1, min(steps_per_epoch, len(train["x"]) // batch_size))
+  small_lm = make_lm(len(vocab), small, context, layers=layers, heads=heads,
+                     child_width=child_width)
+  large_lm = make_lm(len(vocab), large, context, layers=large_layers or layers, heads=heads,
+                     grow=False)
   models = {"fixed_small": small_lm, "grown": small_lm, "ceiling": small_lm,
-            "fixed_large": CharLM(len(vocab), large, context, child_width=child_width)}
+            "fixed_large": large_lm}
   return experiments.Task(
-      name="char_lm", make_model=models.__getitem__,
+      name=name, make_model=models.__getitem__,
       data=lambda: (train, val, test), epochs=max(1, steps // steps_per_epoch),
-      batch_size=batch_size, config=lm_config(controller, life), metric="loss",
-      higher_is_better=False, select_on="loss", epoch_rows=steps_per_epoch * batch_size,
-      eval_batch=256)
+      batch_size=batch_size, config=lm_config(controller, life, fixed_steps=fixed_steps),
+      metric="loss", higher_is_better=False, select_on="loss",
+      epoch_rows=steps_per_epoch * batch_size, eval_batch=256,
+      ceiling_blueprint=CEILING_BLUEPRINTS, **_tokens(context))
+
+
+# Every seed of the ceiling holds the largest child of its site's catalog.
+CEILING_BLUEPRINTS = ("transformer_block", "attention_heads_2", "parallel_mlp")
+
+
+def _tokens(context: int) -> dict:
+  """`Task(tokens_per_row=context)` where this version of `experiments.Task` counts FLOPs per
+  token (a row is a window of `context` tokens)."""
+  fields = {f.name for f in dataclasses.fields(experiments.Task)}
+  return {"tokens_per_row": context} if "tokens_per_row" in fields else {}
+
+
+def make_gpu_task(**overrides) -> experiments.Task:
+  """The GPU-scale task on the same corpus: context 128, width 128, 2 blocks (fixed-large:
+  4 blocks of the same width, the depth the block seeds can grow into), 6000 steps of 64
+  windows (500 steps an epoch), lifecycle timings scaled to the longer epochs."""
+  kwargs = dict(steps=6000, batch_size=64, context=128, train_bytes=4_128_000,
+                val_bytes=129 * 512, test_bytes=129 * 512, small=128, large=128, layers=2,
+                large_layers=4, heads=4, child_width=64, steps_per_epoch=500,
+                name="char_lm_gpu", fixed_steps=100,
+                life=dict(min_training_steps=100, max_training_steps=2000,
+                          stabilization_steps=100, fine_tuning_steps=200))
+  kwargs.update(overrides)
+  return make_task(**kwargs)
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--seeds", type=int, default=3, help="RNG seeds per variant and rate")
   parser.add_argument("--lrs", default="1e-3,3e-3,1e-2", help="Adam rates swept per variant")
-  parser.add_argument("--steps", type=int, default=1500)
-  parser.add_argument("--small", type=int, default=32, help="model width of the small model")
-  parser.add_argument("--large", type=int, default=64, help="model width of fixed-large")
+  parser.add_argument("--gpu", action="store_true",
+                      help="the GPU-scale task (make_gpu_task) instead of the CPU one")
+  parser.add_argument("--steps", type=int, default=None, help="default: the task's")
+  parser.add_argument("--variants", default=",".join(experiments.VARIANTS))
   parser.add_argument("--workers", type=int, default=1, help="worker processes (one run each)")
   parser.add_argument("--out", default="runs/char_lm")
   parser.add_argument("--no-plots", action="store_true")
   args = parser.parse_args(argv)
   os.makedirs(args.out, exist_ok=True)
   lrs = tuple(float(x) for x in args.lrs.split(","))
+  kwargs = {} if args.steps is None else {"steps": args.steps}
   result = experiments.run_protocol(
-      make_task, dict(steps=args.steps, small=args.small, large=args.large), lrs=lrs,
-      seeds=args.seeds, workers=args.workers, log_dir=args.out)
+      make_gpu_task if args.gpu else make_task, kwargs, lrs=lrs, seeds=args.seeds,
+      workers=args.workers, log_dir=args.out, variants=tuple(args.variants.split(",")))
   experiments.write_report(result, args.out, args=vars(args), metric="loss",
-                           title="Char LM: test loss (nats/char) against parameters",
+                           title=("Char LM (GPU task)" if args.gpu else "Char LM")
+                           + ": test loss (nats/char) against parameters",
                            plots=not args.no_plots)
   return result
 
