@@ -12,11 +12,15 @@ The protocol (DESIGN.md, amendment 1):
 * the test split is read once per run of the chosen rate, for the report (`evaluate_test`
   runs after the choice; nothing before it sees the test split);
 * results are means ± standard deviations over RNG seeds, with final parameters, training
-  FLOPs (forward + backward of the live parameters, summed over steps) and wall time.
+  FLOPs (forward + backward of the live parameters, summed over steps) and wall time;
+* growth is judged by compute (DESIGN.md, amendment 1 of 2026-12-07): beside the final
+  figures, every variant's training FLOPs to first reach fixed-large's final validation
+  figure (`flops_to_reach`, `reach_summary`), and its validation figure against training
+  FLOPs epoch by epoch (`flops_curve`, `validation_curve`; `plots.plot_metric_vs_flops`).
 
 A `Task` bundles a model family, data and settings; `sweep` runs a task's grid (optionally
 in worker processes, one run each) and `select_and_test` chooses each variant's rate and reads
-the test split. `report_rows` / `markdown_table` summarise.
+the test split. `report_rows` / `markdown_table` summarise, `write_report` writes the files.
 """
 
 from __future__ import annotations
@@ -114,6 +118,11 @@ class Task:
     "accuracy" or "loss"; `higher_is_better` says which way is better.
   select_on: what picks the learning rate on validation ("loss" or "accuracy").
   eval_batch: rows per evaluation pass on the test split.
+  tokens_per_row: tokens a training row carries, for the FLOPs count (a sequence task's row
+    is a window of T tokens and costs T times a row of one; 1 for one input a row).
+  reach_tolerance: how close to fixed-large's final validation figure counts as reaching it,
+    in the metric's units (e.g. 0.01 nats for an LM task; 0.005 is half a point of
+    accuracy); `run_protocol(reach_tolerance=...)` overrides it.
   """
 
   name: str
@@ -129,6 +138,8 @@ class Task:
   ceiling_blueprint: str | tuple[str, ...] = ("parallel_mlp", "residual_mlp")
   epoch_rows: int | None = None  # rows per epoch (a fixed slice per RNG seed); None: all
   eval_batch: int = 4096
+  tokens_per_row: int = 1
+  reach_tolerance: float = 0.0
 
 
 @functools.lru_cache(maxsize=None)
@@ -153,6 +164,10 @@ class RunResult:
   test_metric: float = float("nan")  # filled by `select_and_test`, for the chosen rate only
   test_loss: float = float("nan")
   variables: bytes | None = None  # the final params and seed states (flax msgpack)
+  # Per epoch end: cumulative training FLOPs (`flops_curve`) and the task's metric on the
+  # validation split (`validation_curve`), the pair the compute comparison reads.
+  flops_curve: list = dataclasses.field(default_factory=list)
+  val_curve: list = dataclasses.field(default_factory=list)
 
   def summary(self, task: str) -> str:
     """One progress line for this run (validation only: the test split is not read yet)."""
@@ -169,13 +184,105 @@ def _epoch_data(task: Task, train: dict, seed: int) -> dict:
   return {k: v[idx] for k, v in train.items()}
 
 
+def flops_curve(history: Sequence[dict], initial_params: int, steps_per_epoch: int,
+                batch_size: int, tokens_per_row: int = 1) -> np.ndarray:
+  """Cumulative training FLOPs at each epoch end of `history` (one entry per epoch).
+
+  The convention (Kaplan et al., "Scaling laws for neural language models"): a parameter
+  costs 2 FLOPs a token forward and 4 backward, so a step costs
+  `6 × live params × rows × tokens_per_row`. The live count is the model's (host plus active
+  children, `training.param_counts`); each epoch's is the one it started with, since stages
+  change only at epoch ends. Not counted: attention's context term (the `QKᵀ` and `AV`
+  products, which grow with the context rather than the parameters), the validation and
+  counterfactual passes, and that an embedding lookup costs no multiply (its parameters are
+  counted like any other). Growth is compared with the same count on every variant, so what
+  it leaves out shifts all of them alike.
+  """
+  counts = ([initial_params] + [int(h["params"]) for h in history[:-1]])[:len(history)]
+  per_epoch = [6.0 * c * steps_per_epoch * batch_size * tokens_per_row for c in counts]
+  return np.cumsum(np.asarray(per_epoch, np.float64))
+
+
 def train_flops(history: Sequence[dict], initial_params: int, steps_per_epoch: int,
-                batch_size: int) -> float:
-  """Forward + backward FLOPs of the live parameters, summed over steps: `6 × params × rows`
-  a step (2 a parameter forward, 4 backward), with each epoch's live count the one it started
-  with (stages change only at epoch ends)."""
-  counts = [initial_params] + [int(h["params"]) for h in history[:-1]]
-  return float(sum(6.0 * c * steps_per_epoch * batch_size for c in counts))
+                batch_size: int, tokens_per_row: int = 1) -> float:
+  """A run's total training FLOPs: the last point of `flops_curve` (its convention)."""
+  curve = flops_curve(history, initial_params, steps_per_epoch, batch_size, tokens_per_row)
+  return float(curve[-1]) if len(curve) else 0.0
+
+
+def validation_curve(history: Sequence[dict], metric: str) -> np.ndarray:
+  """The validation `metric` ("loss", "accuracy", ...) at each epoch end of `history`.
+
+  NaN at an epoch ended by an emergency rollback: the model that scored it was thrown away
+  (the run goes on from its last good state), so it reached nothing the run kept."""
+  return np.asarray([float("nan") if h.get("rolled_back") else
+                     float(h.get(f"val_{metric}", h["val_loss"])) for h in history],
+                    np.float64)
+
+
+def reaches(value: float, target: float, *, higher_is_better: bool,
+            tolerance: float = 0.0) -> bool:
+  """Whether a validation figure is as good as `target`, `tolerance` short of it allowed
+  (NaN never reaches)."""
+  if not (math.isfinite(value) and math.isfinite(target)):
+    return False
+  if higher_is_better:
+    return value >= target - tolerance
+  return value <= target + tolerance
+
+
+def flops_to_reach(flops: Sequence[float], val: Sequence[float], target: float, *,
+                   higher_is_better: bool, tolerance: float = 0.0) -> float | None:
+  """The cumulative training FLOPs at the first epoch end whose validation figure reaches
+  `target` (see `reaches`); None if no epoch end does. `flops` and `val` are a run's
+  `flops_curve` and `validation_curve`, epoch by epoch."""
+  if len(flops) != len(val):
+    raise ValueError(f"flops, val: expected one value per epoch in each, got {len(flops)} "
+                     f"and {len(val)}")
+  for f, v in zip(flops, val):
+    if reaches(float(v), target, higher_is_better=higher_is_better, tolerance=tolerance):
+      return float(f)
+  return None
+
+
+def reach_summary(runs: Sequence[RunResult], *, higher_is_better: bool,
+                  tolerance: float = 0.0) -> dict:
+  """What each variant spent to reach fixed-large's final validation figure.
+
+  `runs`: every variant's runs at its chosen rate (`select_and_test`'s picked runs). The
+  target is the mean over fixed-large's runs of their final validation figure (the task's
+  metric), the same number as its report row's `val_mean`. Returns `{"target", "tolerance",
+  "threshold", "fixed_large_flops", "variants"}`, where `variants[v]` holds `seeds`,
+  `reached` (how many of them reached it), `runs` (per run in seed order: the FLOPs, None
+  for never), `flops` (the median over the runs that reached it; None if none did) and
+  `fraction` (`flops` over fixed-large's mean training FLOPs). Without fixed-large runs there
+  is no target: `{}`.
+
+  Fixed-large is in the table too: its seeds scatter around their own mean, so a tolerance
+  of 0 leaves about half of them short of it, which says how sharp the target is.
+  """
+  large = [r for r in runs if r.variant == "fixed_large"]
+  if not large:
+    return {}
+  target = float(np.mean([r.val_metric for r in large]))
+  large_flops = float(np.mean([r.train_flops for r in large]))
+  out = {"target": target, "tolerance": float(tolerance),
+         "threshold": target - tolerance if higher_is_better else target + tolerance,
+         "fixed_large_flops": large_flops, "variants": {}}
+  for variant in VARIANTS:
+    rs = sorted((r for r in runs if r.variant == variant), key=lambda r: r.seed)
+    if not rs:
+      continue
+    spent = [flops_to_reach(r.flops_curve, r.val_curve, target,
+                            higher_is_better=higher_is_better, tolerance=tolerance)
+             for r in rs]
+    reached = [f for f in spent if f is not None]
+    median = float(np.median(reached)) if reached else None
+    out["variants"][variant] = {
+        "seeds": len(rs), "reached": len(reached), "runs": spent, "flops": median,
+        "fraction": (median / large_flops if median is not None and large_flops > 0
+                     else None)}
+  return out
 
 
 def _tree_bytes(tree) -> bytes:
@@ -234,12 +341,14 @@ def run_variant(task: Task, variant: str, *, seed: int, learning_rate: float,
   n = len(next(iter(train.values())))
   steps_per_epoch = n // task.batch_size
   variables = _tree_bytes({"params": state.params, knn.KASMINA: state.kasmina})
+  flops = flops_curve(history, initial, steps_per_epoch, task.batch_size, task.tokens_per_row)
   return RunResult(
       variant=variant, seed=seed, lr=float(learning_rate),
       val_metric=float(last.get(f"val_{task.metric}", last["val_loss"])),
       val_loss=float(last["val_loss"]), params=int(last["params"]),
-      train_flops=train_flops(history, initial, steps_per_epoch, task.batch_size),
-      wall_time=wall, history=history, fossilized=fossilized, variables=variables)
+      train_flops=float(flops[-1]), wall_time=wall, history=history, fossilized=fossilized,
+      variables=variables, flops_curve=flops.tolist(),
+      val_curve=validation_curve(history, task.metric).tolist())
 
 
 def restore_state(task: Task, variant: str, variables: bytes, *, learning_rate: float,
@@ -414,10 +523,18 @@ def _mean_std(xs) -> tuple[float, float]:
 
 
 def report_rows(task: Task, results: Sequence[RunResult], chosen: dict,
-                picked: Sequence[RunResult]) -> list[dict]:
+                picked: Sequence[RunResult], *, reach_tolerance: float | None = None
+                ) -> list[dict]:
   """One row per variant at its chosen rate: `variant`, `lr`, `seeds`, `test_mean`,
-  `test_std`, `val_mean`, `val_std`, `params`, `train_flops`, `wall_time`, `fossilized`, and
-  `val_by_lr` (the sweep: mean validation metric per rate)."""
+  `test_std`, `val_mean`, `val_std`, `params`, `train_flops`, `wall_time`, `fossilized`,
+  `val_by_lr` (the sweep: mean validation metric per rate), and what the variant spent to
+  reach fixed-large's final validation figure (`reach_summary`; `reach_tolerance` None: the
+  task's): `reach_target`, `reach_tolerance`, `reach_threshold` (the same in every row),
+  `reached_large` (runs that reached it), `flops_to_large_runs` (per run, None for never),
+  `flops_to_large` (median over the runs that reached it) and `flops_to_large_fraction` (of
+  fixed-large's training FLOPs); None where no run reached it or fixed-large was not run."""
+  tolerance = task.reach_tolerance if reach_tolerance is None else float(reach_tolerance)
+  reach = reach_summary(picked, higher_is_better=task.higher_is_better, tolerance=tolerance)
   rows = []
   for variant in VARIANTS:
     rs = [r for r in picked if r.variant == variant]
@@ -432,6 +549,7 @@ def report_rows(task: Task, results: Sequence[RunResult], chosen: dict,
       at = [r for r in results if r.variant == variant and r.lr == lr]
       sweep_rows[f"{lr:g}"] = {"val_mean": _mean_std([r.val_metric for r in at])[0],
                                "val_loss": _mean_std([r.val_loss for r in at])[0]}
+    reached = reach.get("variants", {}).get(variant, {})
     rows.append({
         "variant": variant, "lr": chosen[variant], "seeds": len(rs),
         "test_mean": test_mean, "test_std": test_std,
@@ -444,29 +562,62 @@ def report_rows(task: Task, results: Sequence[RunResult], chosen: dict,
         "wall_time": float(np.mean([r.wall_time for r in rs])),
         "fossilized": float(np.mean([r.fossilized for r in rs])),
         "val_by_lr": sweep_rows,
+        "reach_target": reach.get("target"), "reach_tolerance": reach.get("tolerance"),
+        "reach_threshold": reach.get("threshold"),
+        "reached_large": reached.get("reached"), "flops_to_large_runs": reached.get("runs"),
+        "flops_to_large": reached.get("flops"),
+        "flops_to_large_fraction": reached.get("fraction"),
     })
   return rows
 
 
+def _reach_cell(row: dict) -> str:
+  """A row's FLOPs to fixed-large's figure: `4.1e+10 (52%, 4/5 seeds)`, `never (0/5 seeds)`,
+  or `—` where there is no target (fixed-large not run, or a row from before the column)."""
+  if row.get("reach_target") is None or row.get("reached_large") is None:
+    return "—"
+  seeds = f"{row['reached_large']}/{row['seeds']} seeds"
+  if row.get("flops_to_large") is None:
+    return f"never ({seeds})"
+  fraction = row.get("flops_to_large_fraction")
+  share = f"{100 * fraction:.0f}%, " if fraction is not None else ""
+  return f"{row['flops_to_large']:.3g} ({share}{seeds})"
+
+
 def markdown_table(rows: Sequence[dict], metric: str = "accuracy") -> str:
-  """The report's table: test metric (mean ± std over seeds) at each variant's chosen rate."""
+  """The report's table: test metric (mean ± std over seeds) at each variant's chosen rate,
+  and the training FLOPs each variant spent to first reach fixed-large's final validation
+  figure (the median over the seeds that reached it, its share of fixed-large's FLOPs, how
+  many seeds reached it; "never" where none did). The header gives the figure to reach:
+  fixed-large's mean final validation metric, less (or, for a loss, plus) the tolerance."""
   pct = metric == "accuracy"
   fmt = (lambda m, s: f"{100 * m:.2f}% ± {100 * s:.2f}") if pct else (
       lambda m, s: f"{m:.4f} ± {s:.4f}")
+  threshold = next((r["reach_threshold"] for r in rows
+                    if r.get("reach_threshold") is not None), None)
+  if threshold is None:
+    goal = ""
+  else:
+    goal = f" {100 * threshold:.2f}%" if pct else f" {threshold:.4f}"
   lines = [f"| variant | lr (chosen on val) | seeds | test {metric} | val {metric} | "
-           "params | training FLOPs | wall time (s) | fossilized |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+           "params | training FLOPs | wall time (s) | fossilized | "
+           f"FLOPs to fixed-large's val {metric}{goal} |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
   for r in rows:
     lines.append(
         f"| {r['variant']} | {r['lr']:g} | {r['seeds']} | {fmt(r['test_mean'], r['test_std'])} "
         f"| {fmt(r['val_mean'], r['val_std'])} | {r['params']:.0f} | {r['train_flops']:.3g} "
-        f"| {r['wall_time']:.1f} | {r['fossilized']:.1f} |")
+        f"| {r['wall_time']:.1f} | {r['fossilized']:.1f} | {_reach_cell(r)} |")
   return "\n".join(lines)
 
 
 def verdict(rows: Sequence[dict], *, higher_is_better: bool = True) -> dict:
   """Grown against the others, in the report's terms: differences of test means and how
-  many (larger) standard deviations separate them."""
+  many (larger) standard deviations separate them; and, the measure growth is judged by,
+  the training FLOPs grown spent to first reach fixed-large's final validation figure
+  (`grown_flops_to_large`, None for never), as a share of fixed-large's
+  (`grown_flops_to_large_fraction`), with how many seeds reached it (`grown_reached_large`
+  of `grown_seeds`) and its whole run's share (`grown_train_flops_fraction`)."""
   by = {r["variant"]: r for r in rows}
   if "grown" not in by:
     return {}
@@ -482,6 +633,15 @@ def verdict(rows: Sequence[dict], *, higher_is_better: bool = True) -> dict:
       out[f"vs_{other}_stds"] = diff / spread if spread > 0 else float("nan")
       out[f"{other}_params"] = o["params"]
       out[f"{other}_train_flops"] = o["train_flops"]
+  if "fixed_large" in by and g.get("reach_target") is not None:
+    large = by["fixed_large"]
+    out.update({
+        "reach_target": g["reach_target"], "reach_tolerance": g["reach_tolerance"],
+        "grown_seeds": g["seeds"], "grown_reached_large": g["reached_large"],
+        "grown_flops_to_large": g["flops_to_large"],
+        "grown_flops_to_large_fraction": g["flops_to_large_fraction"],
+        "grown_train_flops_fraction": (g["train_flops"] / large["train_flops"]
+                                       if large["train_flops"] > 0 else float("nan"))})
   return out
 
 
@@ -489,10 +649,13 @@ def run_protocol(task_factory: Callable[..., Task], task_kwargs: dict, *,
                  variants: Sequence[str] = VARIANTS,
                  lrs: Sequence[float] | Mapping[str, Sequence[float]] = DEFAULT_LRS,
                  seeds: int = 5, workers: int = 1, log_dir: str | None = None,
-                 verbose: bool = True, read_test: bool = True) -> dict:
+                 verbose: bool = True, read_test: bool = True,
+                 reach_tolerance: float | None = None) -> dict:
   """The whole protocol for one task: sweep, choose on validation, test once, summarise.
-  Returns `{"task", "rows", "verdict", "chosen", "runs"}` (JSON-ready but for `runs`'
-  histories, which are plain too)."""
+  Returns `{"task", "metric", "higher_is_better", "rows", "verdict", "chosen", "reach",
+  "runs", ...}` (JSON-ready but for `results`, the RunResult objects). `reach` is
+  `reach_summary` of the chosen runs (`reach_tolerance` None: the task's); each entry of
+  `runs` carries its `flops_curve` and `val_curve`, epoch by epoch, beside its history."""
   task = task_factory(**task_kwargs)
   start = time.perf_counter()
   results = sweep(task_factory, task_kwargs, variants=variants, lrs=lrs, seeds=seeds,
@@ -500,7 +663,8 @@ def run_protocol(task_factory: Callable[..., Task], task_kwargs: dict, *,
                   on_result=(lambda r: print(r.summary(task.name), flush=True))
                   if verbose else None)
   chosen, picked = select_and_test(task, results, read_test=read_test)
-  rows = report_rows(task, results, chosen, picked)
+  tolerance = task.reach_tolerance if reach_tolerance is None else float(reach_tolerance)
+  rows = report_rows(task, results, chosen, picked, reach_tolerance=tolerance)
   grown_log = None
   if log_dir and "grown" in chosen:
     path = grown_log_path(log_dir, chosen["grown"], 0)
@@ -509,11 +673,14 @@ def run_protocol(task_factory: Callable[..., Task], task_kwargs: dict, *,
       "task": task.name, "metric": task.metric, "higher_is_better": task.higher_is_better,
       "rows": rows, "verdict": verdict(rows, higher_is_better=task.higher_is_better),
       "chosen": chosen, "wall_time": time.perf_counter() - start, "grown_log": grown_log,
+      "reach": reach_summary(picked, higher_is_better=task.higher_is_better,
+                             tolerance=tolerance),
       "results": results,  # the RunResult objects (not JSON; callers drop this key)
       "runs": [{"variant": r.variant, "seed": r.seed, "lr": r.lr, "val_metric": r.val_metric,
                 "val_loss": r.val_loss, "test_metric": r.test_metric, "test_loss": r.test_loss,
                 "params": r.params, "train_flops": r.train_flops, "fossilized": r.fossilized,
-                "wall_time": r.wall_time, "history": r.history} for r in results],
+                "wall_time": r.wall_time, "flops_curve": r.flops_curve,
+                "val_curve": r.val_curve, "history": r.history} for r in results],
   }
 
 
@@ -522,8 +689,9 @@ def write_report(result: dict, out_dir: str, *, args: dict | None = None,
                  plots: bool = True) -> list[str]:
   """Writes a `run_protocol` result to `out_dir`: `results.md` (the table, also printed),
   `results.json` (the settings `args` and the result; the RunResult objects left out) and,
-  with `plots`, the metric-against-parameters plot and the grown run's lifecycle pictures.
-  Returns the paths written."""
+  with `plots`, the test metric against parameters (`{metric}_vs_params.png`), the
+  validation metric against training FLOPs (`val_{metric}_vs_flops.png`, the figure growth
+  is judged by) and the grown run's lifecycle pictures. Returns the paths written."""
   import json  # pylint: disable=g-import-not-at-top
   os.makedirs(out_dir, exist_ok=True)
   table = markdown_table(result["rows"], metric)
@@ -539,6 +707,8 @@ def write_report(result: dict, out_dir: str, *, args: dict | None = None,
     paths.append(plots_lib.plot_protocol(
         result["rows"], os.path.join(out_dir, f"{metric}_vs_params.png"), metric=metric,
         title=title or f"{result['task']}: test {metric} against parameters"))
+    paths.append(plots_lib.plot_metric_vs_flops(
+        result, os.path.join(out_dir, f"val_{metric}_vs_flops.png"), metric=metric))
     if result.get("grown_log"):
       paths += plots_lib.plot_run(result["grown_log"], out_dir)
     print("wrote:", *paths, sep="\n  ")

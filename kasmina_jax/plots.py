@@ -12,6 +12,10 @@
 `plot_comparison(rows, out_path)` draws "metric against parameters" with error bars for a
 table of models (grown, fixed-small, fixed-large, ...).
 
+`plot_metric_vs_flops(result, out_path)` draws each growth variant's validation metric
+against its cumulative training FLOPs, with fixed-large's final validation figure as the line
+to reach, from a `experiments.run_protocol` result or the JSON file written from one.
+
 `plot_es_curves(history, out_path)` draws the curves of a learned controller's
 evolution-strategies training (`examples/learn_tamiyo.py`).
 
@@ -24,10 +28,12 @@ Figures are drawn on `matplotlib.figure.Figure` objects with the Agg canvas, nev
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
-from typing import Iterable, Sequence
+import warnings
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -438,6 +444,126 @@ def plot_protocol(rows: Sequence[dict], out_path, *, metric: str = "accuracy",
       [{"name": f"{r['variant']} (lr {r['lr']:g})", "params": r["params"],
         "params_std": r.get("params_std"), "metric_mean": r["test_mean"],
         "metric_std": r["test_std"]} for r in rows], out_path, metric=metric, title=title)
+
+
+# The growth protocol's variants in report order, one colour each (as in every figure).
+_VARIANT_COLORS = {"fixed_small": "C0", "fixed_large": "C1", "ceiling": "C2", "grown": "C3"}
+
+
+def _protocol_result(source) -> dict:
+  """A protocol result: the dict itself, or read from the JSON file at a path."""
+  if isinstance(source, (str, os.PathLike)):
+    with open(source) as fh:
+      return json.load(fh)
+  if not isinstance(source, Mapping):
+    raise TypeError(f"result: expected a run_protocol result or a path to its JSON, got "
+                    f"{type(source).__name__}")
+  return dict(source)
+
+
+def _reach_line(result: dict) -> tuple[float | None, float | None, dict]:
+  """`(target, threshold, {variant: median FLOPs to reach it})` from a result's `reach`, or
+  from its rows (a JSON that kept the rows but not `reach`)."""
+  reach = result.get("reach") or {}
+  rows = result.get("rows") or []
+  if reach.get("target") is not None:
+    spent = {v: r.get("flops") for v, r in (reach.get("variants") or {}).items()}
+    return float(reach["target"]), float(reach.get("threshold", reach["target"])), spent
+  row = next((r for r in rows if r.get("reach_target") is not None), None)
+  if row is None:
+    return None, None, {}
+  threshold = row.get("reach_threshold")
+  return (float(row["reach_target"]),
+          float(row["reach_target"] if threshold is None else threshold),
+          {r["variant"]: r.get("flops_to_large") for r in rows})
+
+
+def metric_flops_curves(result) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
+  """`{variant: [(cumulative training FLOPs, validation metric), ...]}`, one pair of arrays
+  per run of the variant's chosen rate, in seed order (from each run's `flops_curve` and
+  `val_curve`). Runs without curves (results written before they were recorded) are left
+  out."""
+  result = _protocol_result(result)
+  chosen = result.get("chosen") or {}
+  out: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+  for run in sorted(result.get("runs") or [], key=lambda r: (r["variant"], r.get("seed", 0))):
+    variant = run["variant"]
+    if variant in chosen and float(run["lr"]) != float(chosen[variant]):
+      continue
+    flops, val = run.get("flops_curve"), run.get("val_curve")
+    if not flops or val is None:
+      continue
+    val = np.array([np.nan if v is None else float(v) for v in val])
+    out.setdefault(variant, []).append((np.asarray(flops, float), val))
+  return out
+
+
+def plot_metric_vs_flops(result, out_path, *, metric: str | None = None,
+                         title: str | None = None) -> str:
+  """Validation metric against cumulative training FLOPs (log axis) for every variant at its
+  chosen rate: each seed's run as a thin line, the mean over seeds (at the mean FLOPs of each
+  epoch end) as a thick one inside the band of the seeds' lowest and highest figures;
+  fixed-large's final validation figure as a dashed line (the threshold it leaves with a
+  tolerance dotted), and each variant's median FLOPs to reach it marked on that line.
+
+  This is how growth is judged: reaching fixed-large's figure, and for how much compute.
+
+  result: a `experiments.run_protocol` result, or the path of the JSON `write_report` (or
+    `benchmarks/growth.py`) wrote from one; its runs need `flops_curve` and `val_curve`.
+  metric: the axis label (default: the result's `metric`).
+  """
+  _, _, Figure = _matplotlib()
+  out_path = os.fspath(out_path)
+  result = _protocol_result(result)
+  curves = metric_flops_curves(result)
+  if not curves:
+    raise ValueError("result: no run of a chosen rate carries flops_curve and val_curve "
+                     "(results written before they were recorded cannot draw this figure)")
+  metric = metric or result.get("metric") or "validation metric"
+  target, threshold, spent = _reach_line(result)
+  fig = Figure(figsize=(7.5, 4.8))
+  ax = fig.subplots()
+  order = [v for v in _VARIANT_COLORS if v in curves] + sorted(
+      v for v in curves if v not in _VARIANT_COLORS)
+  lrs = result.get("chosen") or {}
+  for i, variant in enumerate(order):
+    color = _VARIANT_COLORS.get(variant, f"C{(4 + i) % 10}")
+    runs = curves[variant]
+    for flops, val in runs:
+      ax.plot(flops, val, color=color, alpha=0.3, linewidth=0.8)
+    n = min(len(f) for f, _ in runs)
+    flops = np.mean([f[:n] for f, _ in runs], axis=0)
+    vals = np.stack([v[:n] for _, v in runs])
+    with warnings.catch_warnings():  # an epoch every seed rolled back is NaN, and stays so
+      warnings.simplefilter("ignore", RuntimeWarning)
+      mean, lo, hi = (np.nanmean(vals, 0), np.nanmin(vals, 0), np.nanmax(vals, 0))
+    if len(runs) > 1:
+      ax.fill_between(flops, lo, hi, color=color, alpha=0.15, linewidth=0)
+    lr = f"lr {float(lrs[variant]):g}, " if variant in lrs else ""
+    ax.plot(flops, mean, color=color, linewidth=2.0, marker=".",
+            label=f"{variant} ({lr}{len(runs)} seed{'s' if len(runs) != 1 else ''})")
+  if target is not None and math.isfinite(target):
+    ax.axhline(target, color="black", linestyle="--", linewidth=1.2,
+               label=f"fixed-large's final val {metric} ({target:.4g})")
+    if threshold is not None and threshold != target:
+      ax.axhline(threshold, color="black", linestyle=":", linewidth=1.0,
+                 label=f"within tolerance ({threshold:.4g})")
+    marked = False
+    for variant in order:
+      f = spent.get(variant)
+      if f is not None:
+        ax.scatter([f], [threshold if threshold is not None else target], marker="v", s=70,
+                   color=_VARIANT_COLORS.get(variant, "gray"), edgecolors="black",
+                   zorder=4, label=None if marked else "median FLOPs to reach it")
+        marked = True
+  ax.set_xscale("log")
+  ax.set_xlabel("training FLOPs (6 × live params × tokens, cumulative)")
+  ax.set_ylabel(f"validation {metric}")
+  ax.set_title(title or f"{result.get('task', 'growth')}: validation {metric} against "
+               "training FLOPs")
+  ax.grid(alpha=0.3, which="both")
+  ax.legend(fontsize=8, loc="best")
+  return _save(fig, out_path)
 
 
 def plot_es_curves(history: Sequence[dict], out_path, *, title: str | None = None) -> str:

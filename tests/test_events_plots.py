@@ -264,3 +264,65 @@ def test_missing_matplotlib_names_the_extra(monkeypatch, tmp_path):
   monkeypatch.setitem(sys.modules, "matplotlib", None)
   with pytest.raises(ImportError, match=r"kasmina_jax\[examples\]"):
     plots.plot_run([{"type": "run"}], tmp_path)
+
+
+def _protocol_result(metric="accuracy"):
+  """A `run_protocol` result as its JSON holds it: two seeds a variant at the chosen rate
+  (grown's second with an epoch lost to a rollback, as NaN), one run of another rate."""
+  def run(variant, seed, lr, flops, vals):
+    return {"variant": variant, "seed": seed, "lr": lr, "flops_curve": flops,
+            "val_curve": vals, "train_flops": flops[-1]}
+  small = [1e6, 2e6, 3e6, 4e6]
+  large = [1e7, 2e7, 3e7, 4e7]
+  grown = [1e6, 3e6, 8e6, 1.5e7]
+  return {
+      "task": "synthetic", "metric": metric, "chosen": {"fixed_small": 0.01,
+                                                        "fixed_large": 0.01, "grown": 0.003},
+      "runs": [run("fixed_small", 0, 0.01, small, [0.4, 0.5, 0.55, 0.6]),
+               run("fixed_small", 1, 0.01, small, [0.42, 0.5, 0.56, 0.61]),
+               run("fixed_large", 0, 0.01, large, [0.5, 0.65, 0.70, 0.70]),
+               run("fixed_large", 1, 0.01, large, [0.6, 0.72, 0.73, 0.74]),
+               run("grown", 0, 0.003, grown, [0.5, 0.6, 0.75, 0.78]),
+               run("grown", 1, 0.003, grown, [0.5, None, 0.73, 0.76]),
+               run("grown", 0, 0.01, grown, [0.1, 0.1, 0.1, 0.1])],
+      "reach": {"target": 0.72, "tolerance": 0.01, "threshold": 0.71,
+                "variants": {"grown": {"flops": 8e6}, "fixed_small": {"flops": None},
+                             "fixed_large": {"flops": 2e7}}},
+  }
+
+
+def test_metric_flops_curves_keep_the_chosen_rate_in_seed_order():
+  from kasmina_jax import plots  # pylint: disable=g-import-not-at-top
+  curves = plots.metric_flops_curves(_protocol_result())
+  assert sorted(curves) == ["fixed_large", "fixed_small", "grown"]
+  assert len(curves["grown"]) == 2  # the lr 0.01 run of grown is not its chosen rate
+  flops, vals = curves["grown"][1]
+  np.testing.assert_allclose(flops, [1e6, 3e6, 8e6, 1.5e7])
+  assert math.isnan(vals[1]) and vals[3] == 0.76
+  np.testing.assert_allclose(curves["fixed_large"][0][1], [0.5, 0.65, 0.70, 0.70])
+
+
+def test_plot_metric_vs_flops(tmp_path):
+  pytest.importorskip("matplotlib")
+  from kasmina_jax import plots  # pylint: disable=g-import-not-at-top
+  result = _protocol_result()
+  _assert_png(plots.plot_metric_vs_flops(result, tmp_path / "flops.png"))
+  # From the JSON file; and from rows when the result kept no `reach` (loss direction).
+  path = tmp_path / "results.json"
+  path.write_text(json.dumps(result))
+  _assert_png(plots.plot_metric_vs_flops(str(path), tmp_path / "from_json.png"))
+  no_reach = {k: v for k, v in _protocol_result("loss").items() if k != "reach"}
+  no_reach["rows"] = [{"variant": "grown", "reach_target": 0.72, "reach_threshold": 0.73,
+                       "flops_to_large": None}]
+  assert plots._reach_line(no_reach) == (0.72, 0.73, {"grown": None})
+  _assert_png(plots.plot_metric_vs_flops(no_reach, tmp_path / "rows.png", title="t"))
+  # Without any target at all the curves are still drawn.
+  bare = {k: v for k, v in result.items() if k != "reach"}
+  assert plots._reach_line(bare) == (None, None, {})
+  _assert_png(plots.plot_metric_vs_flops(bare, tmp_path / "bare.png"))
+  old = {**result, "runs": [{k: v for k, v in r.items() if k not in ("flops_curve", "val_curve")}
+                            for r in result["runs"]]}
+  with pytest.raises(ValueError, match="flops_curve"):
+    plots.plot_metric_vs_flops(old, tmp_path / "old.png")
+  with pytest.raises(TypeError, match="result"):
+    plots.plot_metric_vs_flops([1, 2], tmp_path / "bad.png")
