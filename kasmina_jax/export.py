@@ -460,6 +460,10 @@ def export(source, *, include: str = "fossilized", input_dim: int | None = None)
   if input_dim is not None and (isinstance(input_dim, bool) or not isinstance(input_dim, int)
                                 or input_dim < 1):
     raise ValueError(f"input_dim: expected a positive int or None, got {input_dim!r}")
+  from kasmina_jax import export_lm, transformer  # pylint: disable=g-import-not-at-top
+  if isinstance(source, training.TrainState) and isinstance(source.model,
+                                                             transformer.GrowableLM):
+    return export_lm.export_lm(source, include=include)
   if isinstance(source, training.TrainState):
     hosts = export_linen_hosts(source.model, source.params, source.kasmina, input_dim)
   elif isinstance(source, nnx.Module):

@@ -265,3 +265,147 @@ def load_nnx(spec: ModelSpec, params: Any) -> GrownModelNNX:
   graphdef, state = nnx.split(model)
   state.replace_by_pure_dict(jax.tree.map(jnp.asarray, params))
   return nnx.merge(graphdef, state)
+
+
+# ------------------------------------------------------------------------------ transformer LM
+#
+# The plain counterpart of `kasmina_jax.transformer.GrowableLM`: a pre-norm GPT-style LM whose
+# blocks may hold extra attention heads (folded head children), a wider MLP (folded MLP-width
+# children) and, after a block, extra parallel blocks `x + Attn(LN(x)) + MLP(LN(x))` (folded
+# block children).
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadGroupSpec:
+  """Extra causal heads beside a block's attention (one folded head child)."""
+
+  heads: int
+  head_dim: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelBlockSpec:
+  """A grown block, `Attn(LN1(x)) + MLP(LN2(x))` added to its stream (attention when
+  `heads`, MLP when `mlp_hidden`)."""
+
+  heads: int
+  head_dim: int
+  mlp_hidden: int
+  activation: str = "gelu"
+
+
+@dataclasses.dataclass(frozen=True)
+class LMBlockSpec:
+  """One host block: `extra_heads` beside its attention, `mlp_width` hidden units in its MLP
+  (the host's and folded children's), and the blocks grown after it (side by side: each
+  reads the block's output, their branches are summed onto it)."""
+
+  extra_heads: tuple[HeadGroupSpec, ...] = ()
+  mlp_width: int = 0
+  grown: tuple[ParallelBlockSpec, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class LMSpec:
+  vocab: int
+  dim: int
+  context: int
+  heads: int
+  blocks: tuple[LMBlockSpec, ...]
+
+  def to_json(self) -> str:
+    return json.dumps({"kind": "lm", **dataclasses.asdict(self)})
+
+  @classmethod
+  def from_json(cls, text: str) -> "LMSpec":
+    raw = json.loads(text)
+    raw.pop("kind", None)
+    blocks = tuple(LMBlockSpec(
+        extra_heads=tuple(HeadGroupSpec(**h) for h in b["extra_heads"]),
+        mlp_width=b["mlp_width"], grown=tuple(ParallelBlockSpec(**g) for g in b["grown"]))
+        for b in raw.pop("blocks"))
+    return cls(blocks=blocks, **raw)
+
+
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """`(..., T, H, d)` each -> `(..., T, H, d)`, causal, scaled by `1/sqrt(d)`."""
+  t = q.shape[-3]
+  scores = jnp.einsum("...thd,...shd->...hts", q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
+  scores = jnp.where(jnp.tril(jnp.ones((t, t), bool)), scores, -1e30)
+  return jnp.einsum("...hts,...shd->...thd", jax.nn.softmax(scores, axis=-1), v)
+
+
+class ExtraHeads(nn.Module):
+  """Causal heads without biases whose output projection adds to the block's attention."""
+
+  spec: HeadGroupSpec
+  dim: int
+
+  @nn.compact
+  def __call__(self, h: jax.Array) -> jax.Array:
+    shape = (h.shape[-1], self.spec.heads, self.spec.head_dim)
+    init = nn.initializers.lecun_normal()
+    q, k, v = (jnp.einsum("...td,dhe->...the", h, self.param(n, init, shape))
+               for n in ("query", "key", "value"))
+    out = self.param("out", nn.initializers.zeros,
+                     (self.spec.heads, self.spec.head_dim, self.dim))
+    return jnp.einsum("...the,hed->...td", causal_attention(q, k, v), out)
+
+
+class ParallelBlock(nn.Module):
+  """A grown block's residual branch `Attn(LN1(x)) + MLP(LN2(x))` (the caller adds `x`)."""
+
+  spec: ParallelBlockSpec
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    d = x.shape[-1]
+    out = jnp.zeros_like(x)
+    if self.spec.heads:
+      h = nn.LayerNorm(epsilon=1e-6, name="ln1")(x)
+      out = out + ExtraHeads(HeadGroupSpec(self.spec.heads, self.spec.head_dim), d,
+                             name="attn")(h)
+    if self.spec.mlp_hidden:
+      h = nn.LayerNorm(epsilon=1e-6, name="ln2")(x)
+      h = activate(self.spec.activation, nn.Dense(self.spec.mlp_hidden, name="mlp_in")(h))
+      out = out + nn.Dense(d, name="mlp_out")(h)
+    return out
+
+
+class LMBlock(nn.Module):
+  spec: LMBlockSpec
+  heads: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    d = x.shape[-1]
+    h = nn.LayerNorm(name="ln1")(x)
+    mask = nn.make_causal_mask(jnp.ones(h.shape[:-1], jnp.int32))
+    a = nn.MultiHeadDotProductAttention(num_heads=self.heads, name="attn")(h, h, mask=mask)
+    for i, group in enumerate(self.spec.extra_heads):
+      a = a + ExtraHeads(group, d, name=f"heads{i}")(h)
+    x = x + a
+    h = nn.LayerNorm(name="ln2")(x)
+    h = jax.nn.gelu(nn.Dense(self.spec.mlp_width, name="mlp_in")(h))
+    return x + nn.Dense(d, name="mlp_out")(h)
+
+
+class GrownLM(nn.Module):
+  """`tokens` `(..., T)` int -> logits `(..., T, vocab)`."""
+
+  spec: LMSpec
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    s = self.spec
+    x = nn.Embed(s.vocab, s.dim, name="embed")(tokens)
+    pos = self.param("pos", nn.initializers.normal(0.02), (s.context, s.dim))
+    x = x + pos[: tokens.shape[-1]]
+    for i, block in enumerate(s.blocks):
+      x = LMBlock(block, s.heads, name=f"block{i}")(x)
+      # The blocks grown at one site sit side by side: each reads the stream as it enters.
+      branches = [ParallelBlock(grown, name=f"grown{i}_{j}")(x)
+                  for j, grown in enumerate(block.grown)]
+      x = x + sum(branches) if branches else x
+    x = nn.LayerNorm(name="ln_f")(x)
+    return nn.Dense(s.vocab, name="head")(x)
