@@ -58,8 +58,8 @@ from kasmina_jax import training
 from kasmina_jax.lifecycle import Stage
 
 INCLUDE = ("fossilized", "live")
-IN_FLIGHT = (Stage.TRAINING, Stage.GRAFTING, Stage.STABILIZATION, Stage.EVALUATING,
-             Stage.FINE_TUNING)
+# The seeds' weights in an export (shared with `export_lm`, the transformer's export).
+from kasmina_jax._fold import IN_FLIGHT, fold_weights  # pylint: disable=g-import-not-at-top,g-bad-import-order
 
 _KNOWN_ACTIVATIONS = (
     (jax.nn.relu, "relu"), (jax.nn.gelu, "gelu"), (jnp.tanh, "tanh"), (jax.nn.tanh, "tanh"),
@@ -256,27 +256,6 @@ def _trace_nnx(model: nnx.Module, input_dim: int) -> list[_Host]:
 
 
 # ------------------------------------------------------------------------------------ folding
-
-
-def fold_weights(seeds: lifecycle.SeedState, include: str, where: str) -> np.ndarray:
-  """(K,) the weight with which each seed's child enters the exported layer (0: dropped).
-
-  `include="fossilized"`: FOSSILIZED 1, and an error if any seed is in flight;
-  `include="live"`: what the evaluation pass computes: 1 for STABILIZATION .. FOSSILIZED,
-  alpha for GRAFTING, 0 otherwise (TRAINING's chunk is still `x`).
-  """
-  stage = np.asarray(seeds.stage)
-  alpha = np.asarray(seeds.alpha, np.float32)
-  if include == "fossilized":
-    flight = np.isin(stage, [int(s) for s in IN_FLIGHT])
-    if flight.any():
-      listed = ", ".join(f"seed {k} ({Stage(int(stage[k])).name})" for k in np.flatnonzero(flight))
-      raise ValueError(
-          f"include='fossilized': layer {where} has seeds in flight: {listed}. Fossilize or "
-          "cull them first, or pass include='live' to export the evaluation pass as it is")
-    return np.where(stage == Stage.FOSSILIZED, 1.0, 0.0).astype(np.float32)
-  full_on = (stage >= Stage.STABILIZATION) & (stage <= Stage.FOSSILIZED)
-  return np.where(full_on, 1.0, np.where(stage == Stage.GRAFTING, alpha, 0.0)).astype(np.float32)
 
 
 def _fold_layer(host: _Host, name: str, include: str) -> tuple[em.LayerSpec, dict]:

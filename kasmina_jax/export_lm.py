@@ -26,6 +26,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from kasmina_jax import _fold
 from kasmina_jax import export_model as em
 from kasmina_jax import lifecycle
 from kasmina_jax import linen as knn
@@ -79,8 +80,7 @@ def _np(tree):
 
 def _weights(seeds: lifecycle.SeedState, include: str, where: str) -> np.ndarray:
   """(K,) the weight each seed's child enters the evaluation pass with (0: dropped)."""
-  from kasmina_jax import export as export_lib  # pylint: disable=g-import-not-at-top
-  return export_lib.fold_weights(seeds, include, where)
+  return _fold.fold_weights(seeds, include, where)
 
 
 def _layer(kasmina, path: tuple):

@@ -46,6 +46,7 @@ from kasmina_jax import layer as layer_lib
 from kasmina_jax import lifecycle
 from kasmina_jax import optim
 from kasmina_jax import orchestration as orch
+from kasmina_jax import sequence as seq_lib
 from kasmina_jax import telemetry as tel_lib
 from kasmina_jax.nn import StepSummary
 
@@ -63,21 +64,21 @@ class StepSummaryVar(nnx.Variable):
 
 
 class Children(nnx.Module):
-  """A layer's children: one `nnx.Param` per `ChildParams` field."""
+  """A layer's children: one `nnx.Param` per field of its children record
+  (`blueprints.ChildParams`, or `sequence.SequenceChildParams` for sequence children)."""
 
-  def __init__(self, params: bp_lib.ChildParams):
-    for name in _FIELDS:
+  def __init__(self, params):
+    self._record = type(params)
+    self._fields = tuple(f.name for f in dataclasses.fields(params))
+    for name in self._fields:
       setattr(self, name, nnx.Param(getattr(params, name)))
 
-  def get(self) -> bp_lib.ChildParams:
-    return bp_lib.ChildParams(**{name: getattr(self, name).get_value() for name in _FIELDS})
+  def get(self):
+    return self._record(**{name: getattr(self, name).get_value() for name in self._fields})
 
-  def set(self, params: bp_lib.ChildParams) -> None:
-    for name in _FIELDS:
+  def set(self, params) -> None:
+    for name in self._fields:
       getattr(self, name).set_value(getattr(params, name))
-
-
-_FIELDS = tuple(f.name for f in dataclasses.fields(bp_lib.ChildParams))
 
 
 def init_step_summary(num_seeds: int) -> StepSummary:
@@ -103,16 +104,16 @@ class KasminaLayer(nnx.Module):
                input_dim: int | None = None, corr_rows: int = 256, trust_penalty: float = 1.0,
                dead_eps: float = tel_lib.DEAD_EPS, impl: str = "auto",
                telemetry_every: int = tel_lib.DEFAULT_TELEMETRY_EVERY,
-               precision=None, rngs: nnx.Rngs | None = None):
+               precision=None, context: int = 0, rngs: nnx.Rngs | None = None):
     if impl not in layer_lib.IMPLS:
       raise ValueError(f"impl: expected one of {layer_lib.IMPLS}, got {impl!r}")
     self.precision = chunks.canonical_precision(precision)
     if rngs is not None and not isinstance(rngs, nnx.Rngs):
       raise TypeError(f"rngs: expected nnx.Rngs or None, got {type(rngs).__name__}")
-    self.spec = layer_lib.KasminaSpec(
-        dim=dim, num_seeds=num_seeds, blueprints=tuple(blueprints), input_dim=input_dim,
-        corr_rows=corr_rows, dead_eps=dead_eps, trust_penalty=trust_penalty,
-        telemetry_every=telemetry_every)
+    self.spec = layer_lib.make_spec(
+        dim, num_seeds, tuple(blueprints), input_dim=input_dim, corr_rows=corr_rows,
+        dead_eps=dead_eps, trust_penalty=trust_penalty, telemetry_every=telemetry_every,
+        context=context)
     self.grafting_strategies = graft_lib.check_strategies(grafting_strategies,
                                                           "grafting_strategies")
     self.impl = impl
@@ -186,6 +187,55 @@ class KasminaDense(nnx.Module):
     if self.activation is not None:
       h = self.activation(h)
     return self.kasmina(h, u=u, eval_alpha=eval_alpha, deterministic=deterministic)
+
+
+class KasminaAttention(nnx.Module):
+  """Causal multi-head self-attention (`nnx.MultiHeadAttention`, the host, as `host`) with a
+  layer of head seeds beside it (the NNX twin of `linen.KasminaAttention`): `u`
+  `(..., T, in_features)` is the attention's (normalised) input; head children read it and
+  add to the host's output."""
+
+  def __init__(self, in_features: int, num_heads: int, num_seeds: int, *,
+               blueprints: tuple = seq_lib.head_blueprints(),
+               grafting_strategies: tuple = graft_lib.DEFAULT_STRATEGIES,
+               corr_rows: int = 256, trust_penalty: float = 1.0,
+               telemetry_every: int = tel_lib.DEFAULT_TELEMETRY_EVERY, precision=None,
+               context: int = 0, rngs: nnx.Rngs):
+    if not isinstance(rngs, nnx.Rngs):
+      raise TypeError(f"rngs: expected nnx.Rngs, got {type(rngs).__name__}")
+    self.host = nnx.MultiHeadAttention(num_heads=num_heads, in_features=in_features,
+                                       decode=False, rngs=rngs)
+    self.kasmina = KasminaLayer(
+        in_features, num_seeds, blueprints=blueprints, grafting_strategies=grafting_strategies,
+        input_dim=in_features, corr_rows=corr_rows, trust_penalty=trust_penalty,
+        impl="reference", telemetry_every=telemetry_every, precision=precision,
+        context=context, rngs=rngs)
+
+  def __call__(self, u: jax.Array, *, eval_alpha: jax.Array | None = None,
+               deterministic: bool | None = None) -> jax.Array:
+    mask = nnx.make_causal_mask(jnp.ones(u.shape[:-1], jnp.int32))
+    h = self.host(u, mask=mask, deterministic=True)
+    return self.kasmina(h, u=u, eval_alpha=eval_alpha, deterministic=deterministic)
+
+
+class KasminaBlocks(nnx.Module):
+  """A site on the residual stream where up to `num_seeds` whole blocks may grow (the NNX
+  twin of `linen.KasminaBlocks`); the identity while no seed is live."""
+
+  def __init__(self, dim: int, num_seeds: int, *,
+               blueprints: tuple = seq_lib.block_blueprints(),
+               grafting_strategies: tuple = graft_lib.DEFAULT_STRATEGIES,
+               corr_rows: int = 256, trust_penalty: float = 1.0,
+               telemetry_every: int = tel_lib.DEFAULT_TELEMETRY_EVERY, precision=None,
+               context: int = 0, rngs: nnx.Rngs | None = None):
+    self.kasmina = KasminaLayer(
+        dim, num_seeds, blueprints=blueprints, grafting_strategies=grafting_strategies,
+        corr_rows=corr_rows, trust_penalty=trust_penalty, impl="reference",
+        telemetry_every=telemetry_every, precision=precision, context=context, rngs=rngs)
+
+  def __call__(self, x: jax.Array, *, eval_alpha: jax.Array | None = None,
+               deterministic: bool | None = None) -> jax.Array:
+    return self.kasmina(x, eval_alpha=eval_alpha, deterministic=deterministic)
 
 
 # ------------------------------------------------------------------------------ model helpers
