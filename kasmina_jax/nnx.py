@@ -68,16 +68,16 @@ class Children(nnx.Module):
   (`blueprints.ChildParams`, or `sequence.SequenceChildParams` for sequence children)."""
 
   def __init__(self, params):
-    self._record = type(params)
-    self._fields = tuple(f.name for f in dataclasses.fields(params))
-    for name in self._fields:
+    self.record = type(params)
+    self.fields = tuple(f.name for f in dataclasses.fields(params))
+    for name in self.fields:
       setattr(self, name, nnx.Param(getattr(params, name)))
 
   def get(self):
-    return self._record(**{name: getattr(self, name).get_value() for name in self._fields})
+    return self.record(**{name: getattr(self, name).get_value() for name in self.fields})
 
   def set(self, params) -> None:
-    for name in self._fields:
+    for name in self.fields:
       getattr(self, name).set_value(getattr(params, name))
 
 

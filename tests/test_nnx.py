@@ -385,7 +385,7 @@ def test_parallel_wired_lifecycle_through_nnx_helpers():
   knx.commit_seed_states(model, {path: seeds}, optimizer=optimizer, key=jax.random.key(1))
   assert np.all(np.asarray(model.dense.kasmina.children.w1u.get_value()[0]) == 0)
   mu2 = nnx.as_pure(optimizer.opt_state)[0].inner_state[0].mu["dense"]["kasmina"]["children"]
-  for name in knx._FIELDS:
+  for name in model.dense.kasmina.children.fields:
     assert np.all(np.asarray(mu2[name][0]) == 0)
     np.testing.assert_array_equal(mu2[name][2], mu[name][2])
   knx.reset_telemetry(model)
