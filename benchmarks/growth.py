@@ -38,6 +38,8 @@ TASKS = {
     "mnist1d_10k": (mnist1d.make_task, {"samples": 10000, "name": "mnist1d_10k"}, "accuracy"),
     "spirals": (spirals.make_task, {}, "accuracy"),
     "char_lm": (char_lm.make_task, {}, "loss"),
+    # The GPU-scale LM on the same corpus (2 -> 4 blocks of width 128, context 128).
+    "char_lm_gpu": (char_lm.make_gpu_task, {}, "loss"),
 }
 
 
@@ -96,6 +98,8 @@ def main(argv=None):
       from kasmina_jax import plots  # pylint: disable=g-import-not-at-top
       plots.plot_protocol(result["rows"], os.path.join(out_dir, f"{metric}_vs_params.png"),
                           metric=metric, title=f"{name}: test {metric} against parameters")
+      plots.plot_metric_vs_flops(result, os.path.join(out_dir, f"val_{metric}_vs_flops.png"),
+                                 title=f"{name}: validation {metric} against training FLOPs")
       if result["grown_log"]:
         plots.plot_run(result["grown_log"], out_dir)
   with open(os.path.join(args.out, f"growth{args.tag}.md"), "w") as fh:
