@@ -550,3 +550,48 @@ def _plain(x):
   if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
     return jax.random.key_data(x)
   return x
+
+
+class _TinySequenceLM(nnx.Module):
+  """Head seeds beside an attention and a block site, the NNX shells' sequence layers."""
+
+  def __init__(self, vocab, dim, rngs):
+    self.embed = nnx.Embed(vocab, dim, rngs=rngs)
+    self.ln = nnx.LayerNorm(dim, rngs=rngs)
+    self.attn = knx.KasminaAttention(dim, 2, 2, rngs=rngs)
+    self.grow = knx.KasminaBlocks(dim, 1, rngs=rngs)
+    self.head = nnx.Linear(dim, vocab, rngs=rngs)
+
+  def __call__(self, tokens):
+    x = self.embed(tokens)
+    x = x + self.attn(self.ln(x))
+    return self.head(self.grow(x))
+
+
+@pytest.mark.slow
+def test_sequence_layers_grow_through_the_shared_loop():
+  from kasmina_jax import grafting, tamiyo, training  # pylint: disable=g-import-not-at-top
+  vocab, t = 11, 6
+  rng = np.random.default_rng(0)
+  seq = rng.integers(0, vocab, (96, t + 1)).astype(np.int32)
+  seq[:, 2:] = seq[:, :-2]
+  train, val = ({"x": seq[:64, :-1], "y": seq[:64, 1:]}, {"x": seq[64:, :-1], "y": seq[64:, 1:]})
+  model = _TinySequenceLM(vocab, 8, nnx.Rngs(0))
+  # causal before growing and after: later tokens never change earlier logits
+  tok = jnp.asarray(seq[:2, :-1])
+  life = lifecycle.LifecycleConfig(min_training_steps=4, max_training_steps=100,
+                                   stabilization_steps=4, fine_tuning_steps=4, embargo_epochs=1)
+  config = training.TrainConfig(grafting=grafting.GraftingConfig(fixed_steps=4),
+                                tamiyo=tamiyo.TamiyoConfig(lifecycle=life))
+  state = knx.create_train_state(model, optax.adam(1e-2), jax.random.key(1), config)
+  state, history = training.fit(state, train, val, training.cross_entropy_loss, epochs=5,
+                                batch_size=16, progress=False)
+  knx.update_model(model, state)
+  stages = {p: np.asarray(layer.seeds.get_value().stage) for p, layer in
+            knx.find_layers(model).items()}
+  assert set(stages) == {("attn", "kasmina"), ("grow", "kasmina")}
+  assert all(np.all(s >= lifecycle.Stage.TRAINING) for s in stages.values()), stages
+  assert all(np.isfinite(h["val_loss"]) for h in history)
+  model.eval()
+  a, b = model(tok), model(tok.at[:, 3:].set((tok[:, 3:] + 1) % vocab))
+  np.testing.assert_allclose(np.asarray(a[:, :3]), np.asarray(b[:, :3]), atol=1e-6)
