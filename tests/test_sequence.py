@@ -401,3 +401,19 @@ def test_a_growable_lm_grows_heads_and_blocks_through_fit():
              for p, v in knn.find_layers(state.kasmina).items()}
   # every site's seed germinated and went on at least to TRAINING (or was culled after it)
   assert all(s >= Stage.TRAINING for s in reached.values()), reached
+
+
+def test_a_state_with_sequence_children_checkpoints_bit_for_bit(tmp_path):
+  pytest.importorskip("orbax.checkpoint")
+  from kasmina_jax import checkpoint as ckpt  # pylint: disable=g-import-not-at-top
+  state = _state_with(lambda i, j: MIXED[(3 * i + j) % len(MIXED)], model=_small_lm())
+  ckpt.save(tmp_path, state, step=3)
+  fresh = _state_with(lambda i, j: Stage.DORMANT, perturb=0.0, seed=5, model=_small_lm())
+  restored = ckpt.restore(tmp_path, fresh)
+  for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(state.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  for path, lv in knn.find_layers(restored.kasmina).items():
+    np.testing.assert_array_equal(np.asarray(lv.seeds.stage),
+                                  np.asarray(knn.find_layers(state.kasmina)[path].seeds.stage))
+  assert isinstance(optim.find_children(restored.params)[("grow0", "kasmina")],
+                    sequence.SequenceChildParams)
