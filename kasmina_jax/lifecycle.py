@@ -23,7 +23,7 @@ from kasmina_jax import tolerance
 
 
 class Stage(enum.IntEnum):
-  """The spec's 11 stages, in spec order."""
+  """The design's 11 stages, in its order (docs/design.md, "Stages")."""
 
   DORMANT = 0
   GERMINATED = 1
@@ -40,8 +40,9 @@ class Stage(enum.IntEnum):
 
 NUM_STAGES = len(Stage)
 
-# The spec's state diagram, [from, to]. FOSSILIZED and ROLLED_BACK are terminal: the diagram's
-# FOSSILIZED -> DORMANT edge is not taken (the spec's stage table calls FOSSILIZED terminal).
+# The design's state diagram, [from, to] (docs/design.md, "Stages"). FOSSILIZED and ROLLED_BACK
+# are terminal: the diagram's
+# FOSSILIZED -> DORMANT edge is not taken (the design's stage table calls FOSSILIZED terminal).
 _EDGES = (
     (Stage.DORMANT, Stage.GERMINATED),
     (Stage.GERMINATED, Stage.TRAINING),
@@ -110,10 +111,10 @@ BLENDING_STAGES = (
     Stage.FINE_TUNING,
     Stage.FOSSILIZED,
 )
-# Stages whose child parameters learn (see DESIGN.md's stage table); with
+# Stages whose child parameters learn (see docs/design.md, "Stage table"); with
 # `LifecycleConfig.fossil == "integrated"` (the default) FOSSILIZED children learn too.
 LEARNING_STAGES = (Stage.TRAINING, Stage.GRAFTING, Stage.FINE_TUNING)
-# What a FOSSILIZED child does after it leaves the lifecycle (DESIGN.md, amendment 2).
+# What a FOSSILIZED child does after it leaves the lifecycle (docs/design.md, "Fossils").
 FOSSIL_MODES = ("integrated", "frozen")
 
 
@@ -154,7 +155,8 @@ class Op(enum.IntEnum):
 
 @dataclasses.dataclass(frozen=True)
 class LifecycleConfig:
-  """Gate thresholds; counts are in steps and checked at epoch end (DESIGN.md's table)."""
+  """Gate thresholds; counts are in steps and checked at epoch end (docs/design.md,
+  "Lifecycle thresholds")."""
 
   min_training_steps: int = 100
   recon_tolerance: float = 1e-2
@@ -165,7 +167,8 @@ class LifecycleConfig:
   fine_tuning_patience: int = 2
   embargo_epochs: int = 5
   # "integrated": a fossilized child keeps training with the host (it is host capacity now);
-  # "frozen": the spec's literal reading, frozen forever. Either way it has left the
+  # "frozen": the design's literal reading, frozen forever (docs/design.md, "Fossils"). Either
+  # way it has left the
   # lifecycle: no gate, cull or per-seed rollback touches it.
   fossil: str = "integrated"
 
@@ -470,7 +473,8 @@ def request_germination(state: SeedState, seeds, blueprint, strategy, *,
                         num_blueprints: int, num_strategies: int,
                         config: LifecycleConfig = LifecycleConfig(),
                         epoch: Any = -1) -> tuple[SeedState, jax.Array]:
-  """The spec's `request_germination`: DORMANT -> GERMINATED for `seeds`.
+  """The design's `request_germination` (docs/design.md, "Stages"): DORMANT -> GERMINATED for
+  `seeds`.
 
   Returns `(state, accepted)`, `accepted` of shape (num_seeds,) (False where not asked).
   Concrete seed indices, `blueprint` and `strategy` ids out of range raise a ValueError
@@ -496,7 +500,8 @@ def request_germination(state: SeedState, seeds, blueprint, strategy, *,
 
 def cancel_germination(state: SeedState, seeds,
                        config: LifecycleConfig = LifecycleConfig()) -> tuple[SeedState, jax.Array]:
-  """The spec's `cancel_germination`: GERMINATED or TRAINING -> CANCELLED for `seeds`."""
+  """The design's `cancel_germination` (docs/design.md, "Stages"): GERMINATED or TRAINING ->
+  CANCELLED for `seeds`."""
   _check_state(state)
   mask = _as_mask(seeds, state.num_seeds)
   cmds = make_commands(state.num_seeds, op=jnp.where(mask, Op.CANCEL, Op.NONE))
@@ -531,7 +536,8 @@ def update_readiness(state: SeedState, *, delta: jax.Array | None = None,
                      recon_ratio: jax.Array | None = None,
                      is_replacement: jax.Array | None = None,
                      config: LifecycleConfig = LifecycleConfig()) -> SeedState:
-  """Epoch end: set each seed's `ready` flag from its stage's gate (DESIGN.md's table).
+  """Epoch end: set each seed's `ready` flag from its stage's gate (docs/design.md, "Lifecycle
+  thresholds").
 
   `delta` is the validation counterfactual per seed (`val_loss(off) - val_loss(on)`; NaN: not
   measured this epoch; absent: the stored last one is used); `recon_ratio` the last

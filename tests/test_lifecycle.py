@@ -1,7 +1,7 @@
 """Tests of `kasmina_jax.lifecycle` through its public API.
 
-The transition table is checked edge by edge against the spec's state diagram (section 4.2 of
-`seeds/002`), written out below. Random command sequences run eagerly, under `jax.jit` and under
+The transition table is checked edge by edge against the design's state diagram (docs/design.md,
+"Stages"), written out below. Random command sequences run eagerly, under `jax.jit` and under
 `jax.vmap` over stacked layers, and are checked step by step against a pure-Python model of the
 gates (`_oracle_*`), which shares no code with the library.
 """
@@ -38,13 +38,13 @@ from kasmina_jax.lifecycle import (
 )
 
 # --------------------------------------------------------------------------------------------
-# The spec, written out independently of the library.
+# The design (docs/design.md, "Stages"), written out independently of the library.
 
 SPEC_ORDER = ("DORMANT", "GERMINATED", "TRAINING", "GRAFTING", "STABILIZATION", "EVALUATING",
               "FINE_TUNING", "FOSSILIZED", "CULLED", "CANCELLED", "ROLLED_BACK")
 D, G, TR, GR, ST, EV, FT, FO, CU, CA, RB = range(11)
 
-# The spec's diagram (section 4.2), less FOSSILIZED -> DORMANT (FOSSILIZED is terminal).
+# The design's diagram, less FOSSILIZED -> DORMANT (FOSSILIZED is terminal).
 SPEC_EDGES = frozenset({
     (D, G),  # request_germination()
     (G, TR),  # command from Tamiyo
@@ -154,7 +154,8 @@ def _f32(x) -> np.float32:
 
 
 def _oracle_command(stage, ready, embargo_left, op, target, blueprint, strategy):
-  """(accepted, destination) for one seed, from the spec's edges and DESIGN.md's gates."""
+  """(accepted, destination) for one seed, from the design's edges and gates (docs/design.md,
+  "Stages", "Lifecycle thresholds")."""
   if op == Op.GERMINATE:
     dst = G
   elif op == Op.ADVANCE:
