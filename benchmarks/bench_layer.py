@@ -8,7 +8,8 @@ Measures, with device-side timing (warm-up, many repetitions, median):
   reference      `layer.forward(impl="reference")`: the pure-jnp layer under XLA
   pallas         `layer.forward(impl="pallas")`
   triton         `layer.forward(impl="triton")` (hand-written Triton through jax-triton)
-  probe          DESIGN.md's reference probe (`probe_kernel.py`: forward only, every seed's
+  probe          the reference probe of docs/design.md, "Performance model" (`probe_kernel.py`:
+  forward only, every seed's
                  child computed, no stage logic), the best of a short configuration sweep
   torch_loop     PyTorch, a loop over the seeds the way the older implementation did it
                  (`split` into chunks, one `nn.Module` child per active seed, blend, `cat`)
@@ -24,7 +25,8 @@ per node) is on in every implementation; the correlation Gram matrix only with
 Bytes counted: forward `2 * bytes(x)` (read x, write out). Forward + backward
 `4 * bytes(x)` (forward: read x, write out; backward: read the output gradient and x; while
 seeds only blend, the input gradient *is* the output gradient and need not be written:
-DESIGN.md's four-pass floor). Forward + backward takes the output itself as its cotangent
+the four-pass floor, docs/design.md, "Performance model"). Forward + backward takes the output
+itself as its cotangent
 (the gradient of `0.5 * sum(out^2)`), an intermediate that dies in the backward, as in a
 training step; it returns the telemetry, the input gradient and the child gradients. GB/s are those bytes over the measured time; `%copy` is that
 rate over the copy's.

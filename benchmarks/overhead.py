@@ -33,8 +33,8 @@ counts, optimized-HLO instruction counts, XLA's FLOP / byte estimates (`cost_ana
 the whole step and of its parts (layer forward + backward without telemetry, the telemetry
 update, the seeds' per-step update, the stage-masked optimizer, drift + snapshot).
 
-The cost account of the dormant step (issue 19; read against DESIGN.md's performance
-model), what the code did per Kasmina layer and step before the dormant-path change, and
+The cost account of the dormant step (issue 19; read against docs/design.md, "Performance
+model"), what the code did per Kasmina layer and step before the dormant-path change, and
 what it does now:
 
 1. Child compute of dormant seeds. Before: every seed's child ran on every row whatever its

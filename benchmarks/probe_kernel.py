@@ -1,4 +1,4 @@
-"""The reference probe of DESIGN.md (`probes/triton_chunk_probe.py`): a 60-line Triton forward
+"""The reference probe of docs/design.md ("Performance model"): a 60-line Triton forward
 of the chunked layer with a residual ReLU MLP child on every seed (alpha-blended, TF32 dots),
 with per-node sum, sum of squares and dead counts, no stage logic. `bench_layer.py` times it
 beside the library as the bar to beat (`--impls probe`).

@@ -7,7 +7,7 @@ test split read once, for the report).
 
 The model is 40 -> w -> w -> 10 with both hidden layers wrapped by `KasminaDense`; the grown
 and ceiling variants hold parallel-wired children (4 seeds a layer, hidden 64 each), which
-behave like added width (DESIGN.md, "Wiring").
+behave like added width (docs/design.md, "Blueprints and wiring").
 
 `--export DIR` writes the grown model (seed 0, at its validation-chosen rate) as plain Flax
 (`kasmina_jax.export`): `model.json`, `params.msgpack`, `grown_model.py`, `apply.stablehlo`,

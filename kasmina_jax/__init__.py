@@ -70,8 +70,8 @@ __all__ = [
 
 # The shells (Flax Linen / NNX), the loop, experiment drivers, data sets and meshes load on
 # first access (`kasmina_jax.linen`, `kasmina_jax.KasminaDense`): `import kasmina_jax` and the
-# framework-free core (`kasmina_jax.optim`, ...) then never import Flax (DESIGN.md
-# amendment 7, "Layering"), and experiments / data sets cost nothing until used.
+# framework-free core (`kasmina_jax.optim`, ...) then never import Flax (docs/design.md,
+# "Layering"), and experiments / data sets cost nothing until used.
 _LAZY_MODULES = ("datasets", "distributed", "experiments", "export", "export_model", "linen",
                  "nn", "nnx", "training", "steps", "loop", "losses", "orchestration")
 _LAZY_NAMES = {"KasminaDense": "linen", "KasminaLayer": "linen"}

@@ -1,6 +1,6 @@
 """Frozen dataclass pytrees without Flax: `flax.struct`'s contract for the core modules.
 
-DESIGN.md amendment 7 ("Layering"): nothing below a shell imports Flax, and `import flax`
+docs/design.md, "Layering": nothing below a shell imports Flax, and `import flax`
 loads all of `flax.linen`. The core's state (`SeedState`, telemetry, reports) only needs what
 `flax.struct` gives: a frozen dataclass, registered as a pytree (fields with
 `pytree_node=False` ride in the tree structure as static metadata), with `.replace(**fields)`.

@@ -4,7 +4,7 @@ The chunk geometry (`to_blocks` / `from_blocks`), the stage rules as masks (`sta
 the per-seed blueprint tables (`seed_tables`), the child's math (`child_branch`), the parallel
 children's first-layer GEMM (`parallel_first_layer`), the forward's report (`StepAux`), and
 the validation of a matmul `precision` (`canonical_precision`). This module sits below both
-`layer` and `kernels`, so that neither imports the other's helpers (DESIGN.md amendment 7:
+`layer` and `kernels`, so that neither imports the other's helpers (docs/design.md, "Layering":
 `layer` imports `kernels` for the `impl` dispatch; `kernels` imports only this module).
 `layer` re-exports every name here that it exported before.
 
@@ -116,8 +116,8 @@ class StepAux:
 
 
 def stage_masks(stage: jax.Array):
-  """`(training, grafting, full_on, live, learning)` bool masks of `stage` (DESIGN.md's stage
-  table; the reference and every kernel path read the stages through this one function)."""
+  """`(training, grafting, full_on, live, learning)` bool masks of `stage` (docs/design.md, "Stage
+  table"; the reference and every kernel path read the stages through this one function)."""
   s = stage
   training = s == Stage.TRAINING
   grafting = s == Stage.GRAFTING

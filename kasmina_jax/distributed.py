@@ -393,14 +393,18 @@ def _process_rows(rows: int, mesh: Mesh) -> slice:
 def fit(state: training.TrainState, train_data: dict, val_data: dict, loss_fn: training.LossFn,
         *, epochs: int, batch_size: int, mesh: Mesh | None = None, axis: str = DATA_AXIS,
         seed_axis: str | None = None, policy: Callable = tamiyo.decide, seed: int = 0, log_path: str | None = None,
-        progress: bool = True, rollback: bool = True, description: str = "fit"):
-  """`training.fit` over a device mesh: same arguments, same data order, same history.
+        progress: bool = True, rollback: bool = True, description: str = "fit",
+        num_classes="auto", max_skipped_epochs: int | None = 3):
+  """`training.fit` over a device mesh: same arguments, same data order, same history, the
+  same data checks before training (`num_classes`) and the same stop after
+  `max_skipped_epochs` fully skipped epochs (`training.NonFiniteTrainingError`).
 
   `batch_size` is the global batch (rows per step over all devices); it must be divisible
   by the number of devices on `axis`. `seed_axis`: see `data_parallel`. On several hosts every process passes the whole data
   and logs only from process 0.
   """
-  training.check_fit_args(train_data, epochs, batch_size)
+  training.check_fit_args(train_data, epochs, batch_size, val_data=val_data, state=state,
+                          loss_fn=loss_fn, num_classes=num_classes)
   mesh = data_mesh(axis=axis) if mesh is None else mesh
   dp = DataParallel(mesh, axis, seed_axis)
   if batch_size % dp.num_shards:
@@ -426,4 +430,5 @@ def fit(state: training.TrainState, train_data: dict, val_data: dict, loss_fn: t
       state, train_data, val_data, loss_fn, epochs=epochs, batch_size=batch_size,
       policy=policy, seed=seed, log_path=log_path, progress=progress, rollback=rollback,
       description=description, step=dp.train_step, end=end, batch_hook=hook,
-      primary=jax.process_index() == 0, run_info={"devices": int(mesh.devices.size)})
+      primary=jax.process_index() == 0, run_info={"devices": int(mesh.devices.size)},
+      max_skipped_epochs=max_skipped_epochs)

@@ -4,7 +4,7 @@ Four variants train on the same data, in the same order, with the same step budg
 fixed-small, fixed-large, the *ceiling* (the small model with every seed's child present and
 learning from step 0) and *grown* (starts as fixed-small; Tamiyo decides).
 
-The protocol (DESIGN.md, amendment 1):
+The protocol (docs/design.md, "Growth protocol"):
 
 * a validation split carved from the training split drives every decision: Tamiyo's
   plateau and counterfactual Δ inside `fit`, and the learning-rate choice of each variant;

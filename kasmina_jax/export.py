@@ -27,7 +27,9 @@ Supported structure: a chain of `KasminaDense` (`kasmina_jax.nn` or `kasmina_jax
 plain `Dense` / `nnx.Linear` layers, each layer's output fed unchanged to the next and the
 last one's returned, nonlinearities given as `KasminaDense(activation=...)` (one of
 `export_model.ACTIVATIONS`). Anything else (a function or another module between layers, a
-bare `KasminaLayer`, a reshaped input) raises a ValueError naming what was found.
+bare `KasminaLayer`, a reshaped input, a convolution, an embedding, attention) raises a
+ValueError naming the first layer or module it cannot fold, before that module runs on the
+probe input (where it would fail with Flax's own shape error).
 
 The exported model's apply function serializes with `jax.export` (`Exported.serialize`), and
 `Exported.save(directory)` writes everything a plain Flax user needs, with no `kasmina_jax`
@@ -123,8 +125,20 @@ def _np(a) -> np.ndarray:
   return np.asarray(jax.device_get(a), np.float32)
 
 
+class _Unsupported(Exception):
+  """The first module of a traced model that export cannot fold (raised before it runs)."""
+
+
+_CANNOT_FOLD = ("export folds chains of KasminaDense / Dense layers (nnx.Linear in NNX) with "
+                "their activations given as KasminaDense(activation=...); it cannot fold ")
+
+
+def _unsupported_error(what: str) -> ValueError:
+  return ValueError(f"model: {_CANNOT_FOLD}{what}")
+
+
 def _trace_linen(model: nn.Module, params, kasmina, input_dim: int) -> list[_Host]:
-  calls, hosts, others, stack = [], [], [], []
+  calls, hosts, stack = [], [], []
 
   def interceptor(next_fun, args, kwargs, context):
     mod = context.module
@@ -133,7 +147,9 @@ def _trace_linen(model: nn.Module, params, kasmina, input_dim: int) -> list[_Hos
     top = not stack
     is_layer = isinstance(mod, (nn.Dense, knn.KasminaDense))
     if top and not is_layer:
-      others.append(f"{type(mod).__name__} at {'/'.join(mod.path)}")
+      # Before it runs: on the probe input a convolution or an embedding would fail with
+      # Flax's own shape error, which names nothing export can act on.
+      raise _Unsupported(f"{type(mod).__name__} at {'/'.join(mod.path)}")
     stack.append(mod)
     try:
       out = next_fun(*args, **kwargs)
@@ -150,10 +166,10 @@ def _trace_linen(model: nn.Module, params, kasmina, input_dim: int) -> list[_Hos
     _check_chain(calls, x, out, "model")
     return out
 
-  jax.eval_shape(run, jax.ShapeDtypeStruct((2, input_dim), jnp.float32))
-  if others:
-    raise ValueError(f"model: export supports chains of KasminaDense / Dense layers; found "
-                     f"{', '.join(others)}")
+  try:
+    jax.eval_shape(run, jax.ShapeDtypeStruct((2, input_dim), jnp.float32))
+  except _Unsupported as e:
+    raise _unsupported_error(str(e)) from None
   layers = knn.find_layers(kasmina)
   covered = set()
   out = []
@@ -207,6 +223,59 @@ def _record_nnx_calls(calls: list):
   finally:
     for cls, orig in originals.items():
       cls.__call__ = orig
+
+
+def _first_unsupported_nnx(model: nnx.Module) -> str | None:
+  """The outermost module holding parameters that export cannot fold (a convolution, an
+  embedding, attention, a normalisation, ...), by path; None if there is none. Read from
+  the module tree before anything runs: on the probe input such a module would fail with
+  Flax's own shape error. Containers of supported layers are walked into."""
+  modules = [(tuple(p), m) for p, m in nnx.iter_modules(model)]
+  supported = (nnx.Linear, knx.KasminaDense)
+  inside = [p for p, m in modules if isinstance(m, (knx.KasminaDense, knx.KasminaLayer))]
+  has_layer = lambda path: any(q[:len(path)] == path and isinstance(m, supported)
+                               for q, m in modules)
+  found = []
+  for path, m in modules:
+    if not path or isinstance(m, supported + (knx.KasminaLayer,)):
+      continue
+    if any(path[:len(q)] == q for q in inside):
+      continue
+    if not jax.tree.leaves(nnx.state(m, nnx.Param)) or has_layer(path):
+      continue
+    found.append((path, m))
+  outer = [(p, m) for p, m in found if not any(q != p and p[:len(q)] == q for q, _ in found)]
+  if not outer:
+    return None
+  order = _definition_order(model)
+  path, m = min(outer, key=lambda pm: (order.get(id(pm[1]), len(order)), tuple(map(str, pm[0]))))
+  return f"{type(m).__name__} at {'/'.join(map(str, path))}"
+
+
+def _definition_order(model: nnx.Module) -> dict[int, int]:
+  """`id(module) -> rank` in the order the modules were assigned (`nnx.iter_modules` sorts by
+  name; assignment order is usually the order of the calls, so "first" means what a reader
+  of the model's `__init__` expects)."""
+  order, seen = {}, set()
+
+  def walk(obj):
+    if id(obj) in seen:
+      return
+    seen.add(id(obj))
+    if isinstance(obj, nnx.Module):
+      order.setdefault(id(obj), len(order))
+      children = vars(obj).values()
+    elif isinstance(obj, (list, tuple)):
+      children = obj
+    elif isinstance(obj, dict):
+      children = obj.values()
+    else:
+      return
+    for child in children:
+      walk(child)
+
+  walk(model)
+  return order
 
 
 def _nnx_input_dim(model: nnx.Module) -> int:
@@ -446,6 +515,9 @@ def export(source, *, include: str = "fossilized", input_dim: int | None = None)
   if isinstance(source, training.TrainState):
     hosts = export_linen_hosts(source.model, source.params, source.kasmina, input_dim)
   elif isinstance(source, nnx.Module):
+    unsupported = _first_unsupported_nnx(source)
+    if unsupported is not None:
+      raise _unsupported_error(unsupported)
     hosts = _trace_nnx(source, input_dim or _nnx_input_dim(source))
   else:
     raise TypeError(f"source: expected a kasmina_jax.training.TrainState or an nnx.Module, "
@@ -472,7 +544,19 @@ def export_linen_hosts(model, params, kasmina, input_dim: int | None) -> list[_H
   if input_dim is None:
     shapes = [np.shape(leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
               if getattr(path[-1], "key", None) == "kernel" and np.ndim(leaf) == 2]
-    input_dim = _chain_input_dim(shapes)
+    try:
+      input_dim = _chain_input_dim(shapes)
+    except ValueError as no_width:
+      # No chain's width (e.g. a transformer's Dense layers): say first what cannot be folded,
+      # if a probe trace (any width: it stops at the first unsupported module) finds it.
+      try:
+        _trace_linen(model, params, kasmina, 1)
+      except ValueError as e:
+        if _CANNOT_FOLD in str(e):
+          raise e from None
+      except Exception:  # pylint: disable=broad-except
+        pass  # the probe's width did not fit the model: the width is the error to report
+      raise no_width
   return _trace_linen(model, params, kasmina, input_dim)
 
 

@@ -31,7 +31,8 @@ from kasmina_jax.lifecycle import SeedState, Stage
 
 
 class GraftingStrategy(enum.IntEnum):
-  """The spec's four strategies; the value is the index into `DEFAULT_STRATEGIES`."""
+  """The design's four strategies (docs/design.md, "Grafting strategies"); the value is the
+  index into `DEFAULT_STRATEGIES`."""
 
   FIXED_RAMP = 0
   PERFORMANCE_LINKED = 1
@@ -41,7 +42,8 @@ class GraftingStrategy(enum.IntEnum):
 
 @dataclasses.dataclass(frozen=True)
 class GraftingConfig:
-  """The spec's grafting parameters (its defaults) and the pause bound (DESIGN.md).
+  """The design's grafting parameters, its defaults, and the pause bound (docs/design.md,
+  "Grafting strategies").
 
   `fixed_steps`: steps of the fixed ramp, also the window of the objective rate.
   `high_drift_threshold`: drift-controlled pauses while host drift exceeds it.

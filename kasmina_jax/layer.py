@@ -2,7 +2,7 @@
 
 `x` of shape `(..., D)` is split into `num_seeds` chunks along its last axis
 (`numpy.array_split` sizes), each chunk is processed by its seed according to its stage, and
-the chunks are concatenated back. The stage rules (DESIGN.md's table):
+the chunks are concatenated back. The stage rules (docs/design.md, "Stage table"):
 
   stage                      value of the chunk      written as
   DORMANT/GERMINATED/...     x                       x
@@ -190,7 +190,7 @@ def germinate_children(spec: KasminaSpec, params: bp_lib.ChildParams, mask, blue
 def reinit_children(spec: KasminaSpec, params: bp_lib.ChildParams, old_stage: jax.Array,
                     new_seeds, key: jax.Array) -> bp_lib.ChildParams:
   """After `apply_commands`: germinated seeds get a fresh child, culled / cancelled /
-  rolled-back / dormant ones a zero child (DESIGN.md, "Who decides what")."""
+  rolled-back / dormant ones a zero child (docs/design.md, "Who decides what")."""
   new_stage = new_seeds.stage
   changed = old_stage != new_stage
   germ = changed & (new_stage == Stage.GERMINATED)
@@ -591,7 +591,7 @@ def whole_objective(spec: KasminaSpec, params: bp_lib.ChildParams, grads: bp_lib
   `child_loss`) with respect to `params`, `seeds` the state the forward ran with.
 
   Residual / parallel children get the trust-region objective `<dL/dout, f> + P`
-  (DESIGN.md). The forward cannot report its linear part, which needs the output gradient,
+  (docs/design.md, "TRAINING objective"). The forward cannot report its linear part (it needs dL/dout),
   and the kernels need not: every child in the catalog is linear in its last layer
   `(w2, b2, s)` jointly (`f = a w2 + b2 + s * x`), so `E = sum(theta * dL/dtheta)` over
   those parameters is `<dL/df, f>` exactly (Euler's identity), whichever backend computed the

@@ -23,7 +23,7 @@ from kasmina_jax import tolerance
 
 
 class Stage(enum.IntEnum):
-  """The spec's 11 stages, in spec order."""
+  """The design's 11 stages, in its order (docs/design.md, "Stages")."""
 
   DORMANT = 0
   GERMINATED = 1
@@ -40,8 +40,9 @@ class Stage(enum.IntEnum):
 
 NUM_STAGES = len(Stage)
 
-# The spec's state diagram, [from, to]. FOSSILIZED and ROLLED_BACK are terminal: the diagram's
-# FOSSILIZED -> DORMANT edge is not taken (the spec's stage table calls FOSSILIZED terminal).
+# The design's state diagram, [from, to] (docs/design.md, "Stages"). FOSSILIZED and ROLLED_BACK
+# are terminal: the diagram's
+# FOSSILIZED -> DORMANT edge is not taken (the design's stage table calls FOSSILIZED terminal).
 _EDGES = (
     (Stage.DORMANT, Stage.GERMINATED),
     (Stage.GERMINATED, Stage.TRAINING),
@@ -110,10 +111,10 @@ BLENDING_STAGES = (
     Stage.FINE_TUNING,
     Stage.FOSSILIZED,
 )
-# Stages whose child parameters learn (see DESIGN.md's stage table); with
+# Stages whose child parameters learn (see docs/design.md, "Stage table"); with
 # `LifecycleConfig.fossil == "integrated"` (the default) FOSSILIZED children learn too.
 LEARNING_STAGES = (Stage.TRAINING, Stage.GRAFTING, Stage.FINE_TUNING)
-# What a FOSSILIZED child does after it leaves the lifecycle (DESIGN.md, amendment 2).
+# What a FOSSILIZED child does after it leaves the lifecycle (docs/design.md, "Fossils").
 FOSSIL_MODES = ("integrated", "frozen")
 
 
@@ -154,7 +155,8 @@ class Op(enum.IntEnum):
 
 @dataclasses.dataclass(frozen=True)
 class LifecycleConfig:
-  """Gate thresholds; counts are in steps and checked at epoch end (DESIGN.md's table)."""
+  """Gate thresholds; counts are in steps and checked at epoch end (docs/design.md,
+  "Lifecycle thresholds")."""
 
   min_training_steps: int = 100
   recon_tolerance: float = 1e-2
@@ -165,7 +167,8 @@ class LifecycleConfig:
   fine_tuning_patience: int = 2
   embargo_epochs: int = 5
   # "integrated": a fossilized child keeps training with the host (it is host capacity now);
-  # "frozen": the spec's literal reading, frozen forever. Either way it has left the
+  # "frozen": the design's literal reading, frozen forever (docs/design.md, "Fossils"). Either
+  # way it has left the
   # lifecycle: no gate, cull or per-seed rollback touches it.
   fossil: str = "integrated"
 
@@ -281,9 +284,45 @@ _INT_ARGUMENTS = {
 }
 
 
+def _check_id_range(name: str, arr, low: int, high: int, what: str) -> None:
+  """Raises a ValueError naming `name`, the first bad value and its seed when a concrete
+  `arr` holds a value outside `[low, high)`. Traced values are left to the gates (a command
+  with an unknown id is rejected there, so a policy under `jit` cannot break the lifecycle);
+  concrete ones are the caller's mistake, and a silent rejection would hide it."""
+  if isinstance(arr, jax.core.Tracer):
+    return
+  values = np.asarray(arr)
+  flat = values.reshape(-1)
+  bad = np.nonzero((flat < low) | (flat >= high))[0]
+  if bad.size:
+    value = int(flat[bad[0]])
+    at = f" (seed {int(bad[0])})" if values.ndim == 1 else ""
+    raise ValueError(f"{name}: expected {what} in [{low}, {high}), got {value}{at}")
+
+
 def make_commands(num_seeds: int, *, op=None, target=None, blueprint=None,
-                  strategy=None) -> Commands:
-  """Build `Commands` from (possibly scalar) values, broadcast to `num_seeds`."""
+                  strategy=None, num_blueprints: int | None = None,
+                  num_strategies: int | None = None) -> Commands:
+  """Build `Commands` from (possibly scalar) values, broadcast to `num_seeds`.
+
+  Concrete values are checked here, before anything is traced: `op` must be an `Op`,
+  `target` a `Stage` or -1, `blueprint` and `strategy` -1 (none) or, when the catalog sizes
+  `num_blueprints` / `num_strategies` are given, an index below them (a ValueError names the
+  argument and the value). Traced values are not checked: `apply_commands` rejects a command
+  with an unknown id at its gate, which is what a policy under `jit` relies on.
+  """
+  if num_blueprints is not None:
+    _checks.positive_int("num_blueprints", num_blueprints)
+  if num_strategies is not None:
+    _checks.positive_int("num_strategies", num_strategies)
+  ranges = {
+      "op": (0, len(Op), "lifecycle.Op ids"),
+      "target": (-1, NUM_STAGES, "lifecycle.Stage ids (-1: the success-path stage)"),
+      "blueprint": (-1, num_blueprints if num_blueprints is not None else np.iinfo(np.int32).max,
+                    "blueprint ids (-1: none)"),
+      "strategy": (-1, num_strategies if num_strategies is not None else np.iinfo(np.int32).max,
+                   "grafting strategy ids (-1: none)"),
+  }
   base = no_commands(num_seeds)
   fields = {}
   for name, value in (("op", op), ("target", target), ("blueprint", blueprint),
@@ -294,6 +333,7 @@ def make_commands(num_seeds: int, *, op=None, target=None, blueprint=None,
       _checks.int_like(name, value, _INT_ARGUMENTS[name])
       arr = jnp.asarray(value)
       _checks.integer_array(name, arr)
+      _check_id_range(name, arr, *ranges[name])
       fields[name] = _broadcast_seeds(name, arr.astype(jnp.int32), num_seeds)
   return Commands(**fields)
 
@@ -433,15 +473,24 @@ def request_germination(state: SeedState, seeds, blueprint, strategy, *,
                         num_blueprints: int, num_strategies: int,
                         config: LifecycleConfig = LifecycleConfig(),
                         epoch: Any = -1) -> tuple[SeedState, jax.Array]:
-  """The spec's `request_germination`: DORMANT -> GERMINATED for `seeds`.
+  """The design's `request_germination` (docs/design.md, "Stages"): DORMANT -> GERMINATED for
+  `seeds`.
 
   Returns `(state, accepted)`, `accepted` of shape (num_seeds,) (False where not asked).
+  Concrete seed indices, `blueprint` and `strategy` ids out of range raise a ValueError
+  naming them; traced ones are rejected by the gate (accepted False, state unchanged).
   """
   _check_state(state)
   # Checked before anything is traced, in the order of the arguments.
   _checks.int_like("blueprint", blueprint, _INT_ARGUMENTS["blueprint"])
   _checks.int_like("strategy", strategy, _INT_ARGUMENTS["strategy"])
   _checks.int_like("epoch", epoch, _INT_ARGUMENTS["epoch"])
+  num_blueprints = _checks.positive_int("num_blueprints", num_blueprints)
+  num_strategies = _checks.positive_int("num_strategies", num_strategies)
+  _check_id_range("blueprint", jnp.asarray(blueprint), 0, num_blueprints,
+                  "blueprint ids (indices into the layer's catalog)")
+  _check_id_range("strategy", jnp.asarray(strategy), 0, num_strategies,
+                  "grafting strategy ids")
   mask = _as_mask(seeds, state.num_seeds)
   cmds = make_commands(state.num_seeds, op=jnp.where(mask, Op.GERMINATE, Op.NONE),
                        blueprint=blueprint, strategy=strategy)
@@ -451,7 +500,8 @@ def request_germination(state: SeedState, seeds, blueprint, strategy, *,
 
 def cancel_germination(state: SeedState, seeds,
                        config: LifecycleConfig = LifecycleConfig()) -> tuple[SeedState, jax.Array]:
-  """The spec's `cancel_germination`: GERMINATED or TRAINING -> CANCELLED for `seeds`."""
+  """The design's `cancel_germination` (docs/design.md, "Stages"): GERMINATED or TRAINING ->
+  CANCELLED for `seeds`."""
   _check_state(state)
   mask = _as_mask(seeds, state.num_seeds)
   cmds = make_commands(state.num_seeds, op=jnp.where(mask, Op.CANCEL, Op.NONE))
@@ -486,7 +536,8 @@ def update_readiness(state: SeedState, *, delta: jax.Array | None = None,
                      recon_ratio: jax.Array | None = None,
                      is_replacement: jax.Array | None = None,
                      config: LifecycleConfig = LifecycleConfig()) -> SeedState:
-  """Epoch end: set each seed's `ready` flag from its stage's gate (DESIGN.md's table).
+  """Epoch end: set each seed's `ready` flag from its stage's gate (docs/design.md, "Lifecycle
+  thresholds").
 
   `delta` is the validation counterfactual per seed (`val_loss(off) - val_loss(on)`; NaN: not
   measured this epoch; absent: the stored last one is used); `recon_ratio` the last

@@ -150,7 +150,7 @@ class KasminaDense(nn.Module):
 
   The Kasmina layer sits AFTER the activation, so its chunks (what telemetry watches and what
   chunk-wired children read) are the host's activations: dead ReLUs show in
-  `dead_node_ratio` (DESIGN.md, Telemetry and amendment 4). Parallel-wired children read the
+  `dead_node_ratio` (docs/design.md, "Telemetry"). Parallel-wired children read the
   Dense's input `u` and add to their chunk of those activations, like added width. With no
   live child the output is `activation(Dense(u))`, as before.
   """
@@ -258,7 +258,7 @@ def find_layers(kasmina: Any) -> dict[tuple, KasminaVars]:
 
 def seed_states(kasmina: Any) -> dict[tuple, lifecycle.SeedState]:
   """`{layer path: SeedState}` of a `kasmina` collection: the map `optim` takes, so that the
-  optimizer code needs no Flax (DESIGN.md amendment 7, "Layering")."""
+  optimizer code needs no Flax (docs/design.md, "Layering")."""
   return {path: v.seeds for path, v in find_layers(kasmina).items()}
 
 

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 
 from kasmina_jax import _checks
+from kasmina_jax import data_checks
 from kasmina_jax import grafting as graft_lib
 from kasmina_jax import lifecycle
 from kasmina_jax import linen as knn
@@ -200,28 +201,71 @@ def progress_bar(total: int, description: str):
   return tqdm(total=total, desc=description, leave=False)
 
 
+class NonFiniteTrainingError(RuntimeError):
+  """Raised by `fit` when `max_skipped_epochs` epochs in a row skipped every step for a
+  non-finite loss or gradient: such a run cannot learn, and going on would only roll back
+  epoch after epoch. `state` is the last good state (the one the emergency rollback keeps:
+  save it with `checkpoint.save` to resume from it), `history` the epochs run so far and
+  `epoch` the epoch at which the run stopped."""
+
+  def __init__(self, message: str, *, state, history: list, epoch: int):
+    super().__init__(message)
+    self.state = state
+    self.history = history
+    self.epoch = epoch
+
+
 def fit(state: TrainState, train_data: dict, val_data: dict, loss_fn: LossFn, *,
         epochs: int, batch_size: int, policy: Callable = tamiyo.decide, seed: int = 0,
         log_path: str | None = None, progress: bool = True, rollback: bool = True,
-        description: str = "fit"):
+        description: str = "fit", num_classes="auto", max_skipped_epochs: int | None = 3):
   """Trains for `epochs` epochs over in-memory arrays (`train_data["x"]` plus labels).
+
+  Both data sets are checked once before training (`kasmina_jax.data_checks`): a mapping
+  with `"x"`, one row per example in every array, finite floating arrays, the keys the loss
+  reads and, where the class count is known, integer labels `"y"` in `[0, num_classes)`
+  (`num_classes="auto"`: the model's output width for `cross_entropy_loss`, no label check
+  for other losses; an int: that count; None: no label check). Bad data is a ValueError (or a
+  TypeError for a wrong dtype) naming the array, its row count and the first bad row.
+
+  `max_skipped_epochs`: after this many consecutive epochs in which every step was skipped
+  for a non-finite loss, `fit` raises `NonFiniteTrainingError` with the last good state
+  (None: never).
 
   Returns `(state, history)`, `history` a list of per-epoch dicts (losses, metrics, stages,
   parameter counts, wall time). With `log_path`, writes the JSONL event log.
   """
-  check_fit_args(train_data, epochs, batch_size)
+  check_fit_args(train_data, epochs, batch_size, val_data=val_data, state=state,
+                 loss_fn=loss_fn, num_classes=num_classes)
   return fit_loop(
       state, train_data, val_data, loss_fn, epochs=epochs, batch_size=batch_size,
       policy=policy, seed=seed, log_path=log_path, progress=progress, rollback=rollback,
-      description=description)
+      description=description, max_skipped_epochs=max_skipped_epochs)
 
 
-def check_fit_args(train_data: dict, epochs: int, batch_size: int) -> None:
+_NO_VAL = object()
+
+
+def check_fit_args(train_data: dict, epochs: int, batch_size: int, *, val_data=_NO_VAL,
+                   state: TrainState | None = None, loss_fn: LossFn | None = None,
+                   num_classes="auto") -> None:
+  """`fit`'s argument checks: the counts, and the data (`data_checks.check_data`; the loss's
+  keys and the class count only with `state` and `loss_fn`)."""
   _checks.positive_int("epochs", epochs)
   _checks.positive_int("batch_size", batch_size)
-  n = len(train_data["x"])
+  n = data_checks.check_data("train_data", train_data, state=state, loss_fn=loss_fn,
+                             num_classes=num_classes)
   if batch_size > n:
     raise ValueError(f"batch_size: {batch_size} exceeds the {n} training rows")
+  if val_data is not _NO_VAL:
+    data_checks.check_data("val_data", val_data, state=state, loss_fn=loss_fn,
+                           num_classes=num_classes)
+
+
+def _check_max_skipped(value) -> int | None:
+  if value is None:
+    return None
+  return _checks.positive_int("max_skipped_epochs", value)
 
 
 def fit_loop(state: TrainState, train_data: dict, val_data: dict, loss_fn: LossFn, *,
@@ -229,14 +273,16 @@ def fit_loop(state: TrainState, train_data: dict, val_data: dict, loss_fn: LossF
              log_path: str | None = None, progress: bool = True, rollback: bool = True,
              description: str = "fit", step: Callable = train_step,
              end: Callable = end_of_epoch, batch_hook: Callable | None = None,
-             primary: bool = True, run_info: dict | None = None):
+             primary: bool = True, run_info: dict | None = None,
+             max_skipped_epochs: int | None = 3):
   """The epoch loop of every `fit` (this module's and `distributed.fit`): batches in a
   (seed, epoch) order, `step(state, batch, loss_fn)` per batch, `end(state, val_data, loss_fn,
   policy=, last_good=, log=)` per epoch, the in-memory last good state, the event log and
   progress (on the `primary` process only), and the history.
 
   `batch_hook(batch)` places a batch before its step (None: as is); `run_info` joins the
-  event log's run record."""
+  event log's run record; `max_skipped_epochs` as in `fit`."""
+  max_skipped_epochs = _check_max_skipped(max_skipped_epochs)
   n = len(train_data["x"])
   # Read the stages once at the start (a restored or hand-made state may not know them), so a
   # resumed run compiles the program an uninterrupted one runs.
@@ -254,6 +300,7 @@ def fit_loop(state: TrainState, train_data: dict, val_data: dict, loss_fn: LossF
   steps_per_epoch = n // batch_size
   bar = progress_bar(epochs * steps_per_epoch, description) if progress and primary else None
   history = []
+  skipped_in_a_row = 0
   start = time.perf_counter()
   try:
     for _ in range(epochs):
@@ -265,10 +312,23 @@ def fit_loop(state: TrainState, train_data: dict, val_data: dict, loss_fn: LossF
         state, _ = step(state, batch, loss_fn)
         if bar is not None:
           bar.update(1)
+      # Replicated scalars under a mesh: every process takes the same branch.
+      skipped_all = bool(state.stats.steps > 0) and bool(
+          state.stats.nonfinite_steps >= state.stats.steps)
       state, out, rolled_back = end(state, val_data, loss_fn, policy=policy,
                                     last_good=last_good, log=log)
       record = epoch_record(state, out, rolled_back, start)
       history.append(record)
+      skipped_in_a_row = skipped_in_a_row + 1 if skipped_all else 0
+      if max_skipped_epochs is not None and skipped_in_a_row >= max_skipped_epochs:
+        good = last_good.restore() if last_good is not None and last_good.has_value else state
+        raise NonFiniteTrainingError(
+            f"fit: every step of the last {skipped_in_a_row} epochs (epochs "
+            f"{record['epoch'] - skipped_in_a_row + 1}..{record['epoch']}) had a non-finite "
+            "loss or gradient and was skipped, so the run cannot learn (a learning rate too "
+            "large, a loss that overflows, or data the checks could not see?). The last good "
+            "state is this error's `state`; max_skipped_epochs= sets the patience",
+            state=good, history=history, epoch=record["epoch"])
       if bar is not None:
         bar.set_postfix(loss=f"{record['train_loss']:.3f}",
                         acc=f"{record.get('val_accuracy', float('nan')):.3f}",

@@ -1,6 +1,6 @@
 """optax integration: children learn only where their seed's stage says so.
 
-DESIGN.md's stage table fixes which children learn: TRAINING, GRAFTING and FINE_TUNING
+docs/design.md's "Stage table" fixes which children learn: TRAINING, GRAFTING and FINE_TUNING
 (`lifecycle.LEARNING_STAGES`). Everywhere else a child is frozen: it must get exactly zero
 updates, and the optimizer's state for it (Adam moments, momentum, ...) must not drift while
 it waits, so that a child that learns again (GRAFTING after TRAINING, FINE_TUNING after
@@ -19,7 +19,7 @@ key dropped (both layers store their children under the key "children"), which i
 
 Seed states come in as a mapping `{layer path: SeedState}` (`linen.seed_states(collection)`,
 `kasmina_jax.nnx.seed_states(model)`): this module knows pytrees and `SeedState` only, not
-Flax (DESIGN.md amendment 7).
+Flax (docs/design.md, "Layering").
 
 Everything here is pure and jittable; the tree walks are static (they only read structure).
 

@@ -1,7 +1,7 @@
 """Orchestration: the per-step seed update, the epoch decision and commit, and the rollback,
 as pure functions over a `{layer path: LayerSlot}` map and the params pytree.
 
-DESIGN.md amendment 7 ("Layering"): this sits between the core (`lifecycle`, `layer`,
+docs/design.md, "Layering": this sits between the core (`lifecycle`, `layer`,
 `grafting`, `telemetry`) and the loop, and imports no Flax. The shells (`linen`, `nnx`) turn
 their own storage into the map (`linen.layer_slots`, `nnx.layer_slots`) and back, so the Linen
 and NNX training paths run the same code, and a change to the epoch sequence lands in one
@@ -250,7 +250,7 @@ def wrapped_host_path(path: tuple) -> tuple:
 def layer_host_drift(params, snapshot, path: tuple) -> jax.Array:
   """`||theta - theta_snap|| / ||theta_snap||` over the host weights wrapped by the Kasmina
   layer at `path` (the non-child parameters under `wrapped_host_path(path)`), so that
-  DRIFT_CONTROLLED pauses a seed on its own layer's drift, not on the model's (DESIGN.md,
+  DRIFT_CONTROLLED pauses a seed on its own layer's drift, not on the model's (docs/design.md,
   "Grafting strategies")."""
   host = wrapped_host_path(path)
   return host_drift(get_path(params, host), get_path(snapshot, host))

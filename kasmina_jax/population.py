@@ -151,15 +151,31 @@ def model_for(env: EnvConfig) -> MLP:
 _OPTIMIZER = optax.inject_hyperparams(optax.adam)(learning_rate=1e-3)
 
 
+# The states `inject_hyperparams` builds: optax before 0.2.4 made an `InjectHyperparamsState`;
+# later versions make an `InjectStatefulHyperparamsState` (the older class is still exported,
+# so testing for it alone finds nothing and leaves every member at the default rate).
+_INJECT_STATES = tuple(getattr(optax, name) for name in
+                       ("InjectStatefulHyperparamsState", "InjectHyperparamsState")
+                       if hasattr(optax, name))
+
+
 def _with_learning_rate(opt_state, lr):
-  is_inject = lambda x: isinstance(x, optax.InjectHyperparamsState)
+  """`opt_state` with every injected `learning_rate` set to `lr`. Raises if none is found: a
+  member whose rate is silently not written trains at the optimizer's default."""
+  is_inject = lambda x: isinstance(x, _INJECT_STATES)
+  found = []
   def set_lr(x):
-    if not is_inject(x):
+    if not is_inject(x) or "learning_rate" not in x.hyperparams:
       return x
+    found.append(True)
     hyper = dict(x.hyperparams)
     hyper["learning_rate"] = jnp.asarray(lr, jnp.asarray(hyper["learning_rate"]).dtype)
     return x._replace(hyperparams=hyper)
-  return jax.tree.map(set_lr, opt_state, is_leaf=is_inject)
+  out = jax.tree.map(set_lr, opt_state, is_leaf=is_inject)
+  if not found:
+    raise ValueError("opt_state: no injected learning_rate found (expected the state of "
+                     "optax.inject_hyperparams(...)(learning_rate=...))")
+  return out
 
 
 # ----------------------------------------------------------------------------------- data

@@ -79,7 +79,8 @@ class TelemetryState:
   passes: jax.Array  # int32 (): training passes since the reset (measured or not)
 
 
-# The three health signals of the spec, in the order every (K, 3) health matrix, plot and
+# The three health signals of the design (docs/design.md, "Telemetry"), in the order every
+# (K, 3) health matrix, plot and
 # event record uses.
 HEALTH_FIELDS = ("chunk_variance", "dead_node_ratio", "avg_inter_node_correlation")
 

@@ -1,4 +1,4 @@
-"""Comparisons that decide, made robust to float noise (DESIGN.md amendment 6).
+"""Comparisons that decide, made robust to float noise (docs/design.md, "Decision tolerance").
 
 The same run on one device and on several computes every measurement (telemetry sums, losses,
 counterfactual deltas) with its additions in another order, so the values that drive a

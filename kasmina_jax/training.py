@@ -6,7 +6,8 @@ One import for all of it; the code lives in three modules, one concept each:
   and the pure, jitted functions (`train_step`, `evaluate`, `counterfactual_deltas`,
   `epoch_transition`, `apply_rollback`, `rollback_in_place`);
 - `kasmina_jax.loop`: the Python loop around them (`fit`, `fit_loop`, `end_of_epoch`,
-  `finish_epoch`, the history, the event log, the progress bar);
+  `finish_epoch`, the history, the event log, the progress bar, `NonFiniteTrainingError`),
+  with `fit`'s data checks in `kasmina_jax.data_checks`;
 - `kasmina_jax.losses`: loss functions (`LossFn`, `cross_entropy_loss`).
 
 Per step (`train_step`): task loss + the TRAINING seeds' objectives, one optimizer update
@@ -27,5 +28,6 @@ from kasmina_jax.steps import (
     layer_name, new_train_state, refresh_liveness, rollback_in_place, seeds_tree, train_step,
     wrapped_host_path)
 from kasmina_jax.loop import (
-    PlainProgress, _batches, _stage_names, check_fit_args, end_of_epoch, epoch_record,
-    field_report_records, finish_epoch, fit, fit_loop, log_epoch, param_counts, progress_bar)
+    NonFiniteTrainingError, PlainProgress, _batches, _stage_names, check_fit_args, end_of_epoch,
+    epoch_record, field_report_records, finish_epoch, fit, fit_loop, log_epoch, param_counts,
+    progress_bar)

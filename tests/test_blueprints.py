@@ -86,7 +86,8 @@ def test_default_allocation_stays_within_a_fifth_of_a_square_host(dim, num_seeds
   shapes = jax.eval_shape(lambda: layer.init_children(spec))
   allocated = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(shapes))
   host = dim * dim + dim
-  assert allocated / host <= 0.20  # DESIGN.md: the default sizes stay within 20%
+  # docs/design.md, "Cost accounting": the default sizes stay within 20%.
+  assert allocated / host <= 0.20
   # The widest child fits the layout.
   assert spec.catalog.param_count.max() * num_seeds <= allocated
 

@@ -1,4 +1,5 @@
-"""Decisions do not flip on float noise (DESIGN.md amendment 6, `kasmina_jax.tolerance`).
+"""Decisions do not flip on float noise (docs/design.md, "Decision tolerance";
+`kasmina_jax.tolerance`).
 
 One device and several reduce the same sums in another order, so every measurement Tamiyo
 and the lifecycle read differs in its last bits. These tests build inputs with exact ties

@@ -175,6 +175,30 @@ def test_one_device_mesh_runs_the_single_device_program():
   chex.assert_trees_all_equal(out_got.commands, out_ref.commands)
 
 
+def test_fit_checks_the_data_before_placing_anything():
+  data = datasets.two_spirals(64, seed=1)
+  state = training.create_train_state(_Tiny(), optax.adam(1e-2), jnp.asarray(data["x"][:2]),
+                                      jax.random.key(0))
+  loss = training.cross_entropy_loss
+  bad_x = {**data, "x": data["x"].copy()}
+  bad_x["x"][11, 1] = np.nan
+  with pytest.raises(ValueError, match=r"^train_data\['x'\]: row 11 of 64 holds a non-finite"):
+    distributed.fit(state, bad_x, data, loss, epochs=1, batch_size=32, progress=False)
+  bad_y = {**data, "y": data["y"].copy()}
+  bad_y["y"][30] = 2
+  with pytest.raises(ValueError, match=r"^val_data\['y'\]: row 30 of 64 holds label 2"):
+    distributed.fit(state, data, bad_y, loss, epochs=1, batch_size=32, progress=False)
+  short = {**data, "y": data["y"][:60]}
+  with pytest.raises(ValueError, match=r"^train_data\['y'\]: 60 rows, but"):
+    distributed.fit(state, short, data, loss, epochs=1, batch_size=32, progress=False)
+  nan_loss = lambda out, batch: (loss(out, batch)[0] * jnp.nan, {})
+  with pytest.raises(training.NonFiniteTrainingError, match="last 2 epochs") as info:
+    distributed.fit(state, data, data, nan_loss, epochs=5, batch_size=32, progress=False,
+                    max_skipped_epochs=2)
+  assert len(info.value.history) == 2
+  chex.assert_trees_all_close(info.value.state.params, state.params, rtol=0, atol=0)
+
+
 def test_shard_batch_places_rows_along_the_axis():
   mesh = distributed.data_mesh()
   batch = distributed.shard_batch({"x": np.arange(8.0).reshape(4, 2), "y": np.arange(4)}, mesh)

@@ -276,3 +276,79 @@ def test_bad_arguments_and_unsupported_models(base_state):
   with pytest.raises(ValueError, match="activation"):
     kex.activation_name(lambda x: x * 2, "layer a")
   assert kex.activation_name(functools.partial(jax.nn.gelu, approximate=False), "a") == "gelu_exact"
+
+
+class _LinenCNN(nn.Module):
+  @nn.compact
+  def __call__(self, x, train=True):
+    x = nn.Conv(4, (3, 3), name="conv")(x)
+    x = x.reshape(x.shape[0], -1)
+    x = knn.KasminaDense(16, 2, activation=nn.relu, name="hidden")(x, train=train)
+    return nn.Dense(3, name="head")(x)
+
+
+class _LinenAttention(nn.Module):  # a one-block transformer's pieces
+  @nn.compact
+  def __call__(self, tokens, train=True):
+    x = nn.Embed(11, 16, name="embed")(tokens)
+    x = x + nn.SelfAttention(num_heads=2, name="attn")(x)
+    x = knn.KasminaDense(16, 2, activation=nn.relu, name="mlp")(x, train=train)
+    return nn.Dense(11, name="head")(x)
+
+
+class _LinenNormThenChain(nn.Module):  # the input width is known; the first module is not a layer
+  @nn.compact
+  def __call__(self, x, train=True):
+    x = nn.LayerNorm(name="norm")(x)
+    x = knn.KasminaDense(16, 2, activation=nn.relu, name="hidden")(x, train=train)
+    return nn.Dense(3, name="head")(x)
+
+
+@pytest.mark.parametrize("model,x,first", [
+    (_LinenCNN(), jnp.zeros((2, 6, 6, 1)), "Conv at conv"),
+    (_LinenAttention(), jnp.zeros((2, 5), jnp.int32), "Embed at embed"),
+    (_LinenNormThenChain(), jnp.zeros((2, 7)), "LayerNorm at norm"),
+])
+def test_unsupported_linen_models_name_the_first_module_export_cannot_fold(model, x, first):
+  state = training.create_train_state(model, optax.sgd(0.1), x, jax.random.key(0))
+  with pytest.raises(ValueError, match=f"^model: export folds chains .*cannot fold {first}$"):
+    kex.export(state)
+
+
+class _NnxCNN(nnx.Module):
+  def __init__(self, rngs):
+    self.conv = nnx.Conv(1, 4, (3, 3), rngs=rngs)
+    self.hidden = knx.KasminaDense(in_features=144, features=16, num_seeds=2, rngs=rngs)
+    self.head = nnx.Linear(16, 3, rngs=rngs)
+
+  def __call__(self, x):
+    return self.head(self.hidden(self.conv(x).reshape(x.shape[0], -1)))
+
+
+class _NnxBlock(nnx.Module):  # a container: walked into, its attention named
+  def __init__(self, rngs):
+    self.attn = nnx.MultiHeadAttention(2, 16, decode=False, rngs=rngs)
+    self.mlp = knx.KasminaDense(in_features=16, features=16, num_seeds=2, rngs=rngs)
+
+  def __call__(self, x):
+    return self.mlp(x + self.attn(x))
+
+
+class _NnxAttention(nnx.Module):
+  def __init__(self, rngs, embed=True):
+    self.embed = nnx.Embed(11, 16, rngs=rngs) if embed else None
+    self.block = _NnxBlock(rngs)
+    self.head = nnx.Linear(16, 11, rngs=rngs)
+
+  def __call__(self, t):
+    return self.head(self.block(self.embed(t) if self.embed is not None else t))
+
+
+@pytest.mark.parametrize("make,first", [
+    (lambda: _NnxCNN(nnx.Rngs(0)), "Conv at conv"),
+    (lambda: _NnxAttention(nnx.Rngs(0)), "Embed at embed"),
+    (lambda: _NnxAttention(nnx.Rngs(0), embed=False), "MultiHeadAttention at block/attn"),
+])
+def test_unsupported_nnx_models_name_the_first_module_export_cannot_fold(make, first):
+  with pytest.raises(ValueError, match=f"^model: export folds chains .*cannot fold {first}$"):
+    kex.export(make())

@@ -2,7 +2,8 @@
 windows, NaN safety, jit / vmap agreement, and argument checks.
 
 Schedules are run under `jax.jit` (each function jitted once at module level, the config static)
-and checked step by step against a pure-numpy model of DESIGN.md's rules.
+and checked step by step against a pure-numpy model of the rules in docs/design.md, "Grafting
+strategies".
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The package's modules import each other without a cycle (DESIGN.md amendment 7, "Layering").
+"""The package's modules import each other without a cycle (docs/design.md, "Layering").
 
 Read from the source (`ast`), not by importing: every `import` statement counts, those inside
 functions too, so a lazy import cannot hide a cycle; lazy imports are kept only to defer a

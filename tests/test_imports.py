@@ -1,5 +1,5 @@
 """What importing the package loads: the core stays free of Flax and of the experiment code
-(DESIGN.md amendment 7, "Layering"), and the Linen shell answers to both of its names."""
+(docs/design.md, "Layering"), and the Linen shell answers to both of its names."""
 
 import os
 import subprocess

@@ -145,7 +145,7 @@ def check_against_reference(spec, params, seeds, x, u, tel, *, tol, eval_alpha=N
                             forward=pallas_forward, precision="highest",
                             ref_precision="highest"):
   """`forward` at `precision` against the reference at `ref_precision`: by default the exact
-  paths (DESIGN.md amendment 5: they agree at 1e-5 on any platform)."""
+  paths (docs/design.md, "Kernel precision": they agree at 1e-5 on any platform)."""
   got = run(forward, spec, params, seeds, x, u, tel, eval_alpha, precision=precision)
   ref = run(layer.forward_reference, spec, params, seeds, x, u, tel, eval_alpha,
             precision=ref_precision)

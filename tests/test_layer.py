@@ -1,7 +1,8 @@
 """Tests of the chunked layer's reference forward (`kasmina_jax.layer`) through its public API.
 
 Every stage's value and gradient is checked against a model written out here by hand from
-DESIGN.md's stage table: the chunks come from `numpy.array_split` and each child `g` is computed
+the stage table of docs/design.md ("Stage table"): the chunks come from `numpy.array_split` and
+each child `g` is computed
 from its blueprint's definition on the chunk's real nodes (no padding, no per-seed tables), so
 the comparison shares no code with the library's layout.
 """
@@ -44,7 +45,7 @@ PER_NODE = layer.KasminaSpec(dim=5, num_seeds=5)
 @pytest.fixture(autouse=True)
 def _exact_matmuls_on_gpu():
   """The hand-written model's matmuls are exact; the layer's follow JAX's default precision
-  (DESIGN.md amendment 5), TF32 on a GPU: there, make JAX's default exact too."""
+  (docs/design.md, "Kernel precision"), TF32 on a GPU: there, make JAX's default exact too."""
   if jax.default_backend() == "gpu":
     with jax.default_matmul_precision("highest"):
       yield
@@ -831,7 +832,7 @@ def test_spec_is_hashable_and_static():
 
 
 # --------------------------------------------------------------------------------------------
-# Precision of the child matmuls (DESIGN.md amendment 5).
+# Precision of the child matmuls (docs/design.md, "Kernel precision").
 
 
 

@@ -13,6 +13,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -197,6 +198,27 @@ def test_vmapped_members_match_their_single_runs():
   assert r.shape == (2,) and np.all(np.isfinite(r))
   test = population.evaluate_test(TINY, jax.tree.map(lambda x: x[1], batched.variables), s2)
   assert 0.0 <= test["accuracy"] <= 1.0
+
+
+def test_learning_rate_reaches_every_member():
+  # The member's rate is written into the optimizer state it starts from...
+  s = population.Setting("spirals", samples=400, data_seed=0)
+  members = [population.member(TINY, s, seed=0, learning_rate=lr) for lr in (1e-4, 3e-2)]
+  for m, lr in zip(members, (1e-4, 3e-2)):
+    state = population.init_state(TINY, jax.tree.map(jnp.asarray, m))
+    hyper = [x.hyperparams["learning_rate"] for x in jax.tree.leaves(
+        state.opt_state, is_leaf=lambda x: hasattr(x, "hyperparams"))
+             if hasattr(x, "hyperparams")]
+    assert hyper and all(np.isclose(float(h), lr) for h in hyper)
+  # ...and two rates, everything else equal, give two different runs.
+  out = population.run_population(TINY, population.stack_members(members), fast_compile=True)
+  assert not np.isclose(float(out.val_loss[0]), float(out.val_loss[1]), rtol=1e-3)
+  first = lambda tree: jax.tree.leaves(jax.tree.map(lambda x: x[0], tree))
+  second = lambda tree: jax.tree.leaves(jax.tree.map(lambda x: x[1], tree))
+  assert any(not np.allclose(a, b) for a, b in zip(first(out.variables["params"]),
+                                                   second(out.variables["params"])))
+  with pytest.raises(ValueError, match="learning_rate"):
+    population._with_learning_rate(optax.adam(1e-3).init({"w": jnp.zeros(2)}), 1e-2)
 
 
 def test_env_settings_are_checked():

@@ -1,7 +1,7 @@
 """Tests of `kasmina_jax.lifecycle` through its public API.
 
-The transition table is checked edge by edge against the spec's state diagram (section 4.2 of
-`seeds/002`), written out below. Random command sequences run eagerly, under `jax.jit` and under
+The transition table is checked edge by edge against the design's state diagram (docs/design.md,
+"Stages"), written out below. Random command sequences run eagerly, under `jax.jit` and under
 `jax.vmap` over stacked layers, and are checked step by step against a pure-Python model of the
 gates (`_oracle_*`), which shares no code with the library.
 """
@@ -38,13 +38,13 @@ from kasmina_jax.lifecycle import (
 )
 
 # --------------------------------------------------------------------------------------------
-# The spec, written out independently of the library.
+# The design (docs/design.md, "Stages"), written out independently of the library.
 
 SPEC_ORDER = ("DORMANT", "GERMINATED", "TRAINING", "GRAFTING", "STABILIZATION", "EVALUATING",
               "FINE_TUNING", "FOSSILIZED", "CULLED", "CANCELLED", "ROLLED_BACK")
 D, G, TR, GR, ST, EV, FT, FO, CU, CA, RB = range(11)
 
-# The spec's diagram (section 4.2), less FOSSILIZED -> DORMANT (FOSSILIZED is terminal).
+# The design's diagram, less FOSSILIZED -> DORMANT (FOSSILIZED is terminal).
 SPEC_EDGES = frozenset({
     (D, G),  # request_germination()
     (G, TR),  # command from Tamiyo
@@ -154,7 +154,8 @@ def _f32(x) -> np.float32:
 
 
 def _oracle_command(stage, ready, embargo_left, op, target, blueprint, strategy):
-  """(accepted, destination) for one seed, from the spec's edges and DESIGN.md's gates."""
+  """(accepted, destination) for one seed, from the design's edges and gates (docs/design.md,
+  "Stages", "Lifecycle thresholds")."""
   if op == Op.GERMINATE:
     dst = G
   elif op == Op.ADVANCE:
@@ -554,7 +555,9 @@ def test_terminal_stages_absorb_everything(terminal):
   n = len(combos)
   copies = jax.tree.map(lambda x: jnp.repeat(x[:1], n, axis=0), s)
   op, target, bp = (np.array(c, np.int32) for c in zip(*combos))
-  cmds = make_commands(n, op=op, target=target, blueprint=bp, strategy=0)
+  # Traced, so the unknown op 7 reaches the gate (concrete, make_commands refuses it).
+  cmds = jax.jit(lambda o, t, b: make_commands(n, op=o, target=t, blueprint=b, strategy=0))(
+      op, target, bp)
   new, acc = apply_commands(copies, cmds, CFG, num_blueprints=NB, num_strategies=NS)
   assert not np.asarray(acc).any()
   _assert_bits_equal(new, copies)
@@ -604,9 +607,44 @@ def test_germinate_rejected_under_embargo():
 @pytest.mark.parametrize("bp,strat", [(-1, 0), (NB, 0), (0, -1), (0, NS), (100, 100)])
 def test_germinate_rejected_for_unknown_ids(bp, strat):
   s = init_seed_state(2)
-  new, acc = request_germination(s, 0, bp, strat, num_blueprints=NB, num_strategies=NS)
+  # Concrete ids: the caller's mistake, named before tracing.
+  name = "blueprint" if not 0 <= bp < NB else "strategy"
+  bad = bp if name == "blueprint" else strat
+  with pytest.raises(ValueError, match=f"^{name}: expected .* in \\[0, .*got {bad}"):
+    request_germination(s, 0, bp, strat, num_blueprints=NB, num_strategies=NS)
+  # Traced ids (a policy under jit): rejected by the gate, the state unchanged.
+  germ = jax.jit(lambda s, b, g: request_germination(s, 0, b, g, num_blueprints=NB,
+                                                     num_strategies=NS))
+  new, acc = germ(s, jnp.int32(bp), jnp.int32(strat))
   assert not np.asarray(acc).any()
   _assert_bits_equal(new, s)
+
+
+@pytest.mark.parametrize("kwargs,name,value", [
+    (dict(op=99), "op", 99),
+    (dict(op=jnp.array([0, 1, -1, 2])), "op", -1),
+    (dict(op=Op.ADVANCE, target=11), "target", 11),
+    (dict(op=Op.ADVANCE, target=-2), "target", -2),
+    (dict(op=Op.GERMINATE, blueprint=-2, strategy=0), "blueprint", -2),
+    (dict(op=Op.GERMINATE, blueprint=9, strategy=0, num_blueprints=5), "blueprint", 9),
+    (dict(op=Op.GERMINATE, blueprint=0, strategy=np.array([0, 1, 7, 0]), num_strategies=4),
+     "strategy", 7),
+])
+def test_make_commands_refuses_concrete_unknown_ids(kwargs, name, value):
+  with pytest.raises(ValueError, match=f"^{name}: expected .*got {value}"):
+    make_commands(4, **kwargs)
+  # The same values traced are built, and every one is rejected by the gates.
+  traced = {k: v for k, v in kwargs.items() if not k.startswith("num_")}
+  sizes = {k: v for k, v in kwargs.items() if k.startswith("num_")}
+  build = jax.jit(lambda t: make_commands(4, **t, **sizes))
+  cmds = build({k: jnp.asarray(v, jnp.int32) for k, v in traced.items()})
+  s = init_seed_state(4).replace(ready=jnp.ones((4,), bool))
+  new, acc = apply_commands(s, cmds, CFG, num_blueprints=sizes.get("num_blueprints", NB),
+                            num_strategies=sizes.get("num_strategies", NS))
+  bad = np.asarray(getattr(cmds, name)) == value
+  assert bad.any() and not np.asarray(acc)[bad].any()
+  for k in np.nonzero(bad)[0]:
+    _assert_bits_equal(_layer(new, int(k)), _layer(s, int(k)))
 
 
 def test_germinate_twice_rejected():

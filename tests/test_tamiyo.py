@@ -28,7 +28,7 @@ NUM_STRATEGIES = tamiyo.NUM_GRAFTING_STRATEGIES
 LCFG = lifecycle.LifecycleConfig()
 
 # Few configs, so that `decide` compiles only a few times in this file.
-# One seed at a time after a plateau, a bandit choosing the blueprint (the spec's literal
+# One seed at a time after a plateau, a bandit choosing the blueprint (the design's literal
 # controller; the library's defaults grow every slot at once, see test_defaults_grow_every_slot).
 BASE = tamiyo.TamiyoConfig(max_concurrent_training=1, max_germinations_per_epoch=1,
                            max_queued_per_layer=1, germination_cooldown_epochs=1,

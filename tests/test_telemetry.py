@@ -1,7 +1,8 @@
 """Tests of the per-seed telemetry (`kasmina_jax.telemetry`, taken by `layer.forward` on
 training passes and summarised by `layer.health_report`) on inputs with known answers.
 
-Expected values come from a float64 numpy model of DESIGN.md's definitions: `chunk_variance`
+Expected values come from a float64 numpy model of the definitions in docs/design.md,
+"Telemetry": `chunk_variance`
 is the mean over a chunk's nodes of each node's variance over the rows; a node is dead when
 `|a| <= 1e-6` on at least 99% of the rows; `avg_inter_node_correlation` is the mean `|corr|`
 over distinct node pairs, a node without variance counting 0, and 0 for one-node chunks.

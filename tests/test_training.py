@@ -94,6 +94,98 @@ def _run(state, epochs, seed=0):
                       batch_size=64, seed=seed, progress=False)
 
 
+def _with(data, key, fn):
+  out = {k: np.array(v) for k, v in data.items()}
+  out[key] = fn(out[key])
+  return out
+
+
+def _set(row, value):
+  def fn(a):
+    a = a.copy()
+    a[row] = value
+    return a
+  return fn
+
+
+@pytest.mark.parametrize("train,val,exc,match", [
+    (_with(DATA, "x", _set(17, np.nan)), VAL, ValueError,
+     r"^train_data\['x'\]: row 17 of 640 holds a non-finite value \(nan\)"),
+    (_with(DATA, "x", _set(5, np.inf)), VAL, ValueError, r"^train_data\['x'\]: row 5 of 640"),
+    (DATA, _with(VAL, "x", _set(200, -np.inf)), ValueError,
+     r"^val_data\['x'\]: row 200 of 256 holds a non-finite"),
+    (_with(DATA, "y", _set(3, 2)), VAL, ValueError,
+     r"^train_data\['y'\]: row 3 of 640 holds label 2, outside \[0, 2\)"),
+    (_with(DATA, "y", _set(9, -1)), VAL, ValueError,
+     r"^train_data\['y'\]: row 9 of 640 holds label -1"),
+    (DATA, _with(VAL, "y", _set(0, 7)), ValueError, r"^val_data\['y'\]: row 0 of 256"),
+    (_with(DATA, "y", lambda y: y.astype(np.float32)), VAL, TypeError,
+     r"^train_data\['y'\]: expected integer class labels, got dtype float32"),
+    (_with(DATA, "y", lambda y: y[:-1]), VAL, ValueError,
+     r"^train_data\['y'\]: 639 rows, but train_data\['x'\] has 640"),
+    ({"x": DATA["x"]}, VAL, ValueError, r"^train_data: expected a key 'y'"),
+    ({"inputs": DATA["x"], "y": DATA["y"]}, VAL, ValueError, r"^train_data: expected a key 'x'"),
+    ([DATA["x"], DATA["y"]], VAL, TypeError, r"^train_data: expected a dict"),
+])
+def test_fit_refuses_bad_data_before_training(train, val, exc, match):
+  state = make_state()
+  with pytest.raises(exc, match=match):
+    training.fit(state, train, val, training.cross_entropy_loss, epochs=1, batch_size=64,
+                 progress=False)
+
+
+def test_fit_label_check_follows_num_classes():
+  state = make_state()
+
+  def squared_loss(logits, batch):  # float targets: no class count, no label check
+    return jnp.mean((logits[:, 0] - batch["y"]) ** 2), {}
+
+  targets = _with(DATA, "y", lambda y: y.astype(np.float32) * 3.0)
+  training.check_fit_args(targets, 1, 64, val_data=targets, state=state, loss_fn=squared_loss)
+  # For any loss an int `num_classes` checks the labels; None skips the check.
+  labels = _with(DATA, "y", _set(4, 5))
+  training.check_fit_args(labels, 1, 64, state=state, loss_fn=squared_loss)
+  with pytest.raises(ValueError, match=r"row 4 of 640 holds label 5, outside \[0, 3\)"):
+    training.check_fit_args(labels, 1, 64, state=state, loss_fn=squared_loss, num_classes=3)
+  training.check_fit_args(labels, 1, 64, state=state, loss_fn=training.cross_entropy_loss,
+                          num_classes=None)
+  with pytest.raises(TypeError, match="num_classes"):
+    training.check_fit_args(DATA, 1, 64, state=state, loss_fn=squared_loss, num_classes="two")
+  # The keys the loss reads are found by tracing it once on two rows.
+  weighted = lambda logits, batch: squared_loss(logits * batch["w"][:, None], batch)
+  with pytest.raises(ValueError, match=r"^val_data: the loss reads key 'w'"):
+    training.check_fit_args({**targets, "w": np.ones(640, np.float32)}, 1, 64, val_data=targets,
+                            state=state, loss_fn=weighted)
+
+
+def _poisoned_loss(logits, batch):
+  # Finite data, a loss that cannot be computed: every step is skipped.
+  loss, metrics = training.cross_entropy_loss(logits, batch)
+  return loss * jnp.nan, metrics
+
+
+def test_fit_stops_a_run_whose_steps_are_all_skipped():
+  state = make_state()
+  with pytest.raises(training.NonFiniteTrainingError, match="last 3 epochs") as info:
+    training.fit(state, DATA, VAL, _poisoned_loss, epochs=10, batch_size=320, progress=False)
+  err = info.value
+  assert isinstance(err, RuntimeError)
+  assert err.epoch == 2 and len(err.history) == 3
+  assert all(h["rolled_back"] for h in err.history)
+  # The last good state is the one the run started from (no step was taken).
+  chex.assert_trees_all_equal(err.state.params, state.params)
+  with pytest.raises(training.NonFiniteTrainingError, match="last 1 epochs"):
+    training.fit(state, DATA, VAL, _poisoned_loss, epochs=10, batch_size=320, progress=False,
+                 max_skipped_epochs=1)
+  # None: the loop runs every epoch, as before.
+  _, history = training.fit(state, DATA, VAL, _poisoned_loss, epochs=2, batch_size=320,
+                            progress=False, max_skipped_epochs=None)
+  assert len(history) == 2
+  with pytest.raises(ValueError, match="max_skipped_epochs"):
+    training.fit(state, DATA, VAL, _poisoned_loss, epochs=1, batch_size=320, progress=False,
+                 max_skipped_epochs=0)
+
+
 def test_checkpoint_resume_continues_identically(tmp_path):
   uninterrupted, hist_a = _run(make_state(), 6)
   half, _ = _run(make_state(), 3)

@@ -30,7 +30,7 @@ Kernels (one program = one strip of rows x one seed, or a block of nodes in per-
   parameter gradients per strip, and writes the input gradient only for chunks whose child
   is in the gradient path (STABILIZATION on), in a loop of its own: the input gradient is
   aliased to the output cotangent, which *is* the input gradient of every other chunk (no
-  write: DESIGN.md's four-pass floor while seeds only blend).
+  write: the four-pass floor while seeds only blend, docs/design.md, "Performance model").
 
 Chunks wider than `MAX_FUSED_CHUNK_BACKWARD` nodes run the backward in two launches, each
 recomputing the child and holding half the gradient accumulators (`bwd_coarse`'s PART): in

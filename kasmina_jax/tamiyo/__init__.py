@@ -9,7 +9,7 @@ memory), `policy` (`decide`, in named steps), `bandit` (field reports and what t
 seed states of every Kasmina layer of a model (any pytree of `SeedState`, e.g. a dict keyed by
 layer name). All of its memory lives in `ControllerState`; the config is static (hashable).
 Everything here only *emits commands*: `lifecycle.apply_commands` keeps the gates, so Tamiyo
-never bypasses one (DESIGN.md, "Who decides what").
+never bypasses one (docs/design.md, "Who decides what").
 
 The training loop's end-of-epoch order:
 
@@ -19,7 +19,7 @@ The training loop's end-of-epoch order:
 
 If `ctrl.rollback_requested` is set after `decide`, the loop restores its last good checkpoint,
 applies `rollback_commands(restored_seeds)` (in-flight seeds ROLLED_BACK, queued ones CANCELLED)
-and emits their field reports, so the restore does not erase them (DESIGN.md, "Rollback").
+and emits their field reports, so the restore does not erase them (docs/design.md, "Rollback").
 
 What `decide` does, in this order of precedence per seed (one command per seed):
 
@@ -44,7 +44,7 @@ What `decide` does, in this order of precedence per seed (one command per seed):
    FINE_TUNING, CULLED or CANCELLED advances (ADVANCE to the next stage); GERMINATED seeds are
    promoted to TRAINING, oldest germination first (then highest need, then lowest index), while
    fewer than `max_concurrent_training` seeds of *that layer* are training (slots are per layer,
-   DESIGN.md's "1 a layer"; slots freed this epoch are reused at once).
+   docs/design.md, "Lifecycle thresholds"; slots freed this epoch are reused at once).
 6. Germination: when the validation loss has plateaued (`plateau_patience` epochs in a row
    without improving the best by more than `plateau_min_delta`; or always when
    `germinate_without_plateau`) and the cooldown clock is out, the DORMANT, non-embargoed seeds
@@ -62,7 +62,7 @@ layer's mean variance is not carrying signal), the dead-node ratio, and the aver
 correlation (redundant nodes); weights `variance_weight`, `dead_weight`, `correlation_weight`.
 Non-finite health values count 0.
 
-Decisions do not flip on float noise (DESIGN.md amendment 6; `kasmina_jax.tolerance`): every
+Decisions do not flip on float noise (docs/design.md, "Decision tolerance"), see `tolerance`: every
 ranking (need scores, blueprint and strategy scores) ties scores within a relative tolerance
 of each other and breaks ties by index, lower first; every threshold (`min_need`, recovery,
 the plateau's `plateau_min_delta`, the grafting trends, the emergency factor, `pay_margin`)

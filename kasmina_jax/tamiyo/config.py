@@ -50,7 +50,7 @@ class TamiyoConfig:
       `plateau_min_delta` that make a plateau (germination is allowed from then on).
     plateau_min_delta: the improvement (absolute, in loss units) that counts.
     germinate_without_plateau: allow germination on health alone, without a plateau
-      (default; waiting for a global plateau wastes the run, DESIGN.md amendment 3).
+      (default; waiting for a global plateau wastes the run, docs/design.md, "Growth protocol").
     germination_cooldown_epochs: epochs after a germinating epoch in which no seed germinates.
     max_germinations_per_epoch: germinations an epoch, over the whole model (None: no limit).
     max_queued_per_layer: seeds a layer may have waiting in GERMINATED (None: every seed).

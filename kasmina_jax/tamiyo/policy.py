@@ -179,7 +179,7 @@ def rollback_commands(seeds):
   """Commands that roll back every in-flight seed (TRAINING ... FINE_TUNING -> ROLLED_BACK) and
   cancel every queued one (GERMINATED -> CANCELLED); same pytree structure as `seeds`.
 
-  Apply them to the seed states restored from the last good checkpoint (DESIGN.md, "Rollback").
+  Apply them to the seed states restored from the last good checkpoint (docs/design.md, "Rollback").
   """
   _flatten_layers(seeds)
 
