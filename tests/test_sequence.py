@@ -346,7 +346,7 @@ def test_export_folds_heads_blocks_and_width_into_a_plain_transformer():
   blocks = exported.spec.blocks
   assert sum(len(b.extra_heads) for b in blocks) > 0 and sum(len(b.grown) for b in blocks) > 0
   assert any(b.mlp_width > 4 * 16 for b in blocks)
-  # the spec round-trips through JSON, and in-flight seeds need include="live"
+  # the LMSpec round-trips through JSON, and in-flight seeds need include="live"
   assert type(exported.spec).from_json(exported.spec.to_json()) == exported.spec
   with pytest.raises(ValueError, match="in flight"):
     export.export(state)
