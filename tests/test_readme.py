@@ -36,10 +36,11 @@ def test_the_tour_has_the_snippets_this_test_runs():
   # One per section that shows code; a lost snippet would silently shrink the test below.
   for section in ("The lifecycle, as pure functions", "The chunked layer",
                   "In a Flax model, with the training loop", "One loop for Linen, NNX and a mesh",
-                  "Your own grafting strategy", "NNX by hand"):
+                  "Your own grafting strategy", "NNX by hand",
+                  "Growing a transformer: heads and blocks (`kasmina_jax.sequence`, `transformer`)"):
     assert section in headings, section
   assert sum(h.startswith("A learned Tamiyo") for h in headings) == 1
-  assert len(headings) == 7
+  assert len(headings) == 8
 
 
 # Run in a fresh process (as a reader pasting the tour would), with XLA's CPU backend
@@ -60,6 +61,7 @@ assert namespace["history"] and "val_accuracy" in namespace["history"][-1]
 assert bool(namespace["ok"].any()) and namespace["accepted"].shape == (8,)
 assert namespace["out"].shape == (256, 4096)
 assert set(namespace["reports"]) == {("h0", "kasmina"), ("h1", "kasmina")}
+assert type(namespace["model"]).__name__ == "GrowableLM" and namespace["state"].kasmina
 print("tour ok")
 """
 
