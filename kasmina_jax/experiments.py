@@ -13,7 +13,7 @@ The protocol (docs/design.md, "Growth protocol"):
   runs after the choice; nothing before it sees the test split);
 * results are means ± standard deviations over RNG seeds, with final parameters, training
   FLOPs (forward + backward of the live parameters, summed over steps) and wall time;
-* growth is judged by compute (DESIGN.md, amendment 1 of 2026-12-07): beside the final
+* growth is judged by compute (docs/design.md, "Growth protocol"): beside the final
   figures, every variant's training FLOPs to first reach fixed-large's final validation
   figure (`flops_to_reach`, `reach_summary`), and its validation figure against training
   FLOPs epoch by epoch (`flops_curve`, `validation_curve`; `plots.plot_metric_vs_flops`).
