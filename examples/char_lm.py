@@ -1,6 +1,7 @@
 """A character-level transformer language model on the Python standard library's own source
-(ships with every Python), with Kasmina layers after the attention output and in the MLP
-blocks; grown beside fixed-small, fixed-large and the ceiling.
+(ships with every Python), with head seeds beside each attention, a block site after each
+block and MLP-width seeds (`transformer.GrowableLM`); grown beside fixed-small, fixed-large
+and the ceiling.
 
     python examples/char_lm.py [--seeds 3] [--lrs 1e-3,3e-3,1e-2] [--workers 4]
 
@@ -23,15 +24,14 @@ from kasmina_jax import transformer
 
 
 def make_lm(vocab: int, dim: int, context: int, *, layers: int = 2, heads: int = 4,
-            grow: bool = True, child_width: int | None = None) -> transformer.GrowableLM:
-  """The task's model: a pre-norm GPT-style LM; with `grow`, two head seeds beside each
+            child_width: int | None = None) -> transformer.GrowableLM:
+  """The task's model: a pre-norm GPT-style LM with two head seeds beside each
   block's attention (head growth), one block seed after each block (depth growth) and four
   MLP-width seeds in each block's MLP (parallel children of `child_width` units)."""
   cats = transformer.default_catalogs(dim, heads, mlp_child=child_width)
   return transformer.GrowableLM(
       vocab, dim, context, layers=layers, heads=heads,
-      head_seeds=2 if grow else 0, block_seeds=1 if grow else 0, mlp_seeds=4 if grow else 0,
-      mlp_blueprints=cats["mlp"])
+      head_seeds=2, block_seeds=1, mlp_seeds=4, mlp_blueprints=cats["mlp"])
 
 
 def lm_config(controller: dict | None = None, life: dict | None = None, *,

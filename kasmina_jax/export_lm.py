@@ -130,11 +130,6 @@ def export_lm(state, *, include: str = "fossilized") -> ExportedLM:
   return ExportedLM(spec, out)
 
 
-def _live_heads(catalog, b: int) -> tuple[int, int]:
-  bp = catalog.blueprints[b]
-  return bp.heads, bp.head_dim
-
-
 def _fields(children) -> dict:
   """A children record (or its NNX field mapping) as `{field: array}`."""
   if isinstance(children, dict):
@@ -142,22 +137,34 @@ def _fields(children) -> dict:
   return {f.name: getattr(children, f.name) for f in dataclasses.fields(children)}
 
 
+def _live_children(lv, children, include: str, where: str):
+  """`(seed, weight, blueprint id)` of every seed whose child the export folds in (weight
+  > 0), each child's parameters checked finite."""
+  weights = _weights(lv.seeds, include, where)
+  blueprint = np.clip(np.asarray(lv.seeds.blueprint), 0, lv.spec.num_blueprints - 1)
+  for k in range(lv.spec.num_seeds):
+    if weights[k] != 0.0:
+      _check_finite(children, k, where)
+      yield k, weights[k], int(blueprint[k])
+
+
+def _head_params(children, k: int, heads: int, head_dim: int, weight) -> dict:
+  """`export_model.ExtraHeads` parameters of seed `k`'s live heads and widths, the output
+  projection scaled by the seed's weight."""
+  live = (slice(None), slice(heads), slice(head_dim))
+  return {"query": children["wq"][k][live], "key": children["wk"][k][live],
+          "value": children["wv"][k][live],
+          "out": weight * children["wo"][k][:heads, :head_dim, :]}
+
+
 def _fold_heads(lv, children, include: str, where: str, block_params: dict):
   children = _fields(children)
   groups = []
-  weights = _weights(lv.seeds, include, where)
-  cat = lv.spec.catalog
-  blueprint = np.clip(np.asarray(lv.seeds.blueprint), 0, len(cat.blueprints) - 1)
-  for k in range(lv.spec.num_seeds):
-    if weights[k] == 0.0:
-      continue
-    _check_finite(children, k, where)
-    h, e = _live_heads(cat, int(blueprint[k]))
-    block_params[f"heads{len(groups)}"] = {
-        "query": children["wq"][k][:, :h, :e], "key": children["wk"][k][:, :h, :e],
-        "value": children["wv"][k][:, :h, :e],
-        "out": weights[k] * children["wo"][k][:h, :e, :]}
-    groups.append(em.HeadGroupSpec(heads=h, head_dim=e))
+  for k, weight, b in _live_children(lv, children, include, where):
+    bp = lv.spec.catalog.blueprints[b]
+    block_params[f"heads{len(groups)}"] = _head_params(children, k, bp.heads, bp.head_dim,
+                                                       weight)
+    groups.append(em.HeadGroupSpec(heads=bp.heads, head_dim=bp.head_dim))
   return groups
 
 
@@ -165,28 +172,23 @@ def _fold_mlp(lv, host_in, host_out, include: str, where: str):
   """The block's MLP with the live parallel children as extra hidden units."""
   spec = lv.spec
   cat = spec.catalog
-  if not cat.any_parallel or any(b.wiring != "parallel" for b in cat.blueprints):
+  if any(b.wiring != "parallel" for b in cat.blueprints):
     raise ValueError(f"{where}: exporting a GrowableLM folds MLP-width (parallel-wired) "
                      f"children only; this layer's catalog is {cat.names}")
   if any(b.activation != "gelu" for b in cat.blueprints):
     raise ValueError(f"{where}: MLP-width children fold into the MLP only with its activation "
                      f"(gelu); the catalog's are {[b.activation for b in cat.blueprints]}")
-  weights = _weights(lv.seeds, include, where)
-  blueprint = np.clip(np.asarray(lv.seeds.blueprint), 0, spec.num_blueprints - 1)
   kernels_in, biases_in = [host_in["host"]["kernel"]], [host_in["host"]["bias"]]
   kernels_out, bias_out = [host_out["kernel"]], np.array(host_out["bias"])
   children = _fields(host_in["kasmina"]["children"])
-  for k in range(spec.num_seeds):
-    if weights[k] == 0.0:
-      continue
-    _check_finite(children, k, where)
-    width = int(cat.hidden_mask[blueprint[k]].sum())
+  for k, weight, b in _live_children(lv, children, include, where):
+    width = int(cat.hidden_mask[b].sum())
     off, c = spec.chunk_offsets[k], spec.chunk_sizes[k]
     rows = host_out["kernel"][off:off + c]  # (c, D): the mlp_out rows this chunk feeds
     kernels_in.append(children["w1u"][k][:, :width])
     biases_in.append(children["b1"][k][:width])
-    kernels_out.append(weights[k] * children["w2"][k][:width, :c] @ rows)
-    bias_out = bias_out + weights[k] * children["b2"][k][:c] @ rows
+    kernels_out.append(weight * children["w2"][k][:width, :c] @ rows)
+    bias_out = bias_out + weight * children["b2"][k][:c] @ rows
   mlp_in = {"kernel": np.concatenate(kernels_in, axis=1), "bias": np.concatenate(biases_in)}
   mlp_out = {"kernel": np.concatenate(kernels_out, axis=0), "bias": bias_out}
   return mlp_in, mlp_out
@@ -194,26 +196,18 @@ def _fold_mlp(lv, host_in, host_out, include: str, where: str):
 
 def _fold_blocks(lv, children, include: str, where: str):
   children = _fields(children)
-  weights = _weights(lv.seeds, include, where)
-  cat = lv.spec.catalog
-  blueprint = np.clip(np.asarray(lv.seeds.blueprint), 0, len(cat.blueprints) - 1)
-  for k in range(lv.spec.num_seeds):
-    if weights[k] == 0.0:
-      continue
-    _check_finite(children, k, where)
-    bp = cat.blueprints[int(blueprint[k])]
+  for k, weight, b in _live_children(lv, children, include, where):
+    bp = lv.spec.catalog.blueprints[b]
     h, e, m = bp.heads, bp.head_dim, bp.mlp_hidden
     p: dict[str, Any] = {}
     if h:
       p["ln1"] = {"scale": children["ln1_scale"][k], "bias": children["ln1_bias"][k]}
-      p["attn"] = {"query": children["wq"][k][:, :h, :e], "key": children["wk"][k][:, :h, :e],
-                   "value": children["wv"][k][:, :h, :e],
-                   "out": weights[k] * children["wo"][k][:h, :e, :]}
+      p["attn"] = _head_params(children, k, h, e, weight)
     if m:
       p["ln2"] = {"scale": children["ln2_scale"][k], "bias": children["ln2_bias"][k]}
       p["mlp_in"] = {"kernel": children["w_in"][k][:, :m], "bias": children["b_in"][k][:m]}
-      p["mlp_out"] = {"kernel": weights[k] * children["w_out"][k][:m],
-                      "bias": weights[k] * children["b_out"][k]}
+      p["mlp_out"] = {"kernel": weight * children["w_out"][k][:m],
+                      "bias": weight * children["b_out"][k]}
     yield em.ParallelBlockSpec(heads=h, head_dim=e, mlp_hidden=m, activation=bp.activation), p
 
 

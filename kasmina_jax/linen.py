@@ -178,6 +178,16 @@ class KasminaDense(nn.Module):
                         name="kasmina")(h, u=u, train=train)
 
 
+def _sequence_seeds(site: nn.Module) -> KasminaLayer:
+  """The `KasminaLayer` (named "kasmina") of a `KasminaAttention` / `KasminaBlocks` site,
+  from the site's own settings; sequence children run under XLA (`impl="reference"`)."""
+  return KasminaLayer(num_seeds=site.num_seeds, blueprints=site.blueprints,
+                      grafting_strategies=site.grafting_strategies, corr_rows=site.corr_rows,
+                      trust_penalty=site.trust_penalty, impl="reference",
+                      telemetry_every=site.telemetry_every, precision=site.precision,
+                      context=site.context, name="kasmina")
+
+
 class KasminaAttention(nn.Module):
   """Causal multi-head self-attention (the host, `nn.MultiHeadDotProductAttention` named
   "host") with a layer of head seeds beside it (head growth, `kasmina_jax.sequence`).
@@ -204,11 +214,7 @@ class KasminaAttention(nn.Module):
     mask = nn.make_causal_mask(jnp.ones(u.shape[:-1], jnp.int32))
     h = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, qkv_features=self.qkv_features,
                                         name="host")(u, u, mask=mask)
-    return KasminaLayer(num_seeds=self.num_seeds, blueprints=self.blueprints,
-                        grafting_strategies=self.grafting_strategies, corr_rows=self.corr_rows,
-                        trust_penalty=self.trust_penalty, impl="reference",
-                        telemetry_every=self.telemetry_every, precision=self.precision,
-                        context=self.context, name="kasmina")(h, u=u, train=train)
+    return _sequence_seeds(self)(h, u=u, train=train)
 
 
 class KasminaBlocks(nn.Module):
@@ -229,11 +235,7 @@ class KasminaBlocks(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = True):
-    return KasminaLayer(num_seeds=self.num_seeds, blueprints=self.blueprints,
-                        grafting_strategies=self.grafting_strategies, corr_rows=self.corr_rows,
-                        trust_penalty=self.trust_penalty, impl="reference",
-                        telemetry_every=self.telemetry_every, precision=self.precision,
-                        context=self.context, name="kasmina")(x, train=train)
+    return _sequence_seeds(self)(x, train=train)
 
 
 # ------------------------------------------------------------------------------ tree helpers

@@ -350,7 +350,7 @@ def child_output(catalog: SequenceCatalog, params: SequenceChildParams, tables, 
     a = _layer_norm(inp, params.ln1_scale, params.ln1_bias)
   else:
     a = inp
-  if catalog.site == "heads" or any(b.heads for b in catalog.blueprints):
+  if any(b.heads for b in catalog.blueprints):  # every head child has heads >= 1
     qkv_mask = head_mask[:, None] * dim_mask[None, :]
     q = dot("...td,dhe->...the", a, params.wq * qkv_mask)
     k = dot("...td,dhe->...the", a, params.wk * qkv_mask)
@@ -398,14 +398,13 @@ def _go_bwd(catalog, precision, res, cts):
     return vjp(ct)
 
   d_params, d_inp = jax.vmap(one)(params, tables, ct_f)
-  keep = ok
   d_params = jax.tree.map(
-      lambda g: jnp.where(keep.reshape((-1,) + (1,) * (g.ndim - 1)), g, 0.0), d_params)
-  into_host = (keep & host_grad).reshape((-1,) + (1,) * (d_inp.ndim - 1))
+      lambda g: jnp.where(ok.reshape((-1,) + (1,) * (g.ndim - 1)), g, 0.0), d_params)
+  into_host = (ok & host_grad).reshape((-1,) + (1,) * (d_inp.ndim - 1))
   d_inp = jnp.sum(jnp.where(into_host, d_inp, 0.0), axis=0)
-  zero = lambda x: np.zeros(np.shape(x), jax.dtypes.float0) if not jnp.issubdtype(
-      jnp.asarray(x).dtype, jnp.inexact) else jnp.zeros_like(x)
-  return d_params, jax.tree.map(zero, tables), d_inp, zero(host_grad)
+  # Every table is float (`_tables`); `host_grad` is a bool mask (a float0 cotangent).
+  return (d_params, jax.tree.map(jnp.zeros_like, tables), d_inp,
+          np.zeros(np.shape(host_grad), jax.dtypes.float0))
 
 
 _guarded_outputs.defvjp(_go_fwd, _go_bwd)
