@@ -8,6 +8,12 @@ from the training data; the test split is read once, for the chosen rate's runs.
     python benchmarks/growth.py --tasks mnist1d --workers 16
     python benchmarks/growth.py --tasks mnist1d,mnist1d_10k,spirals,char_lm --workers 30
 
+A sweep too long for one sitting can be split (by rate, say) and merged:
+
+    python benchmarks/growth.py --tasks char_lm_gpu --lrs 1e-3 --save-runs runs/a
+    python benchmarks/growth.py --tasks char_lm_gpu --lrs 3e-3 --save-runs runs/b
+    python benchmarks/growth.py --tasks char_lm_gpu --from-runs runs/a,runs/b
+
 Writes `benchmarks/results/growth_<task>.json` (a list `rows`, one per variant, with `variant`,
 `lr`, `seeds`, `test_mean`, `test_std`, `val_mean`, `params`, `train_flops`, ...; the run's
 settings under `args`; the verdict; every run's validation figures), and under `--out` the
@@ -17,6 +23,7 @@ markdown tables, the accuracy-against-parameters plots and the grown run's lifec
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import sys
@@ -62,7 +69,16 @@ def main(argv=None):
   parser.add_argument("--no-plots", action="store_true")
   parser.add_argument("--val-only", action="store_true",
                       help="tuning: choose and report on validation, never read the test split")
+  parser.add_argument("--save-runs", default=None,
+                      help="sweep only: write each run (final variables, no test figures) to "
+                           "<dir>/runs_<task>_<variant>_lr<lr>_seed<s><tag>.pkl as it ends, "
+                           "and stop before choosing")
+  parser.add_argument("--from-runs", default=None,
+                      help="comma-separated .pkl files or folders that --save-runs wrote (e.g. "
+                           "one rate per machine session): choose, test and report, no sweep")
   args = parser.parse_args(argv)
+  if args.save_runs and args.from_runs:
+    parser.error("--save-runs and --from-runs: give one of them")
   lrs = mnist1d.parse_lrs(args.lrs)
   os.makedirs(args.results, exist_ok=True)
   sections = []
@@ -80,9 +96,31 @@ def main(argv=None):
     out_dir = os.path.join(args.out, name)
     os.makedirs(out_dir, exist_ok=True)
     start = time.perf_counter()
-    result = experiments.run_protocol(factory, kwargs, variants=args.variants.split(","),
-                                      lrs=lrs, seeds=args.seeds, workers=args.workers,
-                                      log_dir=out_dir, read_test=not args.val_only)
+    if args.save_runs:
+      os.makedirs(args.save_runs, exist_ok=True)
+
+      def save(r, name=name):
+        # One file a run, written as it ends: a sitting cut short keeps the runs it finished.
+        path = os.path.join(args.save_runs,
+                            f"runs_{name}_{r.variant}_lr{r.lr:g}_seed{r.seed}{args.tag}.pkl")
+        experiments.save_results([r], path)
+        print(r.summary(name), "->", path, flush=True)
+
+      experiments.sweep(factory, kwargs, variants=args.variants.split(","), lrs=lrs,
+                        seeds=args.seeds, workers=args.workers, log_dir=out_dir, on_result=save)
+      continue
+    if args.from_runs:
+      paths = []
+      for entry in args.from_runs.split(","):
+        paths += (sorted(glob.glob(os.path.join(entry, f"runs_{name}_*.pkl")))
+                  if os.path.isdir(entry) else [entry])
+      results = [r for path in paths for r in experiments.load_results(path)]
+      result = experiments.summarize_protocol(factory(**kwargs), results, log_dir=out_dir,
+                                              read_test=not args.val_only)
+    else:
+      result = experiments.run_protocol(factory, kwargs, variants=args.variants.split(","),
+                                        lrs=lrs, seeds=args.seeds, workers=args.workers,
+                                        log_dir=out_dir, read_test=not args.val_only)
     table = experiments.markdown_table(result["rows"], metric)
     section = (f"### {name}\n\n{table}\n\nverdict: {json.dumps(result['verdict'])}\n\n"
                f"(wall time of the task: {time.perf_counter() - start:.0f} s)\n")
@@ -102,6 +140,8 @@ def main(argv=None):
                                  title=f"{name}: validation {metric} against training FLOPs")
       if result["grown_log"]:
         plots.plot_run(result["grown_log"], out_dir)
+  if not sections:
+    return
   with open(os.path.join(args.out, f"growth{args.tag}.md"), "w") as fh:
     fh.write("\n".join(sections))
 

@@ -39,8 +39,13 @@ def lm_config(controller: dict | None = None, life: dict | None = None, *,
   """Lifecycle timings scaled to a 1500-step run (100 steps an epoch); the controller's
   defaults (optionally overridden by keyword dicts)."""
   life = lifecycle.LifecycleConfig(**{
+      # training_margin: the isolated trust-region step of a head or block child changes the
+      # validation loss by less than float noise (its delta reads 0), so the strict gate culled
+      # every child at max_training_steps; grafted when it does not hurt, they learn from the
+      # task gradient and face EVALUATING's strict gate instead.
       **dict(min_training_steps=50, max_training_steps=600, stabilization_steps=50,
-             fine_tuning_steps=100, fine_tuning_patience=2, embargo_epochs=3),
+             fine_tuning_steps=100, fine_tuning_patience=2, embargo_epochs=3,
+             training_margin=-1e-3),
       **(life or {})})
   ctl = tamiyo.TamiyoConfig(**(controller or {}), lifecycle=life)
   return training.TrainConfig(grafting=grafting.GraftingConfig(fixed_steps=fixed_steps),

@@ -662,6 +662,23 @@ def run_protocol(task_factory: Callable[..., Task], task_kwargs: dict, *,
                   workers=workers, log_dir=log_dir,
                   on_result=(lambda r: print(r.summary(task.name), flush=True))
                   if verbose else None)
+  return summarize_protocol(task, results, log_dir=log_dir, read_test=read_test,
+                            reach_tolerance=reach_tolerance,
+                            wall_time=time.perf_counter() - start)
+
+
+def summarize_protocol(task: Task, results: Sequence[RunResult], *,
+                       log_dir: str | None = None, read_test: bool = True,
+                       reach_tolerance: float | None = None,
+                       wall_time: float | None = None) -> dict:
+  """The protocol after its sweep: choose on validation, test once, summarise (what
+  `run_protocol` returns). `results` may come from several `sweep` calls (e.g. one rate per
+  machine session, saved with `save_results`): each (variant, rate, seed) at most once."""
+  results = list(results)
+  keys = [(r.variant, r.lr, r.seed) for r in results]
+  if len(set(keys)) != len(keys):
+    dup = sorted({k for k in keys if keys.count(k) > 1})
+    raise ValueError(f"results: (variant, lr, seed) runs given more than once: {dup}")
   chosen, picked = select_and_test(task, results, read_test=read_test)
   tolerance = task.reach_tolerance if reach_tolerance is None else float(reach_tolerance)
   rows = report_rows(task, results, chosen, picked, reach_tolerance=tolerance)
@@ -672,7 +689,10 @@ def run_protocol(task_factory: Callable[..., Task], task_kwargs: dict, *,
   return {
       "task": task.name, "metric": task.metric, "higher_is_better": task.higher_is_better,
       "rows": rows, "verdict": verdict(rows, higher_is_better=task.higher_is_better),
-      "chosen": chosen, "wall_time": time.perf_counter() - start, "grown_log": grown_log,
+      "chosen": chosen,
+      "wall_time": (float(wall_time) if wall_time is not None
+                    else float(sum(r.wall_time for r in results))),
+      "grown_log": grown_log,
       "reach": reach_summary(picked, higher_is_better=task.higher_is_better,
                              tolerance=tolerance),
       "results": results,  # the RunResult objects (not JSON; callers drop this key)
@@ -682,6 +702,21 @@ def run_protocol(task_factory: Callable[..., Task], task_kwargs: dict, *,
                 "wall_time": r.wall_time, "flops_curve": r.flops_curve,
                 "val_curve": r.val_curve, "history": r.history} for r in results],
   }
+
+
+def save_results(results: Sequence[RunResult], path: str) -> None:
+  """Writes sweep results (final variables included, test never read) to `path` (pickle)."""
+  import pickle  # pylint: disable=g-import-not-at-top
+  with open(path, "wb") as fh:
+    pickle.dump([dataclasses.asdict(r) for r in results], fh, protocol=4)
+
+
+def load_results(path: str) -> list[RunResult]:
+  """The sweep results that `save_results` wrote."""
+  import pickle  # pylint: disable=g-import-not-at-top
+  with open(path, "rb") as fh:
+    rows = pickle.load(fh)
+  return [RunResult(**row) for row in rows]
 
 
 def write_report(result: dict, out_dir: str, *, args: dict | None = None,

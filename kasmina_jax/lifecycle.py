@@ -161,6 +161,13 @@ class LifecycleConfig:
   min_training_steps: int = 100
   recon_tolerance: float = 1e-2
   improvement_margin: float = 0.0
+  # The TRAINING -> GRAFTING gate's margin for residual / parallel children (None: the
+  # `improvement_margin`). TRAINING buys a safe gate, not accuracy (docs/design.md, "TRAINING
+  # objective"): a negative margin grafts a child whose isolated trust-region step does not
+  # hurt by more than it. Measured on the char LM: head and block children's isolated Δ stays
+  # within float noise of 0 (the trust-region step is tiny there), so a strict gate culls
+  # every one of them at `max_training_steps` without ever letting the task gradient reach it.
+  training_margin: float | None = None
   max_training_steps: int = 2000
   stabilization_steps: int = 100
   fine_tuning_steps: int = 500
@@ -180,6 +187,8 @@ class LifecycleConfig:
       _checks.non_negative_int(name, getattr(self, name))
     _checks.finite_float("recon_tolerance", self.recon_tolerance, min_value=0.0)
     _checks.finite_float("improvement_margin", self.improvement_margin)
+    if self.training_margin is not None:
+      _checks.finite_float("training_margin", self.training_margin)
 
 
 @struct.dataclass
@@ -561,10 +570,14 @@ def update_readiness(state: SeedState, *, delta: jax.Array | None = None,
   # Within float noise of its threshold a measurement counts on one fixed side (`tolerance`):
   # a delta at the margin does not improve, a ratio at the tolerance passes.
   improves = delta_ok & tolerance.greater(delta, config.improvement_margin)
+  training_margin = (config.improvement_margin if config.training_margin is None
+                     else config.training_margin)
+  training_safe = delta_ok & tolerance.greater(delta, training_margin)
   recon_ok = jnp.isfinite(recon) & tolerance.at_most(recon, config.recon_tolerance)
   s = state.stage
   steps = state.steps_in_stage
-  training_ready = (steps >= config.min_training_steps) & jnp.where(repl, recon_ok, improves)
+  training_ready = (steps >= config.min_training_steps) & jnp.where(repl, recon_ok,
+                                                                      training_safe)
   ready = jnp.select(
       [s == Stage.GERMINATED, s == Stage.CANCELLED, s == Stage.TRAINING,
        s == Stage.GRAFTING, s == Stage.STABILIZATION, s == Stage.EVALUATING,

@@ -47,8 +47,10 @@ class TrainConfig:
   """Static settings of the train step and the epoch transition.
 
   max_judged: seeds whose validation counterfactual is measured per epoch end (two masked
-  passes each; the seeds in TRAINING, EVALUATING and FINE_TUNING are judged, lowest index
-  first); counterfactual_batch: how many of those passes run at once under `vmap`.
+  passes each; the seeds in TRAINING, EVALUATING and FINE_TUNING are judged; when more are
+  waiting, the window of judged seeds moves on by `max_judged` seed indices every epoch, so
+  every seed is judged at least once every `ceil(num_seeds / max_judged)` epochs and none is
+  left unjudged for good); counterfactual_batch: how many of those passes run at once under `vmap`.
   """
 
   grafting: graft_lib.GraftingConfig = graft_lib.GraftingConfig()
@@ -337,7 +339,13 @@ def counterfactual_deltas(state: TrainState, batch: dict, loss_fn: LossFn) -> di
   stage_flat = jnp.concatenate([layers[p].seeds.stage for p in paths])
   judged = lifecycle.stage_in(stage_flat, JUDGED_STAGES)
   m = min(state.config.max_judged, total)
-  (idx,) = jnp.nonzero(judged, size=m, fill_value=-1)
+  # The search starts at a seed index that moves on by `m` each epoch: with more judged-stage
+  # seeds than `m`, a fixed lowest-index-first choice would leave the same ones unjudged
+  # every epoch (never advanced, never culled; measured on the char LM: the block seeds).
+  start = jnp.mod(state.epoch.astype(jnp.int32) * m, total)
+  order = jnp.mod(jnp.arange(total, dtype=jnp.int32) + start, total)
+  (pos,) = jnp.nonzero(judged[order], size=m, fill_value=-1)
+  idx = jnp.where(pos >= 0, order[jnp.maximum(pos, 0)], -1)
   base = {p: knn.current_eval_alpha(layers[p].seeds) for p in paths}
 
   def tree_for(flat_index, value):

@@ -742,6 +742,8 @@ def test_request_germination_under_jit_and_vmap():
     (lambda: LifecycleConfig(recon_tolerance=math.nan), ValueError, "recon_tolerance"),
     (lambda: LifecycleConfig(improvement_margin=math.inf), ValueError, "improvement_margin"),
     (lambda: LifecycleConfig(improvement_margin="0"), TypeError, "improvement_margin"),
+    (lambda: LifecycleConfig(training_margin=math.nan), ValueError, "training_margin"),
+    (lambda: LifecycleConfig(training_margin="-1e-3"), TypeError, "training_margin"),
 ])
 def test_constructor_argument_errors(fn, exc, name):
   with pytest.raises(exc, match=name):
@@ -846,3 +848,25 @@ def test_names_where_ids_belong_raise_a_type_error_naming_the_argument(fn, name,
   with pytest.raises(TypeError, match=f"^{name}: expected .*{form}") as info:
     fn()
   assert "JAX array type" not in str(info.value)
+
+
+def test_training_margin_gates_training_only():
+  """`training_margin` opens TRAINING's gate for a child whose isolated delta does not hurt
+  by more than it (a delta of 0: grafting it changes nothing); EVALUATING and FINE_TUNING keep
+  `improvement_margin`. Unset, TRAINING uses `improvement_margin` too."""
+  stage = jnp.array([Stage.TRAINING, Stage.TRAINING, Stage.EVALUATING, Stage.FINE_TUNING],
+                    jnp.int32)
+  state = init_seed_state(4).replace(
+      stage=stage, steps_in_stage=jnp.full((4,), 1000, jnp.int32),
+      epochs_in_stage=jnp.full((4,), 3, jnp.int32))
+  delta = jnp.array([0.0, -2e-3, 0.0, 0.0])
+  strict = update_readiness(state, delta=delta, config=LifecycleConfig())
+  np.testing.assert_array_equal(np.asarray(strict.ready), [False, False, False, False])
+  lenient = update_readiness(state, delta=delta,
+                             config=LifecycleConfig(training_margin=-1e-3))
+  np.testing.assert_array_equal(np.asarray(lenient.ready), [True, False, False, False])
+  # A replacement child is gated by its reconstruction, whatever the margin.
+  repl = update_readiness(state, delta=delta, recon_ratio=jnp.ones((4,)),
+                          is_replacement=jnp.ones((4,), bool),
+                          config=LifecycleConfig(training_margin=-1e-3))
+  assert not bool(repl.ready[0])

@@ -355,6 +355,31 @@ def test_unjudged_seeds_keep_their_stage():
   np.testing.assert_array_equal(np.asarray(kept.bad_epochs)[3], 1)
 
 
+def test_judged_window_moves_on_every_epoch():
+  """More judged-stage seeds than `max_judged`: the window of judged seeds moves on each
+  epoch, so every seed gets a counterfactual within `ceil(K / max_judged)` epochs (a fixed
+  lowest-index-first choice left the same seeds unjudged for good)."""
+  config = fast_config()
+  config = training.TrainConfig(grafting=config.grafting, tamiyo=config.tamiyo, max_judged=1)
+  state = training.create_train_state(TinyNet(), TX, jnp.asarray(DATA["x"][:2]),
+                                      jax.random.key(0), config)
+  path = ("hidden0", "kasmina")
+  lv = knn.find_layers(state.kasmina)[path]
+  stage = jnp.full((4,), Stage.TRAINING, jnp.int32)
+  # No steps in TRAINING: no seed is ready or due for a cull, so all four stay judged-stage.
+  seeds = lv.seeds.replace(stage=stage, blueprint=jnp.zeros((4,), jnp.int32),
+                           strategy=jnp.zeros((4,), jnp.int32))
+  state = _with_layer(state, path, seeds, _live_children(lv.spec, jax.random.key(3)))
+  judged = []
+  for _ in range(4):
+    state, out = training.epoch_transition(state, VAL, training.cross_entropy_loss)
+    np.testing.assert_array_equal(np.asarray(out.new_stage[path]), np.asarray(stage))
+    finite = np.isfinite(np.asarray(out.delta[path]))
+    assert finite.sum() == 1
+    judged.append(int(np.argmax(finite)))
+  assert sorted(judged) == [0, 1, 2, 3]
+
+
 def test_train_step_reports_the_whole_trust_region_objective():
   """Residual children: grafting sees `<dL/dout, f> + lambda mean_rows ||f||^2`, the linear
   term taken against the task gradient, in TRAINING (STE) and in GRAFTING (alpha 0.5)."""
