@@ -26,6 +26,7 @@ import argparse
 import glob
 import json
 import os
+import platform
 import sys
 import time
 
@@ -129,7 +130,9 @@ def main(argv=None):
     runs = [{k: v for k, v in r.items() if k != "history"} for r in result["runs"]]
     report = {"task": name, "args": {**vars(args), "task_kwargs": kwargs}, "rows": result["rows"],
               "verdict": result["verdict"], "chosen": result["chosen"], "runs": runs,
-              "date": time.strftime("%Y-%m-%d"), "wall_time": result["wall_time"]}
+              "date": time.strftime("%Y-%m-%d"), "wall_time": result["wall_time"],
+              # The char LM's corpus is this Python's standard library: results are tied to it.
+              "python": sys.version.split()[0], "platform": platform.platform()}
     with open(os.path.join(args.results, f"growth_{name}{args.tag}.json"), "w") as fh:
       json.dump(report, fh, indent=1)
     if not args.no_plots:

@@ -298,9 +298,15 @@ def _tree_from_bytes(template, data: bytes):
   import io  # pylint: disable=g-import-not-at-top
   with np.load(io.BytesIO(data)) as npz:
     leaves = [npz[f"arr_{i}"] for i in range(len(npz.files))]
-  ref, treedef = jax.tree.flatten(template)
-  if len(ref) != len(leaves) or any(np.shape(a) != np.shape(b) for a, b in zip(ref, leaves)):
-    raise ValueError("variables: saved leaves do not match the model's structure")
+  flat, treedef = jax.tree_util.tree_flatten_with_path(template)
+  if len(flat) != len(leaves):
+    raise ValueError(f"variables: {len(leaves)} saved leaves, but the model has {len(flat)}")
+  for (path, ref), saved in zip(flat, leaves):
+    if np.shape(ref) != np.shape(saved):
+      # E.g. a vocabulary that differs between machines: the char LM's corpus is the
+      # running Python's standard library.
+      raise ValueError(f"variables: the saved leaf {jax.tree_util.keystr(path)} has shape "
+                       f"{np.shape(saved)}, the model's {np.shape(ref)}")
   return jax.tree.unflatten(treedef, [jnp.asarray(x) for x in leaves])
 
 
