@@ -313,3 +313,30 @@ def test_protocol_records_flops_curves_and_writes_the_flops_figure(tiny_report, 
   slim = {k: v for k, v in saved.items() if k not in ("reach", "metric")}
   slim["runs"] = [{k: v for k, v in r.items() if k != "history"} for r in saved["runs"]]
   assert os.path.getsize(plots.plot_metric_vs_flops(slim, tmp_path / "slim.png")) > 1000
+
+
+def test_a_sweep_saved_in_parts_summarizes_like_the_whole(tiny_report, tmp_path):
+  """`save_results` / `load_results` carry a sweep over sittings: the runs saved in two
+  files and summarized together choose the same rates and report the same figures; a run
+  given twice, or variables restored into another model, are refused by name."""
+  results = tiny_report["results"]
+  parts = [[r for r in results if r.variant == "grown"],
+           [r for r in results if r.variant != "grown"]]
+  paths = [str(tmp_path / f"part{i}.pkl") for i in range(2)]
+  for part, path in zip(parts, paths):
+    experiments.save_results(part, path)
+  loaded = [r for path in paths for r in experiments.load_results(path)]
+  assert sorted((r.variant, r.lr, r.seed) for r in loaded) == sorted(
+      (r.variant, r.lr, r.seed) for r in results)
+  merged = experiments.summarize_protocol(_tiny_task(False), loaded)
+  assert merged["chosen"] == tiny_report["chosen"]
+  for a, b in zip(merged["rows"], tiny_report["rows"]):
+    assert a["variant"] == b["variant"]
+    np.testing.assert_allclose(a["test_mean"], b["test_mean"], rtol=1e-6)
+    np.testing.assert_allclose(a["val_mean"], b["val_mean"], rtol=1e-6)
+  with pytest.raises(ValueError, match="more than once"):
+    experiments.summarize_protocol(_tiny_task(False), loaded + loaded[:1], read_test=False)
+  large = next(r for r in loaded if r.variant == "fixed_large")
+  task = _tiny_task(False)
+  with pytest.raises(ValueError, match="saved leaf .* has shape"):
+    experiments.evaluate_variables(task, "fixed_small", large.variables, task.data()[1])
