@@ -47,9 +47,11 @@ def _sharded_runs():
   env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
                       f" --xla_force_host_platform_device_count={HOST_DEVICES}").strip()
   env["JAX_PLATFORMS"] = "cpu"
+  # The timeout is a bound for a slow or shared machine, not a benchmark (it ran past 600 s
+  # on 2 cores shared with other work).
   proc = subprocess.run([sys.executable, os.path.join(HERE, "distributed_run.py"),
                          *DEVICES], env=env, capture_output=True, text=True,
-                        timeout=600, check=False)
+                        timeout=1500, check=False)
   assert proc.returncode == 0, proc.stderr[-4000:]
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   reference, *sharded = result["runs"]
