@@ -325,16 +325,22 @@ def _live_children(spec, key, blueprint=0):
                                       for k, x in zip(keys, leaves)])
 
 
-def test_unjudged_seeds_keep_their_stage():
-  """More judged-stage seeds than `max_judged`: the ones left without a counterfactual are
-  neither culled (EVALUATING not ready, TRAINING past max steps, FINE_TUNING at patience - 1)
-  nor advanced; only the judged one moves."""
+def _state_judging_one_seed():
+  """A fresh TinyNet state whose epoch end judges one seed (`max_judged=1`), with its first
+  Kasmina layer's path and record."""
   config = fast_config()
   config = training.TrainConfig(grafting=config.grafting, tamiyo=config.tamiyo, max_judged=1)
   state = training.create_train_state(TinyNet(), TX, jnp.asarray(DATA["x"][:2]),
                                       jax.random.key(0), config)
   path = ("hidden0", "kasmina")
-  lv = knn.find_layers(state.kasmina)[path]
+  return state, path, knn.find_layers(state.kasmina)[path]
+
+
+def test_unjudged_seeds_keep_their_stage():
+  """More judged-stage seeds than `max_judged`: the ones left without a counterfactual are
+  neither culled (EVALUATING not ready, TRAINING past max steps, FINE_TUNING at patience - 1)
+  nor advanced; only the judged one moves."""
+  state, path, lv = _state_judging_one_seed()
   stage = jnp.array([Stage.EVALUATING, Stage.EVALUATING, Stage.TRAINING, Stage.FINE_TUNING],
                     jnp.int32)
   seeds = lv.seeds.replace(
@@ -359,12 +365,7 @@ def test_judged_window_moves_on_every_epoch():
   """More judged-stage seeds than `max_judged`: the window of judged seeds moves on each
   epoch, so every seed gets a counterfactual within `ceil(K / max_judged)` epochs (a fixed
   lowest-index-first choice left the same seeds unjudged for good)."""
-  config = fast_config()
-  config = training.TrainConfig(grafting=config.grafting, tamiyo=config.tamiyo, max_judged=1)
-  state = training.create_train_state(TinyNet(), TX, jnp.asarray(DATA["x"][:2]),
-                                      jax.random.key(0), config)
-  path = ("hidden0", "kasmina")
-  lv = knn.find_layers(state.kasmina)[path]
+  state, path, lv = _state_judging_one_seed()
   stage = jnp.full((4,), Stage.TRAINING, jnp.int32)
   # No steps in TRAINING: no seed is ready or due for a cull, so all four stay judged-stage.
   seeds = lv.seeds.replace(stage=stage, blueprint=jnp.zeros((4,), jnp.int32),
